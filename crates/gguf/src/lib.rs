@@ -1,0 +1,10 @@
+//! GGUF v2/v3 reading and writing.
+//!
+//! A GGUF file is untrusted input: every count, string length, offset and
+//! tensor size is checked against the file before it is used, so a truncated
+//! or hostile file yields a [`GgufError`] naming the field and its offset,
+//! never a panic, an out-of-bounds read or a huge allocation.
+
+mod types;
+
+pub use types::{GgmlType, QK_K};
