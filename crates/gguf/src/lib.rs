@@ -5,6 +5,14 @@
 //! or hostile file yields a [`GgufError`] naming the field and its offset,
 //! never a panic, an out-of-bounds read or a huge allocation.
 
+mod error;
+mod reader;
 mod types;
+mod value;
+mod writer;
 
+pub use error::{GgufError, Result};
+pub use reader::{GgufFile, TensorInfo, DEFAULT_ALIGNMENT, MAX_DIMS};
 pub use types::{GgmlType, QK_K};
+pub use value::{Array, Metadata, Value, ValueType};
+pub use writer::GgufWriter;
