@@ -471,7 +471,7 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
             .ok_or_else(|| {
                 c.invalid(dims_at, field(), format!("dimensions {dims:?} are zero or overflow"))
             })?;
-        if dims[0] % ty.block_size() as u64 != 0 {
+        if !dims[0].is_multiple_of(ty.block_size() as u64) {
             return Err(c.invalid(
                 dims_at,
                 field(),

@@ -74,7 +74,7 @@ impl<'a> GgufWriter<'a> {
         let expected = dims
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
-            .filter(|_| dims[0] % ty.block_size() as u64 == 0)
+            .filter(|_| dims[0].is_multiple_of(ty.block_size() as u64))
             .and_then(|n| ty.row_bytes(n))
             .ok_or_else(|| bad(format!("shape {dims:?} is not a whole number of {ty} blocks per row")))?;
         if data.len() as u64 != expected {
