@@ -4,8 +4,9 @@
 #   2. scripts/fetch-models.sh  the SmolLM2 and Gemma 3 GGUF files
 #   3. cargo test --workspace --locked [extra arguments]
 # Both set-up steps are quick no-ops once done. The tests find their inputs
-# through WORKER_ORCD_PYENV and WORKER_ORCD_MODELS, exported here as absolute
-# paths (defaults: target/pyenv and ~/.cache/worker-orcd/models).
+# through WORKER_ORCD_PYTHON (the venv's python), WORKER_ORCD_PYENV and
+# WORKER_ORCD_MODELS, exported here as absolute paths (defaults: target/pyenv
+# and ~/.cache/worker-orcd/models).
 #
 #   scripts/test.sh                  everything
 #   scripts/test.sh -p quant         one crate
@@ -16,6 +17,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 export WORKER_ORCD_PYENV="${WORKER_ORCD_PYENV:-$repo/target/pyenv}"
+export WORKER_ORCD_PYTHON="${WORKER_ORCD_PYTHON:-$WORKER_ORCD_PYENV/bin/python}"
 export WORKER_ORCD_MODELS="${WORKER_ORCD_MODELS:-$HOME/.cache/worker-orcd/models}"
 
 # Runs "$@" and says how long it took.
