@@ -179,6 +179,11 @@ impl GgufFile {
         &self.bytes.as_slice()[start..start + info.n_bytes as usize]
     }
 
+    /// The whole file; tensor `t` lies at `data_offset() + t.offset`.
+    pub fn raw_bytes(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+
     pub fn alignment(&self) -> u64 {
         self.alignment
     }
