@@ -1,7 +1,7 @@
 //! Parsing a GGUF file from a memory map (or an owned buffer) with every
 //! count, size and offset checked against the bytes actually present.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,13 @@ const MAX_ARRAY_DEPTH: usize = 4;
 const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
 /// Smallest encoding of one key/value pair (empty key, a one-byte value).
 const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+/// Most elements reserved ahead of parsing them. A count is only checked
+/// against the bytes left in the file, and an entry of the index, a string or
+/// an array takes more memory than its smallest encoding (24 bytes for an
+/// empty 8-byte string), so reserving the full count would let a hostile
+/// header in a multi-gigabyte file ask for several times the file size
+/// before a single element is read; past this, vectors grow as elements parse.
+const MAX_RESERVE: usize = 4096;
 
 /// One entry of the tensor index.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -373,14 +380,14 @@ impl<'a> Cursor<'a> {
                 Array::Bool(v)
             }
             ValueType::String => {
-                let mut v = Vec::with_capacity(n);
+                let mut v = Vec::with_capacity(n.min(MAX_RESERVE));
                 for _ in 0..n {
                     v.push(self.string(field)?);
                 }
                 Array::String(v)
             }
             ValueType::Array => {
-                let mut v = Vec::with_capacity(n);
+                let mut v = Vec::with_capacity(n.min(MAX_RESERVE));
                 for _ in 0..n {
                     v.push(self.array_value(depth + 1, field)?);
                 }
@@ -417,16 +424,17 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
     let n_kv = c.count(MIN_KV_BYTES, &|| "metadata count".to_string())?;
 
     let mut metadata = Metadata::new();
+    let mut keys = HashSet::with_capacity(n_kv.min(MAX_RESERVE));
     for i in 0..n_kv {
         let key_at = c.pos;
         let key = c.string(&|| format!("metadata key #{i}"))?;
-        if metadata.contains(&key) {
+        if !keys.insert(key.clone()) {
             return Err(c.invalid(key_at, format!("metadata key {key}"), "duplicate key".to_string()));
         }
         let field = || format!("metadata value {key}");
         let ty = c.value_type(&field)?;
         let value = c.value(ty, 0, &field)?;
-        metadata.set(key, value);
+        metadata.push_new(key, value);
     }
 
     let alignment = match metadata.get("general.alignment") {
@@ -443,9 +451,9 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
         },
     };
 
-    let mut tensors = Vec::with_capacity(n_tensors);
-    let mut seen = std::collections::HashSet::with_capacity(n_tensors);
-    let mut offsets_at = Vec::with_capacity(n_tensors);
+    let mut tensors = Vec::with_capacity(n_tensors.min(MAX_RESERVE));
+    let mut seen = HashSet::with_capacity(n_tensors.min(MAX_RESERVE));
+    let mut offsets_at = Vec::with_capacity(n_tensors.min(MAX_RESERVE));
     for i in 0..n_tensors {
         let name_at = c.pos;
         let name = c.string(&|| format!("tensor #{i} name"))?;

@@ -262,6 +262,13 @@ impl Metadata {
         }
     }
 
+    /// Append a key the caller knows is not present yet: the reader checks
+    /// duplicates with a hash set, since `set` scans every key and a hostile
+    /// file with millions of keys would make parsing quadratic.
+    pub(crate) fn push_new(&mut self, key: String, value: Value) {
+        self.entries.push((key, value));
+    }
+
     pub fn remove(&mut self, key: &str) -> Option<Value> {
         let i = self.entries.iter().position(|(k, _)| k == key)?;
         Some(self.entries.remove(i).1)

@@ -208,3 +208,30 @@ fn empty_and_tiny_files() {
     let f = GgufFile::from_bytes(header(0, 0)).expect("a file with nothing in it is valid");
     assert!(f.tensors().is_empty());
 }
+
+#[test]
+fn many_keys_parse_in_linear_time() {
+    // Duplicate keys are an error, and checking for them must not compare
+    // every key with every other: 300k keys took minutes when it did.
+    let n = 300_000u64;
+    let mut b = header(0, n);
+    for i in 0..n {
+        string(&mut b, &format!("k{i}"));
+        b.extend(0u32.to_le_bytes());
+        b.push(1);
+    }
+    let start = std::time::Instant::now();
+    let f = GgufFile::from_bytes(b).unwrap();
+    assert_eq!(f.metadata().len(), n as usize);
+    let elapsed = start.elapsed();
+    assert!(elapsed.as_secs() < 10, "parsing {n} keys took {elapsed:?}");
+
+    let mut b = header(0, 3);
+    for key in ["a", "b", "a"] {
+        string(&mut b, key);
+        b.extend(0u32.to_le_bytes());
+        b.push(1);
+    }
+    let msg = parse_err(b).to_string();
+    assert!(msg.contains("metadata key a") && msg.contains("duplicate"), "{msg}");
+}
