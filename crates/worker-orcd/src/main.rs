@@ -1,1 +1,160 @@
-fn main() {}
+//! worker-orcd: the command-line entry point. Argument parsing, wiring and
+//! output only; the work is done by the library crates.
+
+mod inspect;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use engine::convert::{requantize, FileType};
+use engine::synth::{synthesize, Preset, SynthOptions};
+use gguf::GgufFile;
+
+#[derive(Parser)]
+#[command(name = "worker-orcd", version, about = "GGUF inference worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a GGUF file's metadata, tensor table and memory needs.
+    Inspect {
+        file: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Print arrays and strings in full instead of shortening them.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Re-quantize a model file (llama.cpp's per-tensor rules for the _S/_M mixes).
+    Quantize {
+        input: PathBuf,
+        output: PathBuf,
+        /// F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K.
+        #[arg(long = "type", short = 't')]
+        file_type: String,
+    },
+    /// Write a model of a preset's exact shape with seeded random weights.
+    Synth {
+        /// qwen2.5-0.5b, qwen2.5-1.5b, smollm2-135m, gemma3-270m, tiny-qwen2, tiny-llama.
+        #[arg(long)]
+        preset: String,
+        /// Quantization mix, as for `quantize --type`.
+        #[arg(long = "quant", default_value = "Q4_K_M")]
+        file_type: String,
+        /// Copy the tokenizer and chat template from this GGUF file.
+        #[arg(long)]
+        tokenizer_from: PathBuf,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn parse_file_type(name: &str) -> Result<FileType> {
+    FileType::from_name(name).with_context(|| {
+        let names: Vec<&str> = FileType::ALL.iter().map(|t| t.name()).collect();
+        format!(
+            "unknown quantization type {name:?}; expected one of {}",
+            names.join(", ")
+        )
+    })
+}
+
+fn open(path: &PathBuf) -> Result<GgufFile> {
+    GgufFile::open(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inspect { file, json, full } => {
+            let gguf = open(&file)?;
+            let report = inspect::Report::new(&gguf);
+            let mut out = std::io::stdout().lock();
+            let written = if json {
+                let text = serde_json::to_string_pretty(&report.to_json())?;
+                writeln!(out, "{text}")
+            } else {
+                report.print(&mut out, full)
+            };
+            match written {
+                // A closed pipe (`inspect … | head`) is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other?,
+            }
+        }
+        Command::Quantize {
+            input,
+            output,
+            file_type,
+        } => {
+            let file_type = parse_file_type(&file_type)?;
+            let start = Instant::now();
+            let gguf = open(&input)?;
+            let writer = requantize(&gguf, file_type)?;
+            writer
+                .write_to_path(&output)
+                .with_context(|| format!("writing {}", output.display()))?;
+            let out = open(&output)?;
+            eprintln!(
+                "{} → {} ({}): {:.1} MiB → {:.1} MiB of tensors in {:.2} s",
+                input.display(),
+                output.display(),
+                file_type.name(),
+                mib(gguf.tensor_bytes_total()),
+                mib(out.tensor_bytes_total()),
+                start.elapsed().as_secs_f64()
+            );
+            eprintln!("{}", inspect::type_counts_line(&out));
+        }
+        Command::Synth {
+            preset,
+            file_type,
+            tokenizer_from,
+            seed,
+            output,
+        } => {
+            let Some(preset) = Preset::by_name(&preset) else {
+                bail!(
+                    "unknown preset {preset:?}; expected one of {}",
+                    Preset::names().join(", ")
+                );
+            };
+            let file_type = parse_file_type(&file_type)?;
+            let tokenizer = open(&tokenizer_from)?;
+            let start = Instant::now();
+            let writer = synthesize(&SynthOptions {
+                preset,
+                file_type,
+                seed,
+                tokenizer_from: &tokenizer,
+            })?;
+            writer
+                .write_to_path(&output)
+                .with_context(|| format!("writing {}", output.display()))?;
+            let out = open(&output)?;
+            eprintln!(
+                "{}: {} {} with seed {seed}, {:.1} MiB of tensors in {:.2} s",
+                output.display(),
+                preset.name,
+                file_type.name(),
+                mib(out.tensor_bytes_total()),
+                start.elapsed().as_secs_f64()
+            );
+            eprintln!("{}", inspect::type_counts_line(&out));
+        }
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}

@@ -1,0 +1,373 @@
+//! The CPU backend: the reference forward pass, f32 activations, weights
+//! dequantized on the fly from the file mapping, rows spread over threads.
+
+use std::sync::Arc;
+
+use gguf::GgufFile;
+use rayon::prelude::*;
+
+use crate::kv::KvCache;
+use crate::spec::{Activation, ModelSpec, RopeStyle};
+use crate::weights::{Matrix, ModelWeights};
+use crate::EngineError;
+
+/// Which positions' logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position's (generation).
+    Last,
+    /// Every position's (teacher-forced evaluation).
+    All,
+}
+
+pub struct CpuModel {
+    file: Arc<GgufFile>,
+    spec: ModelSpec,
+    weights: ModelWeights,
+}
+
+impl CpuModel {
+    pub fn load(file: Arc<GgufFile>) -> Result<Self, EngineError> {
+        let spec = ModelSpec::from_gguf(&file)?;
+        let weights = ModelWeights::load(&file, &spec)?;
+        Ok(CpuModel {
+            file,
+            spec,
+            weights,
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    /// A cache for `context` positions (capped at the training context).
+    pub fn new_cache(&self, context: usize) -> KvCache {
+        KvCache::new(self.spec.n_layers, self.spec.kv_dim(), context)
+    }
+
+    /// Run `tokens` at positions `kv.len()..`, append their keys and values
+    /// to `kv`, and return logits (`n × vocab` for [`Logits::All`]).
+    pub fn forward(
+        &self,
+        kv: &mut KvCache,
+        tokens: &[u32],
+        which: Logits,
+    ) -> Result<Vec<f32>, EngineError> {
+        let spec = &self.spec;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(EngineError::Invalid("no tokens to run".into()));
+        }
+        let start = kv.len();
+        if start + n > kv.capacity() {
+            return Err(EngineError::ContextFull {
+                needed: start + n,
+                capacity: kv.capacity(),
+            });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= spec.vocab_size) {
+            return Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                spec.vocab_size
+            )));
+        }
+        let embd = spec.n_embd;
+        let w = &self.weights;
+
+        // Residual stream, n × n_embd.
+        let mut x = self.embed(tokens)?;
+        let mut normed = vec![0f32; n * embd];
+
+        for (layer, lw) in w.layers.iter().enumerate() {
+            // Attention block.
+            rms_norm_rows(&x, &lw.attn_norm, spec.rms_eps, &mut normed);
+            let mut q = self.matmul(&lw.wq, &normed, n)?; // n × q_dim
+            let mut k = self.matmul(&lw.wk, &normed, n)?; // n × kv_dim
+            let mut v = self.matmul(&lw.wv, &normed, n)?; // n × kv_dim
+            if let (Some(bq), Some(bk), Some(bv)) = (&lw.bq, &lw.bk, &lw.bv) {
+                add_bias_rows(&mut q, bq);
+                add_bias_rows(&mut k, bk);
+                add_bias_rows(&mut v, bv);
+            }
+            if let (Some(qn), Some(kn)) = (&lw.q_norm, &lw.k_norm) {
+                rms_norm_heads(&mut q, qn, spec.rms_eps);
+                rms_norm_heads(&mut k, kn, spec.rms_eps);
+            }
+            let theta = spec.rope_theta_for(layer);
+            rope(
+                &mut q,
+                n,
+                spec.head_dim,
+                spec.rope_dims,
+                theta,
+                spec.rope_style,
+                start,
+            );
+            rope(
+                &mut k,
+                n,
+                spec.head_dim,
+                spec.rope_dims,
+                theta,
+                spec.rope_style,
+                start,
+            );
+            kv.append(layer, &k, &v);
+
+            let (keys, values) = kv.layer(layer);
+            let window = if spec.is_sliding(layer) {
+                spec.sliding_window
+            } else {
+                None
+            };
+            let attn = attention(spec, &q, keys, values, start, n, window); // n × q_dim
+            let mut out = self.matmul(&lw.wo, &attn, n)?; // n × n_embd
+            if let Some(post) = &lw.post_attn_norm {
+                rms_norm_in_place(&mut out, post, spec.rms_eps, embd);
+            }
+            add_in_place(&mut x, &out);
+
+            // Feed-forward block.
+            rms_norm_rows(&x, &lw.ffn_norm, spec.rms_eps, &mut normed);
+            let mut gate = self.matmul(&lw.gate, &normed, n)?; // n × n_ff
+            let up = self.matmul(&lw.up, &normed, n)?; // n × n_ff
+            gated_activation(&mut gate, &up, spec.activation);
+            let mut down = self.matmul(&lw.down, &gate, n)?; // n × n_embd
+            if let Some(post) = &lw.post_ffn_norm {
+                rms_norm_in_place(&mut down, post, spec.rms_eps, embd);
+            }
+            add_in_place(&mut x, &down);
+        }
+        kv.commit(n);
+
+        let rows: &[f32] = match which {
+            Logits::Last => &x[(n - 1) * embd..],
+            Logits::All => &x,
+        };
+        let m = rows.len() / embd;
+        let mut final_normed = vec![0f32; rows.len()];
+        rms_norm_rows(rows, &w.output_norm, spec.rms_eps, &mut final_normed);
+        self.matmul(&w.output, &final_normed, m)
+    }
+
+    /// Rows of the token embedding (scaled where the spec says), n × n_embd.
+    fn embed(&self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let embd = self.spec.n_embd;
+        let table = &self.weights.token_embd;
+        let data = table.data(&self.file);
+        let row_bytes = table.row_bytes();
+        let mut x = vec![0f32; tokens.len() * embd];
+        for (row, &t) in x.chunks_exact_mut(embd).zip(tokens) {
+            let t = t as usize;
+            quant::dequantize(table.ty, &data[t * row_bytes..(t + 1) * row_bytes], row)?;
+            if let Some(scale) = self.spec.embedding_scale {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        Ok(x)
+    }
+
+    /// `y = x·Wᵀ` for `n` input rows: x is n × cols, y is n × rows.
+    fn matmul(&self, w: &Matrix, x: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
+        debug_assert_eq!(x.len(), n * w.cols);
+        let data = w.data(&self.file);
+        let row_bytes = w.row_bytes();
+        // Rows per task: enough work to amortize scheduling, enough tasks to balance.
+        let chunk = (w.rows / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+        // yᵀ, rows × n, so each task writes a contiguous slice.
+        let mut yt = vec![0f32; w.rows * n];
+        yt.par_chunks_mut(chunk * n).enumerate().try_for_each(
+            |(c, out)| -> Result<(), quant::QuantError> {
+                let mut row = vec![0f32; w.cols];
+                for (i, out_row) in out.chunks_exact_mut(n).enumerate() {
+                    let r = c * chunk + i;
+                    quant::dequantize(w.ty, &data[r * row_bytes..(r + 1) * row_bytes], &mut row)?;
+                    for (t, o) in out_row.iter_mut().enumerate() {
+                        *o = dot(&row, &x[t * w.cols..(t + 1) * w.cols]);
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        if n == 1 {
+            return Ok(yt);
+        }
+        let mut y = vec![0f32; n * w.rows];
+        for r in 0..w.rows {
+            for t in 0..n {
+                y[t * w.rows + r] = yt[r * n + t];
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// Dot product with eight independent accumulators (vectorizes well).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        rms_norm(xr, weight, eps, or);
+    }
+}
+
+fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32, d: usize) {
+    let mut tmp = vec![0f32; d];
+    for row in x.chunks_exact_mut(d) {
+        rms_norm(row, weight, eps, &mut tmp);
+        row.copy_from_slice(&tmp);
+    }
+}
+
+/// RMSNorm of every head of every row (`weight` has `head_dim` entries).
+fn rms_norm_heads(x: &mut [f32], weight: &[f32], eps: f32) {
+    rms_norm_in_place(x, weight, eps, weight.len());
+}
+
+fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Rotary position embedding of every head of `x` (n rows of whole heads);
+/// row `t` is at position `start + t`.
+fn rope(
+    x: &mut [f32],
+    n: usize,
+    head_dim: usize,
+    rope_dims: usize,
+    theta: f32,
+    style: RopeStyle,
+    start: usize,
+) {
+    let row_len = x.len() / n;
+    let half = rope_dims / 2;
+    // θ_i = pos · base^(-2i/d), built by repeated multiplication as llama.cpp does.
+    let theta_scale = theta.powf(-2.0 / rope_dims as f32);
+    let mut cos_sin = vec![(0f32, 0f32); half];
+    for (t, row) in x.chunks_exact_mut(row_len).enumerate() {
+        let mut angle = (start + t) as f32;
+        for cs in cos_sin.iter_mut() {
+            *cs = (angle.cos(), angle.sin());
+            angle *= theta_scale;
+        }
+        for head in row.chunks_exact_mut(head_dim) {
+            for (i, &(c, s)) in cos_sin.iter().enumerate() {
+                let (a, b) = match style {
+                    RopeStyle::Normal => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/// Causal (optionally sliding-window) attention of `n` query rows at
+/// positions `start..start+n` over the cached keys and values of positions
+/// `0..start+n`. Returns n × q_dim.
+fn attention(
+    spec: &ModelSpec,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    start: usize,
+    n: usize,
+    window: Option<usize>,
+) -> Vec<f32> {
+    let (hd, q_dim, kv_dim) = (spec.head_dim, spec.q_dim(), spec.kv_dim());
+    let group = spec.n_heads / spec.n_kv_heads;
+    let mut out = vec![0f32; n * q_dim];
+    // One task per (row, head): independent and evenly sized.
+    out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
+        let (t, h) = (task / spec.n_heads, task % spec.n_heads);
+        let pos = start + t;
+        let first = match window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        let kvh = h / group;
+        let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+        let mut scores: Vec<f32> = (first..=pos)
+            .map(|p| {
+                dot(
+                    qh,
+                    &keys[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd],
+                ) * spec.attention_scale
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for (p, &s) in (first..=pos).zip(&scores) {
+            let weight = s * inv;
+            let vrow = &values[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
+            for (acc, &v) in o.iter_mut().zip(vrow) {
+                *acc += weight * v;
+            }
+        }
+    });
+    out
+}
+
+/// `gate = act(gate) * up`, elementwise.
+fn gated_activation(gate: &mut [f32], up: &[f32], activation: Activation) {
+    match activation {
+        Activation::Silu => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        }
+        Activation::GeluTanh => {
+            const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+            const COEF: f32 = 0.044_715;
+            for (g, &u) in gate.iter_mut().zip(up) {
+                let x = *g;
+                *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF * x * x)).tanh()) * u;
+            }
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The model side of worker-orcd: architectures described as data, model
+//! files converted between quantization schemes, synthetic models of real
+//! shapes; the forward pass and generation build on these.
+
+pub mod convert;
+pub mod cpu;
+pub mod kv;
+pub mod spec;
+pub mod synth;
+pub mod weights;
+
+/// Errors of model-level operations.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
+    #[error(transparent)]
+    Quant(#[from] quant::QuantError),
+    #[error("tensor {name}: {reason}")]
+    Tensor { name: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("context is full: {needed} positions needed, the cache holds {capacity}")]
+    ContextFull { needed: usize, capacity: usize },
+}
