@@ -44,6 +44,7 @@ pub enum GgmlType {
     MXFP4,
     NVFP4,
     Q1_0,
+    Q2_0,
 }
 
 /// Elements per super-block of the K-quants.
@@ -51,7 +52,7 @@ pub const QK_K: usize = 256;
 
 impl GgmlType {
     /// Every known type, in id order.
-    pub const ALL: [GgmlType; 34] = [
+    pub const ALL: [GgmlType; 35] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q4_0,
@@ -86,6 +87,7 @@ impl GgmlType {
         GgmlType::MXFP4,
         GgmlType::NVFP4,
         GgmlType::Q1_0,
+        GgmlType::Q2_0,
     ];
 
     /// The id ggml uses in files (`enum ggml_type`).
@@ -126,6 +128,7 @@ impl GgmlType {
             MXFP4 => 39,
             NVFP4 => 40,
             Q1_0 => 41,
+            Q2_0 => 42,
         }
     }
 
@@ -140,7 +143,7 @@ impl GgmlType {
         match self {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4_NL | MXFP4 => 32,
-            NVFP4 => 64,
+            NVFP4 | Q2_0 => 64,
             Q1_0 => 128,
             Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K | IQ2_XXS | IQ2_XS | IQ3_XXS | IQ1_S
             | IQ3_S | IQ2_S | IQ4_XS | IQ1_M | TQ1_0 | TQ2_0 => QK_K,
@@ -183,7 +186,7 @@ impl GgmlType {
             TQ2_0 => 66,
             MXFP4 => 17,
             NVFP4 => 36,
-            Q1_0 => 18,
+            Q1_0 | Q2_0 => 18,
         }
     }
 
@@ -240,6 +243,7 @@ impl GgmlType {
             MXFP4 => "MXFP4",
             NVFP4 => "NVFP4",
             Q1_0 => "Q1_0",
+            Q2_0 => "Q2_0",
         }
     }
 

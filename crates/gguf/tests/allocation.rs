@@ -83,6 +83,9 @@ fn hostile_counts_do_not_reserve_memory_up_front() {
         // Reserving the whole count would take two to three times the file
         // size; what the reader reserves ahead (its MAX_RESERVE elements of
         // each list) is well under a megabyte.
-        assert!(peak < 1 << 20, "{what}: parsing allocated {peak} bytes for an {FILE_LEN}-byte file");
+        assert!(
+            peak < 1 << 20,
+            "{what}: parsing allocated {peak} bytes for an {FILE_LEN}-byte file"
+        );
     }
 }

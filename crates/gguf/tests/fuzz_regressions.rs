@@ -26,7 +26,12 @@ fn fuzz_regressions_are_handled() {
             Err(e) => assert!(!e.to_string().is_empty()),
             Ok(f) => {
                 for t in f.tensors() {
-                    assert_eq!(f.tensor_data(t).len() as u64, t.n_bytes, "{}", path.display());
+                    assert_eq!(
+                        f.tensor_data(t).len() as u64,
+                        t.n_bytes,
+                        "{}",
+                        path.display()
+                    );
                 }
                 for (key, _) in f.metadata().iter() {
                     let _ = (f.metadata().get_int_array(key), f.metadata().get_f32(key));
@@ -34,7 +39,11 @@ fn fuzz_regressions_are_handled() {
             }
         }
         let elapsed = start.elapsed();
-        assert!(elapsed.as_secs() < 5, "{}: took {elapsed:?}", path.display());
+        assert!(
+            elapsed.as_secs() < 5,
+            "{}: took {elapsed:?}",
+            path.display()
+        );
         n += 1;
     }
     eprintln!("{n} fuzz regression inputs handled");
@@ -63,11 +72,32 @@ fn write_fuzz_seeds() {
     w.set("llama.block_count", Value::U32(2));
     w.set("llama.context_length", Value::U64(4096));
     w.set("llama.rope.freq_base", Value::F32(10000.0));
-    w.set("tokenizer.ggml.tokens", Value::Array(Array::String(vec!["<s>".into(), "Ġa".into(), "é".into()])));
-    w.set("tokenizer.ggml.scores", Value::Array(Array::F32(vec![0.0, -1.0, -2.0])));
-    w.set("tokenizer.ggml.token_type", Value::Array(Array::I32(vec![3, 1, 1])));
-    w.add_tensor("token_embd.weight", GgmlType::F16, &[4, 3], vec![0x3cu8; 24]).unwrap();
-    w.add_tensor("blk.0.attn_q.weight", GgmlType::Q8_0, &[32, 2], vec![1u8; 68]).unwrap();
+    w.set(
+        "tokenizer.ggml.tokens",
+        Value::Array(Array::String(vec!["<s>".into(), "Ġa".into(), "é".into()])),
+    );
+    w.set(
+        "tokenizer.ggml.scores",
+        Value::Array(Array::F32(vec![0.0, -1.0, -2.0])),
+    );
+    w.set(
+        "tokenizer.ggml.token_type",
+        Value::Array(Array::I32(vec![3, 1, 1])),
+    );
+    w.add_tensor(
+        "token_embd.weight",
+        GgmlType::F16,
+        &[4, 3],
+        vec![0x3cu8; 24],
+    )
+    .unwrap();
+    w.add_tensor(
+        "blk.0.attn_q.weight",
+        GgmlType::Q8_0,
+        &[32, 2],
+        vec![1u8; 68],
+    )
+    .unwrap();
     let llama = write("llama.gguf", &w);
     // The same file as GGUF v2, whose layout is v3's.
     let mut v2 = llama;
@@ -104,14 +134,18 @@ fn write_fuzz_seeds() {
     ] {
         w.set(key, value);
     }
-    w.add_tensor("t.q4_k", GgmlType::Q4_K, &[256], vec![2u8; 144]).unwrap();
-    w.add_tensor("t.i32", GgmlType::I32, &[1, 1, 1, 2], vec![3u8; 8]).unwrap();
-    w.add_tensor("t.bf16", GgmlType::BF16, &[3], vec![4u8; 6]).unwrap();
+    w.add_tensor("t.q4_k", GgmlType::Q4_K, &[256], vec![2u8; 144])
+        .unwrap();
+    w.add_tensor("t.i32", GgmlType::I32, &[1, 1, 1, 2], vec![3u8; 8])
+        .unwrap();
+    w.add_tensor("t.bf16", GgmlType::BF16, &[3], vec![4u8; 6])
+        .unwrap();
     write("values.gguf", &w);
 
     let mut w = GgufWriter::new();
     w.set("general.alignment", Value::U32(64));
     w.add_tensor("a", GgmlType::I8, &[3], vec![5u8; 3]).unwrap();
-    w.add_tensor("b", GgmlType::IQ4_NL, &[32], vec![6u8; 18]).unwrap();
+    w.add_tensor("b", GgmlType::IQ4_NL, &[32], vec![6u8; 18])
+        .unwrap();
     write("aligned.gguf", &w);
 }
