@@ -5,7 +5,9 @@
 pub mod convert;
 pub mod cpu;
 pub mod kv;
+pub mod sampler;
 pub mod spec;
+pub mod stop;
 pub mod synth;
 pub mod weights;
 
