@@ -8,13 +8,12 @@
 
 use half::f16;
 
-use crate::kernel::{Dequantize, Quantize};
+use crate::kernel::{lanes, Dequantize, Quantize, Store};
 
 /// f16 bits → f32, exactly as numpy's `astype(np.float32)` does it
 /// (every value, including signalling NaNs, keeps its bits).
 ///
-/// Written without data-dependent loads so the compiler can vectorize it
-/// over a slice.
+/// Branch-free, so that it vectorizes when inlined into a kernel's lanes.
 #[inline(always)]
 pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let h = u32::from(h);
@@ -22,17 +21,15 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     // exponent and mantissa moved into f32 position, exponent still biased by 15
     let exp_man = (h & 0x7fff) << 13;
     let exponent = h & 0x7c00;
-    let magnitude = if exponent == 0x7c00 {
-        // inf / NaN: max exponent, payload kept as is
-        f32::from_bits(exp_man + ((255 - 31) << 23))
-    } else if exponent == 0 {
-        // zero / subnormal: build 2^-14 * (1 + m/1024) and subtract 2^-14,
-        // which is exact and leaves m * 2^-24
-        f32::from_bits(exp_man + (113 << 23)) - f32::from_bits(113 << 23)
-    } else {
-        f32::from_bits(exp_man + ((127 - 15) << 23))
-    };
-    f32::from_bits(magnitude.to_bits() | sign)
+    let normal = exp_man + ((127 - 15) << 23);
+    // inf / NaN: maximum exponent, payload kept as it is
+    let inf_nan = exp_man + ((255 - 31) << 23);
+    // zero / subnormal: 2^-14 * (1 + m/1024) - 2^-14 is exact and leaves m * 2^-24
+    let subnormal = (f32::from_bits(exp_man + (113 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    let is_inf_nan = 0u32.wrapping_sub(u32::from(exponent == 0x7c00));
+    let is_subnormal = 0u32.wrapping_sub(u32::from(exponent == 0));
+    let magnitude = (normal & !(is_inf_nan | is_subnormal)) | (inf_nan & is_inf_nan) | (subnormal & is_subnormal);
+    f32::from_bits(magnitude | sign)
 }
 
 /// Little-endian f16 field of a block → f32.
@@ -87,30 +84,38 @@ pub(crate) struct F32;
 pub(crate) struct F16;
 pub(crate) struct BF16;
 
+/// Dequantizes `src`, `SIZE`-byte little-endian values, with `decode`.
+#[inline(always)]
+fn dequantize_scalars<const SIZE: usize, S: Store>(src: &[u8], dst: &mut [S::Elem], decode: impl Fn([u8; SIZE]) -> f32) {
+    let value = |bytes: &[u8]| decode(bytes.try_into().expect("chunks of SIZE bytes"));
+    let mut src_chunks = src.chunks_exact(8 * SIZE);
+    let mut dst_chunks = dst.chunks_exact_mut(8);
+    for (src, dst) in (&mut src_chunks).zip(&mut dst_chunks) {
+        S::put8(dst, lanes(|i| value(&src[SIZE * i..SIZE * (i + 1)])));
+    }
+    for (src, dst) in src_chunks.remainder().chunks_exact(SIZE).zip(dst_chunks.into_remainder()) {
+        *dst = S::put1(value(src));
+    }
+}
+
 impl Dequantize for F32 {
     #[inline(always)]
-    fn dequantize(src: &[u8], dst: &mut [f32]) {
-        for (out, bytes) in dst.iter_mut().zip(src.chunks_exact(4)) {
-            *out = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        }
+    fn dequantize<S: Store>(src: &[u8], dst: &mut [S::Elem]) {
+        dequantize_scalars::<4, S>(src, dst, f32::from_le_bytes);
     }
 }
 
 impl Dequantize for F16 {
     #[inline(always)]
-    fn dequantize(src: &[u8], dst: &mut [f32]) {
-        for (out, bytes) in dst.iter_mut().zip(src.chunks_exact(2)) {
-            *out = f16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]]));
-        }
+    fn dequantize<S: Store>(src: &[u8], dst: &mut [S::Elem]) {
+        dequantize_scalars::<2, S>(src, dst, |bytes| f16_to_f32(u16::from_le_bytes(bytes)));
     }
 }
 
 impl Dequantize for BF16 {
     #[inline(always)]
-    fn dequantize(src: &[u8], dst: &mut [f32]) {
-        for (out, bytes) in dst.iter_mut().zip(src.chunks_exact(2)) {
-            *out = bf16_to_f32(u16::from_le_bytes([bytes[0], bytes[1]]));
-        }
+    fn dequantize<S: Store>(src: &[u8], dst: &mut [S::Elem]) {
+        dequantize_scalars::<2, S>(src, dst, |bytes| bf16_to_f32(u16::from_le_bytes(bytes)));
     }
 }
 

@@ -11,9 +11,60 @@
 use bytemuck::Pod;
 use half::f16;
 
-/// Dequantizing one block of `N` values.
+/// Dequantizing one block of `N` values, 8 at a time into a [`Store`].
 pub(crate) trait DequantizeBlock<const N: usize>: Pod {
-    fn dequantize(&self, out: &mut [f32; N]);
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; N]);
+}
+
+/// How dequantized values are written: as f32, or converted to f16.
+///
+/// Kernels hand over 8 values at a time as an array; once inlined the array
+/// lives in one vector register, so the f16 conversion happens in registers
+/// instead of in a second pass over memory.
+pub(crate) trait Store {
+    type Elem: Copy + Default;
+    /// Writes `values` to `dst[..8]`.
+    fn put8(dst: &mut [Self::Elem], values: [f32; 8]);
+    fn put1(value: f32) -> Self::Elem;
+}
+
+/// f32 output.
+pub(crate) struct StoreF32;
+
+impl Store for StoreF32 {
+    type Elem = f32;
+    #[inline(always)]
+    fn put8(dst: &mut [f32], values: [f32; 8]) {
+        dst[..8].copy_from_slice(&values);
+    }
+    #[inline(always)]
+    fn put1(value: f32) -> f32 {
+        value
+    }
+}
+
+/// f16 output through `half` (no F16C).
+pub(crate) struct StoreF16;
+
+impl Store for StoreF16 {
+    type Elem = f16;
+    #[inline(always)]
+    fn put8(dst: &mut [f16], values: [f32; 8]) {
+        for (d, v) in dst[..8].iter_mut().zip(values) {
+            *d = f16::from_f32(v);
+        }
+    }
+    #[inline(always)]
+    fn put1(value: f32) -> f16 {
+        f16::from_f32(value)
+    }
+}
+
+/// Eight values computed lane by lane; written so the compiler turns the
+/// lanes into one vector operation.
+#[inline(always)]
+pub(crate) fn lanes(f: impl Fn(usize) -> f32) -> [f32; 8] {
+    std::array::from_fn(f)
 }
 
 /// Quantizing `N` values into one block.
@@ -24,7 +75,7 @@ pub(crate) trait QuantizeBlock<const N: usize>: Pod {
 /// One ggml type's dequantization of a run of whole blocks
 /// (`src.len()` a multiple of the type size, `dst.len()` the matching number of values).
 pub(crate) trait Dequantize {
-    fn dequantize(src: &[u8], dst: &mut [f32]);
+    fn dequantize<S: Store>(src: &[u8], dst: &mut [S::Elem]);
 }
 
 /// One ggml type's quantization of a run of whole blocks.
@@ -35,11 +86,11 @@ pub(crate) trait Quantize {
 /// The loop every block format shares. `inline(always)` so that it, and the
 /// block code it calls, is compiled again inside each target-feature driver.
 #[inline(always)]
-pub(crate) fn dequantize_blocks<const N: usize, B: DequantizeBlock<N>>(src: &[u8], dst: &mut [f32]) {
+pub(crate) fn dequantize_blocks<const N: usize, B: DequantizeBlock<N>, S: Store>(src: &[u8], dst: &mut [S::Elem]) {
     let blocks: &[B] = bytemuck::cast_slice(src);
     for (block, out) in blocks.iter().zip(dst.chunks_exact_mut(N)) {
-        let out: &mut [f32; N] = out.try_into().expect("chunks_exact_mut yields N values");
-        block.dequantize(out);
+        let out: &mut [S::Elem; N] = out.try_into().expect("chunks_exact_mut yields N values");
+        block.dequantize::<S>(out);
     }
 }
 
@@ -56,8 +107,8 @@ macro_rules! block_kernels {
     ($block:ty, $n:expr) => {
         impl $crate::kernel::Dequantize for $block {
             #[inline(always)]
-            fn dequantize(src: &[u8], dst: &mut [f32]) {
-                $crate::kernel::dequantize_blocks::<{ $n }, $block>(src, dst)
+            fn dequantize<S: $crate::kernel::Store>(src: &[u8], dst: &mut [S::Elem]) {
+                $crate::kernel::dequantize_blocks::<{ $n }, $block, S>(src, dst)
             }
         }
     };
@@ -72,48 +123,33 @@ macro_rules! block_kernels {
 }
 pub(crate) use block_kernels;
 
-/// Values converted to f16 per step of the f16 drivers: a multiple of every
-/// block size, small enough that the f32 staging buffer stays in L1.
-const F16_STAGE: usize = 256;
-
 /// Dequantizes whole blocks of `K` into f32, on the best instruction set this CPU has.
 pub(crate) fn dequantize_serial<K: Dequantize>(src: &[u8], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if x86::has_avx2_f16c() {
         // SAFETY: the CPU supports AVX2 and F16C, checked just above.
-        unsafe { x86::dequantize_avx2::<K>(src, dst) };
+        unsafe { x86::dequantize_avx2::<K, x86::StoreF32Avx>(src, dst) };
         return;
     }
-    K::dequantize(src, dst);
+    K::dequantize::<StoreF32>(src, dst);
 }
 
-/// Dequantizes whole blocks of `K` into f16 (f32 result rounded to nearest even).
-/// `bytes_per_stage` is the size of the blocks that make `F16_STAGE` values.
-pub(crate) fn dequantize_f16_serial<K: Dequantize>(src: &[u8], dst: &mut [f16], bytes_per_stage: usize) {
+/// Dequantizes whole blocks of `K` into f16 (the f32 result rounded to nearest even).
+pub(crate) fn dequantize_f16_serial<K: Dequantize>(src: &[u8], dst: &mut [f16]) {
     #[cfg(target_arch = "x86_64")]
     if x86::has_avx2_f16c() {
         // SAFETY: the CPU supports AVX2 and F16C, checked just above.
-        unsafe { x86::dequantize_f16_avx2::<K>(src, dst, bytes_per_stage) };
+        unsafe { x86::dequantize_avx2::<K, x86::StoreF16C>(src, dst) };
         return;
     }
-    let mut stage = [0f32; F16_STAGE];
-    for (src, dst) in src.chunks(bytes_per_stage).zip(dst.chunks_mut(F16_STAGE)) {
-        let stage = &mut stage[..dst.len()];
-        K::dequantize(src, stage);
-        half::slice::HalfFloatSliceExt::convert_from_f32_slice(dst, stage);
-    }
-}
-
-/// Bytes of `ty` that hold `F16_STAGE` values.
-pub(crate) fn bytes_per_f16_stage(ty: gguf::GgmlType) -> usize {
-    F16_STAGE / ty.block_size() * ty.type_size()
+    K::dequantize::<StoreF16>(src, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Dequantize, F16_STAGE};
+    use super::{Dequantize, Store};
     use half::f16;
-    use std::arch::x86_64::{__m128i, _mm256_cvtps_ph, _mm256_loadu_ps, _mm_storeu_si128};
+    use std::arch::x86_64::{__m128i, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps, _mm_storeu_si128};
 
     #[inline]
     pub(super) fn has_avx2_f16c() -> bool {
@@ -121,37 +157,55 @@ mod x86 {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")
     }
 
+    /// The kernels compiled again with AVX2 and F16C: everything below is
+    /// `inline(always)`, so it takes on these target features.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn dequantize_avx2<K: Dequantize>(src: &[u8], dst: &mut [f32]) {
-        K::dequantize(src, dst);
+    pub(super) unsafe fn dequantize_avx2<K: Dequantize, S: Store>(src: &[u8], dst: &mut [S::Elem]) {
+        K::dequantize::<S>(src, dst);
     }
 
-    #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn dequantize_f16_avx2<K: Dequantize>(src: &[u8], dst: &mut [f16], bytes_per_stage: usize) {
-        let mut stage = [0f32; F16_STAGE];
-        for (src, dst) in src.chunks(bytes_per_stage).zip(dst.chunks_mut(F16_STAGE)) {
-            let stage = &mut stage[..dst.len()];
-            K::dequantize(src, stage);
-            f32_to_f16_f16c(stage, dst);
+    /// f32 output as one 8-lane store. Storing a vector (rather than 8
+    /// floats) keeps LLVM's loop vectorizer off the kernels' loops, which it
+    /// would otherwise vectorize across blocks or sub-blocks with gathers,
+    /// and leaves each 8-value group to the straight-line (SLP) vectorizer.
+    /// Only used inside [`dequantize_avx2`].
+    pub(super) struct StoreF32Avx;
+
+    impl Store for StoreF32Avx {
+        type Elem = f32;
+        #[inline(always)]
+        fn put8(dst: &mut [f32], values: [f32; 8]) {
+            let dst = &mut dst[..8];
+            // SAFETY: only reached from `dequantize_avx2`, so AVX is present;
+            // `values` and `dst` are 8 f32 each, accessed unaligned.
+            unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), _mm256_loadu_ps(values.as_ptr())) };
+        }
+        #[inline(always)]
+        fn put1(value: f32) -> f32 {
+            value
         }
     }
 
-    /// Round-to-nearest-even f32 → f16 with F16C; the same results as
+    /// f16 output through F16C, round to nearest even: the same results as
     /// `half::f16::from_f32` (both quiet a NaN and keep its payload's top bits).
-    #[target_feature(enable = "avx2,f16c")]
-    #[inline]
-    pub(super) unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [f16]) {
-        let mut src_chunks = src.chunks_exact(8);
-        let mut dst_chunks = dst.chunks_exact_mut(8);
-        for (s, d) in (&mut src_chunks).zip(&mut dst_chunks) {
-            // SAFETY: `s` holds 8 f32 and `d` 8 f16 (16 bytes); both accesses are unaligned ones.
+    /// Only used inside [`dequantize_avx2`].
+    pub(super) struct StoreF16C;
+
+    impl Store for StoreF16C {
+        type Elem = f16;
+        #[inline(always)]
+        fn put8(dst: &mut [f16], values: [f32; 8]) {
+            let dst = &mut dst[..8];
+            // SAFETY: only reached from `dequantize_avx2`, so F16C is present;
+            // `values` is 8 f32 and `dst` 8 f16 (16 bytes), accessed unaligned.
             unsafe {
-                let packed = _mm256_cvtps_ph::<0>(_mm256_loadu_ps(s.as_ptr()));
-                _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), packed);
+                let packed = _mm256_cvtps_ph::<0>(_mm256_loadu_ps(values.as_ptr()));
+                _mm_storeu_si128(dst.as_mut_ptr().cast::<__m128i>(), packed);
             }
         }
-        for (s, d) in src_chunks.remainder().iter().zip(dst_chunks.into_remainder()) {
-            *d = f16::from_f32(*s);
+        #[inline(always)]
+        fn put1(value: f32) -> f16 {
+            f16::from_f32(value)
         }
     }
 
@@ -159,13 +213,21 @@ mod x86 {
     mod tests {
         use super::*;
 
+        /// `put8` checked against `half` in an F16C context.
+        #[target_feature(enable = "avx2,f16c")]
+        unsafe fn convert(values: &[f32], out: &mut [f16]) {
+            for (v, o) in values.chunks_exact(8).zip(out.chunks_exact_mut(8)) {
+                StoreF16C::put8(o, v.try_into().unwrap());
+            }
+        }
+
         #[test]
-        fn f16c_conversion_matches_half_on_every_bit_pattern_class() {
+        fn f16c_conversion_matches_half() {
             if !has_avx2_f16c() {
                 return; // nothing to compare on this CPU
             }
-            // every 2^-16th f32 bit pattern plus the neighbourhood of each f16
-            // rounding boundary and every NaN/inf class
+            // every 65,537th f32 bit pattern plus the neighbourhood of every
+            // f16 value (rounding boundaries), NaNs and infinities included
             let mut values: Vec<f32> = (0..=u32::MAX).step_by(65_537).map(f32::from_bits).collect();
             for h in 0..=u16::MAX {
                 let exact = f16::from_bits(h).to_f32().to_bits();
@@ -174,10 +236,10 @@ mod x86 {
                     values.push(f32::from_bits(exact.wrapping_sub(delta)));
                 }
             }
-            values.extend([f32::NAN, -f32::NAN, f32::INFINITY, f32::from_bits(0x7f80_0001), f32::from_bits(0xffa0_0000)]);
+            values.truncate(values.len() / 8 * 8);
             let mut hardware = vec![f16::ZERO; values.len()];
             // SAFETY: AVX2 and F16C are present (checked above).
-            unsafe { f32_to_f16_f16c(&values, &mut hardware) };
+            unsafe { convert(&values, &mut hardware) };
             for (v, h) in values.iter().zip(&hardware) {
                 assert_eq!(h.to_bits(), f16::from_f32(*v).to_bits(), "{:#010x}", v.to_bits());
             }

@@ -10,7 +10,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::float::f16_field;
-use crate::kernel::{block_kernels, DequantizeBlock};
+use crate::kernel::{block_kernels, lanes, DequantizeBlock, Store};
 pub use gguf::QK_K;
 
 /// Bytes of packed 6-bit scales and mins in Q4_K and Q5_K.
@@ -141,19 +141,26 @@ pub fn q3k_scales(scales: &[u8; 12]) -> [i8; 16] {
     })
 }
 
+// The kernels write 8 values at a time (see `kernel::Store`); the loops have
+// constant bounds so they unroll and every index is a constant.
+
 impl DequantizeBlock<QK_K> for BlockQ2K {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_K]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_K]) {
         let d = f16_field(self.d);
         let dmin = f16_field(self.dmin);
-        for (group, out) in out.chunks_exact_mut(16).enumerate() {
-            let (h, s, half) = (group / 8, (group / 2) % 4, group % 2);
-            let sc = self.scales[group];
-            let dl = d * f32::from(sc & 0x0f);
-            let ml = dmin * f32::from(sc >> 4);
-            let qs = &self.qs[32 * h + 16 * half..][..16];
-            for (out, &q) in out.iter_mut().zip(qs) {
-                *out = dl * f32::from((q >> (2 * s)) & 3) - ml;
+        for h in 0..2 {
+            for s in 0..4 {
+                for half in 0..2 {
+                    let sc = self.scales[8 * h + 2 * s + half];
+                    let dl = d * f32::from(sc & 0x0f);
+                    let ml = dmin * f32::from(sc >> 4);
+                    for k in 0..2 {
+                        let q = &self.qs[32 * h + 16 * half + 8 * k..][..8];
+                        let at = 128 * h + 32 * s + 16 * half + 8 * k;
+                        S::put8(&mut out[at..], lanes(|i| dl * f32::from((q[i] >> (2 * s)) & 3) - ml));
+                    }
+                }
             }
         }
     }
@@ -161,19 +168,28 @@ impl DequantizeBlock<QK_K> for BlockQ2K {
 
 impl DequantizeBlock<QK_K> for BlockQ3K {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_K]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_K]) {
         let d = f16_field(self.d);
         let scales = q3k_scales(&self.scales);
-        for (group, out) in out.chunks_exact_mut(16).enumerate() {
-            let (h, s, half) = (group / 8, (group / 2) % 4, group % 2);
-            let dl = d * f32::from(scales[group]);
-            let bit = 4 * h + s;
-            let qs = &self.qs[32 * h + 16 * half..][..16];
-            let hmask = &self.hmask[16 * half..][..16];
-            for ((out, &q), &hm) in out.iter_mut().zip(qs).zip(hmask) {
-                let low = ((q >> (2 * s)) & 3) as i8;
-                let missing_high = (((hm >> bit) & 1) ^ 1) as i8;
-                *out = dl * f32::from(low - (missing_high << 2));
+        for h in 0..2 {
+            for s in 0..4 {
+                let bit = 4 * h + s;
+                for half in 0..2 {
+                    let dl = d * f32::from(scales[8 * h + 2 * s + half]);
+                    for k in 0..2 {
+                        let q = &self.qs[32 * h + 16 * half + 8 * k..][..8];
+                        let hm = &self.hmask[16 * half + 8 * k..][..8];
+                        let at = 128 * h + 32 * s + 16 * half + 8 * k;
+                        S::put8(
+                            &mut out[at..],
+                            lanes(|i| {
+                                let low = ((q[i] >> (2 * s)) & 3) as i8;
+                                let missing_high = (((hm[i] >> bit) & 1) ^ 1) as i8;
+                                dl * f32::from(low - (missing_high << 2))
+                            }),
+                        );
+                    }
+                }
             }
         }
     }
@@ -181,18 +197,18 @@ impl DequantizeBlock<QK_K> for BlockQ3K {
 
 impl DequantizeBlock<QK_K> for BlockQ4K {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_K]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_K]) {
         let d = f16_field(self.d);
         let dmin = f16_field(self.dmin);
-        for (chunk, (out, qs)) in out.chunks_exact_mut(64).zip(self.qs.chunks_exact(32)).enumerate() {
+        for chunk in 0..4 {
             let (sc1, m1) = scale_min_k4(2 * chunk, &self.scales);
             let (sc2, m2) = scale_min_k4(2 * chunk + 1, &self.scales);
             let (d1, min1) = (d * f32::from(sc1), dmin * f32::from(m1));
             let (d2, min2) = (d * f32::from(sc2), dmin * f32::from(m2));
-            let (low, high) = out.split_at_mut(32);
-            for ((low, high), &q) in low.iter_mut().zip(high).zip(qs) {
-                *low = d1 * f32::from(q & 0x0f) - min1;
-                *high = d2 * f32::from(q >> 4) - min2;
+            for k in 0..4 {
+                let q = &self.qs[32 * chunk + 8 * k..][..8];
+                S::put8(&mut out[64 * chunk + 8 * k..], lanes(|i| d1 * f32::from(q[i] & 0x0f) - min1));
+                S::put8(&mut out[64 * chunk + 32 + 8 * k..], lanes(|i| d2 * f32::from(q[i] >> 4) - min2));
             }
         }
     }
@@ -200,21 +216,21 @@ impl DequantizeBlock<QK_K> for BlockQ4K {
 
 impl DequantizeBlock<QK_K> for BlockQ5K {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_K]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_K]) {
         let d = f16_field(self.d);
         let dmin = f16_field(self.dmin);
-        for (chunk, (out, qs)) in out.chunks_exact_mut(64).zip(self.qs.chunks_exact(32)).enumerate() {
+        for chunk in 0..4 {
             let (sc1, m1) = scale_min_k4(2 * chunk, &self.scales);
             let (sc2, m2) = scale_min_k4(2 * chunk + 1, &self.scales);
             let (d1, min1) = (d * f32::from(sc1), dmin * f32::from(m1));
             let (d2, min2) = (d * f32::from(sc2), dmin * f32::from(m2));
-            let (low, high) = out.split_at_mut(32);
-            let (bit1, bit2) = (2 * chunk, 2 * chunk + 1);
-            for (((low, high), &q), &qh) in low.iter_mut().zip(high).zip(qs).zip(&self.qh) {
-                let q1 = (q & 0x0f) | (((qh >> bit1) & 1) << 4);
-                let q2 = (q >> 4) | (((qh >> bit2) & 1) << 4);
-                *low = d1 * f32::from(q1) - min1;
-                *high = d2 * f32::from(q2) - min2;
+            for k in 0..4 {
+                let q = &self.qs[32 * chunk + 8 * k..][..8];
+                let qh = &self.qh[8 * k..][..8];
+                let low = |i: usize| (q[i] & 0x0f) | (((qh[i] >> (2 * chunk)) & 1) << 4);
+                let high = |i: usize| (q[i] >> 4) | (((qh[i] >> (2 * chunk + 1)) & 1) << 4);
+                S::put8(&mut out[64 * chunk + 8 * k..], lanes(|i| d1 * f32::from(low(i)) - min1));
+                S::put8(&mut out[64 * chunk + 32 + 8 * k..], lanes(|i| d2 * f32::from(high(i)) - min2));
             }
         }
     }
@@ -222,27 +238,21 @@ impl DequantizeBlock<QK_K> for BlockQ5K {
 
 impl DequantizeBlock<QK_K> for BlockQ6K {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_K]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_K]) {
         let d = f16_field(self.d);
         let dl: [f32; QK_K / 16] = std::array::from_fn(|g| d * f32::from(self.scales[g]));
-        for (h, out) in out.chunks_exact_mut(128).enumerate() {
-            let ql = &self.ql[64 * h..][..64];
-            let qh = &self.qh[32 * h..][..32];
-            let dl = &dl[8 * h..][..8];
-            let (o0, rest) = out.split_at_mut(32);
-            let (o1, rest) = rest.split_at_mut(32);
-            let (o2, o3) = rest.split_at_mut(32);
-            for l in 0..32 {
-                let (a, b, high) = (ql[l], ql[l + 32], qh[l]);
-                let q0 = ((a & 0x0f) | ((high & 3) << 4)) as i8 - 32;
-                let q1 = ((b & 0x0f) | (((high >> 2) & 3) << 4)) as i8 - 32;
-                let q2 = ((a >> 4) | (((high >> 4) & 3) << 4)) as i8 - 32;
-                let q3 = ((b >> 4) | ((high >> 6) << 4)) as i8 - 32;
-                let g = l / 16;
-                o0[l] = dl[g] * f32::from(q0);
-                o1[l] = dl[g + 2] * f32::from(q1);
-                o2[l] = dl[g + 4] * f32::from(q2);
-                o3[l] = dl[g + 6] * f32::from(q3);
+        let q = |low: u8, high: u8| f32::from((low | (high << 4)) as i8 - 32);
+        for h in 0..2 {
+            for k in 0..4 {
+                // values 128h + 8k + i and +32, +64, +96 share these bytes
+                let a = &self.ql[64 * h + 8 * k..][..8];
+                let b = &self.ql[64 * h + 32 + 8 * k..][..8];
+                let hb = &self.qh[32 * h + 8 * k..][..8];
+                let (g, at) = (8 * h + k / 2, 128 * h + 8 * k);
+                S::put8(&mut out[at..], lanes(|i| dl[g] * q(a[i] & 0x0f, hb[i] & 3)));
+                S::put8(&mut out[at + 32..], lanes(|i| dl[g + 2] * q(b[i] & 0x0f, (hb[i] >> 2) & 3)));
+                S::put8(&mut out[at + 64..], lanes(|i| dl[g + 4] * q(a[i] >> 4, (hb[i] >> 4) & 3)));
+                S::put8(&mut out[at + 96..], lanes(|i| dl[g + 6] * q(b[i] >> 4, hb[i] >> 6)));
             }
         }
     }
@@ -250,10 +260,11 @@ impl DequantizeBlock<QK_K> for BlockQ6K {
 
 impl DequantizeBlock<QK_K> for BlockQ8K {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_K]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_K]) {
         let d = f32::from_le_bytes(self.d);
-        for (out, &q) in out.iter_mut().zip(&self.qs) {
-            *out = d * f32::from(q);
+        for k in 0..QK_K / 8 {
+            let q = &self.qs[8 * k..][..8];
+            S::put8(&mut out[8 * k..], lanes(|i| d * f32::from(q[i])));
         }
     }
 }

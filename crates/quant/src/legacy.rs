@@ -9,7 +9,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::float::{f16_field, f16_field_from};
-use crate::kernel::{block_kernels, DequantizeBlock, QuantizeBlock};
+use crate::kernel::{block_kernels, lanes, DequantizeBlock, QuantizeBlock, Store};
 
 /// Values per block of every legacy format (ggml's `QK4_0`, `QK4_1`,
 /// `QK5_0`, `QK5_1`, `QK8_0` and `QK8_1` are all 32).
@@ -100,83 +100,109 @@ block_kernels!(BlockQ5_1, QK_LEGACY, quantize);
 block_kernels!(BlockQ8_0, QK_LEGACY, quantize);
 block_kernels!(BlockQ8_1, QK_LEGACY, quantize);
 
+// Each kernel writes 8 values at a time: value `j` and `j + 16` come from
+// the two nibbles of byte `j`, so bytes 8k..8k+8 give outputs 8k.. and 16+8k...
+
 impl DequantizeBlock<QK_LEGACY> for BlockQ4_0 {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_LEGACY]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_LEGACY]) {
         let d = f16_field(self.d);
-        let (low, high) = out.split_at_mut(HALF);
-        for ((&q, low), high) in self.qs.iter().zip(low).zip(high) {
-            *low = d * f32::from((q & 0x0f) as i8 - 8);
-            *high = d * f32::from((q >> 4) as i8 - 8);
+        for k in 0..2 {
+            let q = &self.qs[8 * k..][..8];
+            S::put8(&mut out[8 * k..], lanes(|i| d * f32::from((q[i] & 0x0f) as i8 - 8)));
+            S::put8(&mut out[HALF + 8 * k..], lanes(|i| d * f32::from((q[i] >> 4) as i8 - 8)));
         }
     }
 }
 
 impl DequantizeBlock<QK_LEGACY> for BlockQ4_1 {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_LEGACY]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_LEGACY]) {
         let d = f16_field(self.d);
         let m = f16_field(self.m);
-        let (low, high) = out.split_at_mut(HALF);
-        for ((&q, low), high) in self.qs.iter().zip(low).zip(high) {
-            *low = d * f32::from(q & 0x0f) + m;
-            *high = d * f32::from(q >> 4) + m;
+        for k in 0..2 {
+            let q = &self.qs[8 * k..][..8];
+            S::put8(&mut out[8 * k..], lanes(|i| d * f32::from(q[i] & 0x0f) + m));
+            S::put8(&mut out[HALF + 8 * k..], lanes(|i| d * f32::from(q[i] >> 4) + m));
         }
     }
 }
 
-/// The 5-bit quants of a Q5 block, in value order.
-#[inline(always)]
-fn q5_quants(qh: [u8; 4], qs: &[u8; HALF]) -> [u8; QK_LEGACY] {
-    let qh = u32::from_le_bytes(qh);
-    let mut q = [0u8; QK_LEGACY];
-    for j in 0..HALF {
-        q[j] = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-        q[j + HALF] = (qs[j] >> 4) | ((((qh >> (j + HALF)) & 1) as u8) << 4);
+/// `FIFTH_BITS[b][i]` is 16 when bit `i` of `b` is set: spreads one byte of
+/// `qh` over the 8 values it belongs to. (A table, because LLVM turns a
+/// per-lane bit test into per-lane shifts, which do not vectorize.)
+static FIFTH_BITS: [[u8; 8]; 256] = {
+    let mut table = [[0u8; 8]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let mut i = 0;
+        while i < 8 {
+            if byte & (1 << i) != 0 {
+                table[byte][i] = 16;
+            }
+            i += 1;
+        }
+        byte += 1;
     }
-    q
+    table
+};
+
+/// 5-bit quants `8k..8k+8` and `16+8k..16+8k+8` of a Q5 block.
+#[inline(always)]
+fn q5_quants(qh: [u8; 4], qs: &[u8; HALF], k: usize) -> ([u8; 8], [u8; 8]) {
+    let q = &qs[8 * k..][..8];
+    let (low_fifth, high_fifth) = (&FIFTH_BITS[usize::from(qh[k])], &FIFTH_BITS[usize::from(qh[2 + k])]);
+    (
+        std::array::from_fn(|i| (q[i] & 0x0f) | low_fifth[i]),
+        std::array::from_fn(|i| (q[i] >> 4) | high_fifth[i]),
+    )
 }
 
 impl DequantizeBlock<QK_LEGACY> for BlockQ5_0 {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_LEGACY]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_LEGACY]) {
         let d = f16_field(self.d);
-        let q = q5_quants(self.qh, &self.qs);
-        for (out, &q) in out.iter_mut().zip(&q) {
-            *out = d * f32::from(q as i8 - 16);
+        for k in 0..2 {
+            let (low, high) = q5_quants(self.qh, &self.qs, k);
+            S::put8(&mut out[8 * k..], lanes(|i| d * f32::from(low[i] as i8 - 16)));
+            S::put8(&mut out[HALF + 8 * k..], lanes(|i| d * f32::from(high[i] as i8 - 16)));
         }
     }
 }
 
 impl DequantizeBlock<QK_LEGACY> for BlockQ5_1 {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_LEGACY]) {
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_LEGACY]) {
         let d = f16_field(self.d);
         let m = f16_field(self.m);
-        let q = q5_quants(self.qh, &self.qs);
-        for (out, &q) in out.iter_mut().zip(&q) {
-            *out = d * f32::from(q) + m;
+        for k in 0..2 {
+            let (low, high) = q5_quants(self.qh, &self.qs, k);
+            S::put8(&mut out[8 * k..], lanes(|i| d * f32::from(low[i]) + m));
+            S::put8(&mut out[HALF + 8 * k..], lanes(|i| d * f32::from(high[i]) + m));
         }
+    }
+}
+
+/// `q * d` for Q8_0 and Q8_1 (gguf-py multiplies in this order; it is commutative anyway).
+#[inline(always)]
+fn dequantize_q8<S: Store>(d: f32, qs: &[i8; QK_LEGACY], out: &mut [S::Elem; QK_LEGACY]) {
+    for k in 0..4 {
+        let q = &qs[8 * k..][..8];
+        S::put8(&mut out[8 * k..], lanes(|i| f32::from(q[i]) * d));
     }
 }
 
 impl DequantizeBlock<QK_LEGACY> for BlockQ8_0 {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_LEGACY]) {
-        let d = f16_field(self.d);
-        for (out, &q) in out.iter_mut().zip(&self.qs) {
-            *out = f32::from(q) * d;
-        }
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_LEGACY]) {
+        dequantize_q8::<S>(f16_field(self.d), &self.qs, out);
     }
 }
 
 impl DequantizeBlock<QK_LEGACY> for BlockQ8_1 {
     #[inline(always)]
-    fn dequantize(&self, out: &mut [f32; QK_LEGACY]) {
-        let d = f16_field(self.d);
-        for (out, &q) in out.iter_mut().zip(&self.qs) {
-            *out = f32::from(q) * d;
-        }
+    fn dequantize<S: Store>(&self, out: &mut [S::Elem; QK_LEGACY]) {
+        dequantize_q8::<S>(f16_field(self.d), &self.qs, out);
     }
 }
 

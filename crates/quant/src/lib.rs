@@ -203,8 +203,11 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Quant
         return Err(QuantError::Unsupported { ty, op: Op::Dequantize });
     }
     check_output(ty, src, dst.len())?;
-    let unsupported = QuantError::Unsupported { ty, op: Op::Dequantize };
-    with_kernel!(ty, K => par_dequantize(ty, src, dst, kernel::dequantize_serial::<K>), unsupported => return Err(unsupported));
+    with_kernel!(
+        ty,
+        K => par_dequantize(ty, src, dst, kernel::dequantize_serial::<K>),
+        unsupported => return Err(QuantError::Unsupported { ty, op: Op::Dequantize })
+    );
     Ok(())
 }
 
@@ -225,10 +228,9 @@ pub fn dequantize_f16(ty: GgmlType, src: &[u8], dst: &mut [f16]) -> Result<(), Q
         return Err(QuantError::Unsupported { ty, op: Op::Dequantize });
     }
     check_output(ty, src, dst.len())?;
-    let stage_bytes = kernel::bytes_per_f16_stage(ty);
     with_kernel!(
         ty,
-        K => par_dequantize(ty, src, dst, |src, dst| kernel::dequantize_f16_serial::<K>(src, dst, stage_bytes)),
+        K => par_dequantize(ty, src, dst, kernel::dequantize_f16_serial::<K>),
         unsupported => return Err(QuantError::Unsupported { ty, op: Op::Dequantize })
     );
     Ok(())
