@@ -181,7 +181,7 @@ macro_rules! with_kernel {
 /// Number of values in `src`, which must be whole blocks of `ty`.
 fn values_in(ty: GgmlType, src: &[u8]) -> Result<usize, QuantError> {
     let type_size = ty.type_size();
-    if src.len() % type_size != 0 {
+    if !src.len().is_multiple_of(type_size) {
         return Err(QuantError::PartialBlock { ty, bytes: src.len(), type_size });
     }
     Ok(src.len() / type_size * ty.block_size())
@@ -246,7 +246,7 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
         return Err(QuantError::Unsupported { ty, op: Op::Quantize });
     }
     let block_size = ty.block_size();
-    if src.len() % block_size != 0 {
+    if !src.len().is_multiple_of(block_size) {
         return Err(QuantError::PartialBlockValues { ty, values: src.len(), block_size });
     }
     let mut dst = vec![0u8; src.len() / block_size * ty.type_size()];
@@ -280,4 +280,73 @@ fn par_quantize(ty: GgmlType, src: &[f32], dst: &mut [u8], serial: impl Fn(&[f32
     src.par_chunks(blocks_per_task * ty.block_size())
         .zip(dst.par_chunks_mut(blocks_per_task * ty.type_size()))
         .for_each(|(src, dst)| serial(src, dst));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Equal bits, or both NaN (which NaN comes out of `NaN * x + NaN` is up
+    /// to operand order, which the compiler may swap for a commutative op).
+    fn same_value(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+    }
+
+    /// The AVX2 build of each kernel is what runs on this machine; the
+    /// baseline build is what runs on CPUs without AVX2/F16C. Both must give
+    /// the same values.
+    #[test]
+    fn baseline_and_dispatched_kernels_agree() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for ty in SUPPORTED_TYPES {
+            let n_blocks = 4096 / ty.block_size() + 3;
+            let mut src = vec![0u8; n_blocks * ty.type_size()];
+            rng.fill(&mut src[..]);
+            let n = n_blocks * ty.block_size();
+            with_kernel!(
+                ty,
+                K => {
+                    let mut baseline = vec![0f32; n];
+                    <K as kernel::Dequantize>::dequantize::<kernel::StoreF32>(&src, &mut baseline);
+                    let mut dispatched = vec![0f32; n];
+                    kernel::dequantize_serial::<K>(&src, &mut dispatched);
+                    for (i, (a, b)) in baseline.iter().zip(&dispatched).enumerate() {
+                        assert!(same_value(*a, *b), "{ty} value {i}: baseline {a:e}, dispatched {b:e}");
+                    }
+
+                    let mut baseline = vec![f16::ZERO; n];
+                    <K as kernel::Dequantize>::dequantize::<kernel::StoreF16>(&src, &mut baseline);
+                    let mut dispatched = vec![f16::ZERO; n];
+                    kernel::dequantize_f16_serial::<K>(&src, &mut dispatched);
+                    for (i, (a, b)) in baseline.iter().zip(&dispatched).enumerate() {
+                        assert!(same_value(a.to_f32(), b.to_f32()), "{ty} f16 value {i}: baseline {a}, dispatched {b}");
+                    }
+                },
+                unsupported => unreachable!("{ty} is in SUPPORTED_TYPES")
+            );
+        }
+    }
+
+    #[test]
+    fn block_structs_have_the_ggml_sizes() {
+        use std::mem::size_of;
+        let sizes = [
+            (GgmlType::Q4_0, size_of::<BlockQ4_0>()),
+            (GgmlType::Q4_1, size_of::<BlockQ4_1>()),
+            (GgmlType::Q5_0, size_of::<BlockQ5_0>()),
+            (GgmlType::Q5_1, size_of::<BlockQ5_1>()),
+            (GgmlType::Q8_0, size_of::<BlockQ8_0>()),
+            (GgmlType::Q8_1, size_of::<BlockQ8_1>()),
+            (GgmlType::Q2_K, size_of::<BlockQ2K>()),
+            (GgmlType::Q3_K, size_of::<BlockQ3K>()),
+            (GgmlType::Q4_K, size_of::<BlockQ4K>()),
+            (GgmlType::Q5_K, size_of::<BlockQ5K>()),
+            (GgmlType::Q6_K, size_of::<BlockQ6K>()),
+            (GgmlType::Q8_K, size_of::<BlockQ8K>()),
+        ];
+        for (ty, size) in sizes {
+            assert_eq!(size, ty.type_size(), "{ty}");
+        }
+    }
 }

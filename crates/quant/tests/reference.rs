@@ -120,7 +120,7 @@ fn quantize_input(rng: &mut ChaCha8Rng) -> Vec<f32> {
         std::array::from_fn(|i| -1e-30 * (i as f32 + 1.0)),
     ];
     // every multiple of 8 blocks is a K-size run; pad to 256-value alignment
-    while blocks.len() % 8 != 0 {
+    while !blocks.len().is_multiple_of(8) {
         blocks.push([0.5; 32]);
     }
     for _ in 0..2_048 {
