@@ -1,12 +1,13 @@
 //! The per-type kernel traits and the serial drivers that run them.
 //!
-//! Every format's code is written once as plain scalar Rust, shaped so the
-//! compiler vectorizes it. The drivers compile it twice: for the baseline
-//! target and, on x86-64, inside a function with AVX2 and F16C enabled,
-//! picked at run time. Neither build may change a result: Rust never
-//! contracts `a * b + c` into a fused multiply-add, so the vector code does
-//! the same IEEE operations in the same order as the scalar code (and as
-//! gguf-py's numpy code, which is what the results are tested against).
+//! Every format's dequantizer is written once, as scalar Rust that computes
+//! 8 neighbouring values at a time (see [`lanes`]) so the compiler turns each
+//! group into vector instructions. The drivers compile it twice: for the
+//! baseline target and, on x86-64, inside a function with AVX2 and F16C
+//! enabled, picked at run time. Neither build may change a result: Rust
+//! never contracts `a * b + c` into a fused multiply-add, so the vector code
+//! does the same IEEE operations in the same order as the scalar code (and
+//! as gguf-py's numpy code, which is what the results are tested against).
 
 use bytemuck::Pod;
 use half::f16;
@@ -22,7 +23,7 @@ pub(crate) trait DequantizeBlock<const N: usize>: Pod {
 /// lives in one vector register, so the f16 conversion happens in registers
 /// instead of in a second pass over memory.
 pub(crate) trait Store {
-    type Elem: Copy + Default;
+    type Elem: Copy;
     /// Writes `values` to `dst[..8]`.
     fn put8(dst: &mut [Self::Elem], values: [f32; 8]);
     fn put1(value: f32) -> Self::Elem;
@@ -102,7 +103,7 @@ pub(crate) fn quantize_blocks<const N: usize, B: QuantizeBlock<N>>(src: &[f32], 
     }
 }
 
-/// Implements [`Dequantize`] (and [`Quantize`] when asked) for a block struct.
+/// Implements [`Dequantize`] and [`Quantize`] for a block struct of `$n` values.
 macro_rules! block_kernels {
     ($block:ty, $n:expr) => {
         impl $crate::kernel::Dequantize for $block {
@@ -111,9 +112,6 @@ macro_rules! block_kernels {
                 $crate::kernel::dequantize_blocks::<{ $n }, $block, S>(src, dst)
             }
         }
-    };
-    ($block:ty, $n:expr, quantize) => {
-        $crate::kernel::block_kernels!($block, $n);
         impl $crate::kernel::Quantize for $block {
             fn quantize(src: &[f32], dst: &mut [u8]) {
                 $crate::kernel::quantize_blocks::<{ $n }, $block>(src, dst)

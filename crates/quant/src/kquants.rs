@@ -112,12 +112,12 @@ pub struct BlockQ8K {
 }
 const _: () = assert!(size_of::<BlockQ8K>() == 292);
 
-block_kernels!(BlockQ2K, QK_K, quantize);
-block_kernels!(BlockQ3K, QK_K, quantize);
-block_kernels!(BlockQ4K, QK_K, quantize);
-block_kernels!(BlockQ5K, QK_K, quantize);
-block_kernels!(BlockQ6K, QK_K, quantize);
-block_kernels!(BlockQ8K, QK_K, quantize);
+block_kernels!(BlockQ2K, QK_K);
+block_kernels!(BlockQ3K, QK_K);
+block_kernels!(BlockQ4K, QK_K);
+block_kernels!(BlockQ5K, QK_K);
+block_kernels!(BlockQ6K, QK_K);
+block_kernels!(BlockQ8K, QK_K);
 
 /// Scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K block: for `j < 4`
 /// the low 6 bits of bytes `j` and `j + 4`; above that a nibble of byte

@@ -93,12 +93,12 @@ pub struct BlockQ8_1 {
 }
 const _: () = assert!(size_of::<BlockQ8_1>() == 36);
 
-block_kernels!(BlockQ4_0, QK_LEGACY, quantize);
-block_kernels!(BlockQ4_1, QK_LEGACY, quantize);
-block_kernels!(BlockQ5_0, QK_LEGACY, quantize);
-block_kernels!(BlockQ5_1, QK_LEGACY, quantize);
-block_kernels!(BlockQ8_0, QK_LEGACY, quantize);
-block_kernels!(BlockQ8_1, QK_LEGACY, quantize);
+block_kernels!(BlockQ4_0, QK_LEGACY);
+block_kernels!(BlockQ4_1, QK_LEGACY);
+block_kernels!(BlockQ5_0, QK_LEGACY);
+block_kernels!(BlockQ5_1, QK_LEGACY);
+block_kernels!(BlockQ8_0, QK_LEGACY);
+block_kernels!(BlockQ8_1, QK_LEGACY);
 
 // Each kernel writes 8 values at a time: value `j` and `j + 16` come from
 // the two nibbles of byte `j`, so bytes 8k..8k+8 give outputs 8k.. and 16+8k...

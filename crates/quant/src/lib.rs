@@ -72,6 +72,7 @@ impl fmt::Display for Op {
     }
 }
 
+/// Why a (de)quantization call was refused. Nothing is written on error.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
     #[error("cannot {op} {ty}: not implemented (supported types: {})", SupportedList)]
@@ -238,9 +239,11 @@ pub fn dequantize_f16(ty: GgmlType, src: &[u8], dst: &mut [f16]) -> Result<(), Q
 
 /// Quantizes `src` to `ty` and returns the blocks' bytes. `src.len()` must be
 /// a multiple of `ty.block_size()`. Bit-exact with gguf-py's
-/// `gguf.quants.quantize` for F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0;
+/// `gguf.quants.quantize` for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0;
 /// the K-quants and Q8_1 follow llama.cpp's reference quantizers (no
-/// importance matrix). Runs on the rayon pool for large inputs.
+/// importance matrix). Non-finite input never panics, but what it turns
+/// into is unspecified for the quantized types. Runs on the rayon pool for
+/// large inputs.
 pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
     if !can_quantize(ty) {
         return Err(QuantError::Unsupported { ty, op: Op::Quantize });

@@ -111,6 +111,27 @@ fn quantize_parallel_split_does_not_change_results() {
     }
 }
 
+/// Weights with NaN or infinity are garbage in, but must not panic
+/// (overflow checks are on in tests) or produce the wrong length.
+#[test]
+fn quantizing_non_finite_values_does_not_panic() {
+    let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 1e-45, 0.0];
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    let mut values = normal_values(256 * 16, 1.0, &mut rng);
+    for (i, v) in values.iter_mut().enumerate() {
+        if i % 7 == 0 || i / 256 == 3 {
+            *v = specials[(i / 7) % specials.len()];
+        }
+    }
+    values[256 * 5..256 * 6].fill(f32::NAN);
+    values[256 * 6..256 * 7].fill(f32::INFINITY);
+    for ty in SUPPORTED_TYPES {
+        let blocks = quant::quantize(ty, &values).unwrap();
+        assert_eq!(blocks.len(), values.len() / ty.block_size() * ty.type_size(), "{ty}");
+        assert_eq!(dequantize(ty, &blocks).len(), values.len(), "{ty}");
+    }
+}
+
 #[test]
 fn f16_output_is_the_f32_output_rounded_to_nearest() {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
