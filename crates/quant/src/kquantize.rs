@@ -30,17 +30,18 @@ fn nearest_int(value: f32) -> i32 {
 /// `rmin`, `rdelta` around `nmax / (max - min)`. Returns `(scale, min)` with
 /// `min >= 0` and writes the levels to `levels` (ggml's `make_qkx2_quants`).
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+#[inline(always)] // so `N`, `nmax` and `use_mad` are constants in the loops
+fn make_qkx2_quants<const N: usize>(
     nmax: i32,
-    x: &[f32],
-    weights: &[f32],
-    levels: &mut [u8],
+    x: &[f32; N],
+    weights: &[f32; N],
+    levels: &mut [u8; N],
     rmin: f32,
     rdelta: f32,
     nstep: i32,
     use_mad: bool,
 ) -> (f32, f32) {
-    let n = x.len();
+    let n = N;
     let error = |diff: f32| if use_mad { diff.abs() } else { diff * diff };
     let mut min = x[0];
     let mut max = x[0];
@@ -75,8 +76,7 @@ fn make_qkx2_quants(
     if nstep < 1 {
         return (scale, -min);
     }
-    let mut trial = [0u8; 32];
-    let trial = &mut trial[..n];
+    let mut trial = [0u8; N];
     for step in 0..=nstep {
         iscale = (rmin + rdelta * step as f32 + nmax_f) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
@@ -101,7 +101,7 @@ fn make_qkx2_quants(
                 this_error += weights[i] * error(this_scale * f32::from(trial[i]) + this_min - x[i]);
             }
             if this_error < best_error {
-                levels.copy_from_slice(trial);
+                *levels = trial;
                 best_error = this_error;
                 scale = this_scale;
                 min = this_min;
@@ -262,6 +262,8 @@ fn quantize_scale_min_k4(
     let mut mins = [0f32; 8];
     let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
     for (j, (x, levels)) in x.chunks_exact(32).zip(levels.chunks_exact_mut(32)).enumerate() {
+        let x: &[f32; 32] = x.try_into().expect("32-value sub-blocks");
+        let levels: &mut [u8; 32] = levels.try_into().expect("32-value sub-blocks");
         let mut sum_x2 = 0.0f32;
         for &v in x {
             sum_x2 += v * v;
@@ -382,6 +384,8 @@ impl QuantizeBlock<QK_K> for BlockQ2K {
         let mut mins = [0f32; QK_K / 16];
         let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
         for (j, (x, levels)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+            let x: &[f32; 16] = x.try_into().expect("16-value sub-blocks");
+            let levels: &mut [u8; 16] = levels.try_into().expect("16-value sub-blocks");
             let weights: [f32; 16] = std::array::from_fn(|l| x[l].abs());
             (scales[j], mins[j]) = make_qkx2_quants(3, x, &weights, levels, -0.5, 0.1, 15, true);
             if scales[j] > max_scale {
