@@ -2,8 +2,9 @@
 # The project's test command, the same for developers and CI:
 #   1. scripts/setup-python.sh  the pinned Python reference (gguf, numpy)
 #   2. scripts/fetch-models.sh  the SmolLM2 and Gemma 3 GGUF files
-#   3. cargo test --workspace --locked [extra arguments]
-# Both set-up steps are quick no-ops once done. The tests find their inputs
+#   3. scripts/setup-nvrtc.sh   NVRTC and the CUDA headers, for the kernel tests
+#   4. cargo test --workspace --locked [extra arguments]
+# The set-up steps are quick no-ops once done. The tests find their inputs
 # through WORKER_ORCD_PYTHON (the venv's python), WORKER_ORCD_PYENV and
 # WORKER_ORCD_MODELS, exported here as absolute paths (defaults: target/pyenv
 # and ~/.cache/worker-orcd/models).
@@ -31,4 +32,5 @@ phase() {
 
 phase setup-python scripts/setup-python.sh
 phase fetch-models scripts/fetch-models.sh
+phase setup-nvrtc scripts/setup-nvrtc.sh
 phase "cargo test" cargo test --workspace --locked "$@"

@@ -1,0 +1,177 @@
+//! Launchers for `kernels/dequantize.cu`: a tensor's raw GGUF blocks on the
+//! device to f16 or bf16, bit-exact with `quant::dequantize_f16` (and with
+//! `quant::dequantize` rounded to bf16).
+
+use cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use gguf::GgmlType;
+use half::{bf16, f16};
+
+use crate::compile::DEQUANTIZE;
+use crate::device::CudaDevice;
+use crate::error::{CudaError, DriverContext, Result};
+
+/// The types the kernels dequantize, with their kernel-name stem
+/// (`dequantize_<stem>_f16`): every type the quant crate dequantizes.
+pub const TYPES: [(GgmlType, &str); 15] = [
+    (GgmlType::F32, "f32"),
+    (GgmlType::F16, "f16"),
+    (GgmlType::BF16, "bf16"),
+    (GgmlType::Q4_0, "q4_0"),
+    (GgmlType::Q4_1, "q4_1"),
+    (GgmlType::Q5_0, "q5_0"),
+    (GgmlType::Q5_1, "q5_1"),
+    (GgmlType::Q8_0, "q8_0"),
+    (GgmlType::Q8_1, "q8_1"),
+    (GgmlType::Q2_K, "q2_k"),
+    (GgmlType::Q3_K, "q3_k"),
+    (GgmlType::Q4_K, "q4_k"),
+    (GgmlType::Q5_K, "q5_k"),
+    (GgmlType::Q6_K, "q6_k"),
+    (GgmlType::Q8_K, "q8_k"),
+];
+
+/// The half-precision output types.
+pub trait HalfOutput: DeviceRepr {
+    /// Kernel-name suffix.
+    const SUFFIX: &'static str;
+}
+
+impl HalfOutput for f16 {
+    const SUFFIX: &'static str = "f16";
+}
+
+impl HalfOutput for bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+/// Name of the kernel that dequantizes `ty` to `Out`, e.g. `dequantize_q4_k_f16`.
+pub fn kernel_name<Out: HalfOutput>(ty: GgmlType) -> Option<String> {
+    TYPES
+        .iter()
+        .find(|(t, _)| *t == ty)
+        .map(|(_, stem)| format!("dequantize_{stem}_{}", Out::SUFFIX))
+}
+
+/// Every kernel the module defines.
+pub fn all_kernel_names() -> Vec<String> {
+    TYPES
+        .iter()
+        .flat_map(|(ty, _)| [kernel_name::<f16>(*ty), kernel_name::<bf16>(*ty)])
+        .flatten()
+        .collect()
+}
+
+const THREADS_PER_BLOCK: u32 = 256;
+const VALUES_PER_THREAD: u64 = 8;
+/// Enough blocks to fill any current GPU several times over; the kernels
+/// loop over the rest (grid-stride).
+const MAX_BLOCKS: u64 = 65_536;
+
+/// The loaded dequantization kernels of one device.
+pub struct Dequantizer {
+    /// Indexed like [`TYPES`].
+    to_f16: Vec<CudaFunction>,
+    to_bf16: Vec<CudaFunction>,
+}
+
+impl Dequantizer {
+    /// Builds (or takes from the cache) and loads `kernels/dequantize.cu`.
+    pub fn new(device: &CudaDevice) -> Result<Self> {
+        let module = device.load_module(&DEQUANTIZE)?;
+        let load = |name: String| {
+            module
+                .load_function(&name)
+                .context(|| format!("finding kernel {name} in kernels/dequantize.cu"))
+        };
+        let to_f16 = TYPES
+            .iter()
+            .map(|(ty, _)| load(kernel_name::<f16>(*ty).expect("listed")))
+            .collect::<Result<_>>()?;
+        let to_bf16 = TYPES
+            .iter()
+            .map(|(ty, _)| load(kernel_name::<bf16>(*ty).expect("listed")))
+            .collect::<Result<_>>()?;
+        Ok(Self { to_f16, to_bf16 })
+    }
+
+    /// Dequantizes `src` (whole blocks of `ty`) into `dst` (exactly as many
+    /// values) on `stream`, as f16.
+    pub fn dequantize_f16(
+        &self,
+        stream: &CudaStream,
+        ty: GgmlType,
+        src: &CudaView<'_, u8>,
+        dst: &mut CudaViewMut<'_, f16>,
+    ) -> Result<()> {
+        self.launch(stream, &self.to_f16, ty, src, dst)
+    }
+
+    /// As [`Self::dequantize_f16`], to bf16.
+    pub fn dequantize_bf16(
+        &self,
+        stream: &CudaStream,
+        ty: GgmlType,
+        src: &CudaView<'_, u8>,
+        dst: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        self.launch(stream, &self.to_bf16, ty, src, dst)
+    }
+
+    fn launch<Out: HalfOutput>(
+        &self,
+        stream: &CudaStream,
+        kernels: &[CudaFunction],
+        ty: GgmlType,
+        src: &CudaView<'_, u8>,
+        dst: &mut CudaViewMut<'_, Out>,
+    ) -> Result<()> {
+        let index = TYPES
+            .iter()
+            .position(|(t, _)| *t == ty)
+            .ok_or(CudaError::UnsupportedType(ty))?;
+        let (type_size, block_size) = (ty.type_size(), ty.block_size());
+        if src.len() % type_size != 0 {
+            return Err(CudaError::Invalid {
+                what: format!("dequantizing {ty}"),
+                reason: format!(
+                    "{} bytes is not a whole number of {type_size}-byte blocks",
+                    src.len()
+                ),
+            });
+        }
+        let n_values = (src.len() / type_size * block_size) as u64;
+        if dst.len() as u64 != n_values {
+            return Err(CudaError::Invalid {
+                what: format!("dequantizing {ty}"),
+                reason: format!(
+                    "{} bytes hold {n_values} values, but the output has room for {}",
+                    src.len(),
+                    dst.len()
+                ),
+            });
+        }
+        if n_values == 0 {
+            return Ok(());
+        }
+        let threads = n_values.div_ceil(VALUES_PER_THREAD);
+        let blocks = threads
+            .div_ceil(u64::from(THREADS_PER_BLOCK))
+            .min(MAX_BLOCKS) as u32;
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let kernel = &kernels[index];
+        let mut launch = stream.launch_builder(kernel);
+        launch.arg(src).arg(dst).arg(&n_values);
+        // SAFETY: the kernel's parameters are (const u8 *src, u16 *dst, u64
+        // n_values); `src` holds n_values / block_size whole blocks and `dst`
+        // exactly n_values 2-byte values (both checked above).
+        unsafe { launch.launch(config) }
+            .context(|| format!("launching {}", kernel_name::<Out>(ty).unwrap_or_default()))?;
+        Ok(())
+    }
+}

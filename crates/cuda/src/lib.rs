@@ -1,0 +1,32 @@
+//! The CUDA backend: a GPU context, the kernels (CUDA C under `kernels/`,
+//! built at run time by NVRTC for the device's own architecture and cached
+//! on disk), weight upload, and — next — the forward pass.
+//!
+//! Nothing here needs CUDA at build time (docs/DESIGN.md, decision 1):
+//! cudarc opens libcuda and libnvrtc when first used, so every machine
+//! builds and tests this crate. What needs a library checks for it first
+//! and fails with an error that says what is missing ([`CudaError`]),
+//! instead of letting cudarc panic. NVRTC alone needs no GPU: the tests
+//! compile every kernel on any machine (`scripts/setup-nvrtc.sh` fetches it).
+
+mod compile;
+mod dequantize;
+mod device;
+mod error;
+mod toolkit;
+mod upload;
+
+pub use compile::{
+    arch_for, compile, compile_options, Compiled, KernelCache, KernelModule, KernelResources,
+    ALL_MODULES, DEQUANTIZE, HEADERS, TEST_ARCHES,
+};
+pub use dequantize::{
+    all_kernel_names, kernel_name, Dequantizer, HalfOutput, TYPES as DEQUANTIZE_TYPES,
+};
+pub use device::{device_count, driver_present, CudaDevice, DeviceOptions, MemoryInfo};
+pub use error::{CudaError, Result};
+pub use toolkit::{toolkit, Toolkit};
+pub use upload::{upload_weights, DeviceTensor, DeviceWeights, UploadOptions, UploadReport};
+
+/// cudarc, re-exported so that users name the same version's types.
+pub use cudarc;

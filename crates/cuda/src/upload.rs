@@ -1,0 +1,344 @@
+//! Weight upload: a GGUF file's tensors, as raw blocks, into one device
+//! allocation.
+//!
+//! The tensors are laid out back to back in an arena (each at a 256-byte
+//! boundary). The arena's image is streamed through a few pinned staging
+//! buffers: while the copy engine moves chunk i to the device on the copy
+//! stream, the host fills chunk i+1 (from the memory map, on the rayon pool)
+//! into the next buffer; an event per buffer says when its last copy is done
+//! and it may be refilled. Copies from pinned memory run at full PCIe speed
+//! (53 GB/s measured on an H100 host, against 6 from pageable memory), so
+//! reading the file is what decides the load time.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::Range;
+use std::time::Instant;
+
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView, DevicePtr, PinnedHostSlice};
+use gguf::{GgmlType, GgufFile};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::device::CudaDevice;
+use crate::error::{CudaError, DriverContext, Result};
+
+/// Where each tensor starts in the arena.
+const TENSOR_ALIGNMENT: usize = 256;
+/// Host bytes filled by one rayon task.
+const FILL_TASK_BYTES: usize = 4 << 20;
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// How to upload.
+#[derive(Clone, Debug)]
+pub struct UploadOptions {
+    /// Device memory the KV cache will need, counted in the free-memory check.
+    pub kv_cache_bytes: u64,
+    /// Size of each pinned staging buffer.
+    pub staging_bytes: usize,
+    /// Number of staging buffers (2 lets one fill while one copies).
+    pub staging_buffers: usize,
+    /// Draw a progress bar on stderr (when it is a terminal).
+    pub progress: bool,
+}
+
+impl Default for UploadOptions {
+    fn default() -> Self {
+        Self {
+            kv_cache_bytes: 0,
+            staging_bytes: 64 << 20,
+            staging_buffers: 2,
+            progress: true,
+        }
+    }
+}
+
+/// One tensor in the arena.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceTensor {
+    pub name: String,
+    pub ty: GgmlType,
+    /// GGUF order: `dims[0]` is the row length.
+    pub dims: Vec<u64>,
+    /// Byte range in the arena.
+    pub range: Range<usize>,
+}
+
+/// A model's tensors on the device, as raw GGUF blocks in one allocation.
+pub struct DeviceWeights {
+    arena: CudaSlice<u8>,
+    tensors: Vec<DeviceTensor>,
+    by_name: HashMap<String, usize>,
+}
+
+impl DeviceWeights {
+    pub fn tensors(&self) -> &[DeviceTensor] {
+        &self.tensors
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&DeviceTensor> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The device bytes of `tensor`.
+    pub fn data(&self, tensor: &DeviceTensor) -> CudaView<'_, u8> {
+        self.arena.slice(tensor.range.clone())
+    }
+
+    /// Bytes allocated on the device for the weights.
+    pub fn allocated_bytes(&self) -> usize {
+        self.arena.len()
+    }
+}
+
+/// What an upload did.
+#[derive(Clone, Debug)]
+pub struct UploadReport {
+    pub tensors: usize,
+    /// Tensor bytes copied (the arena's padding not counted).
+    pub tensor_bytes: u64,
+    /// Bytes of the device allocation.
+    pub allocated_bytes: u64,
+    /// From before the allocation to the last copy's completion.
+    pub seconds: f64,
+    /// Free device memory before and after (cuMemGetInfo): the allocator's true cost.
+    pub free_before: u64,
+    pub free_after: u64,
+    pub total: u64,
+}
+
+impl UploadReport {
+    pub fn gigabytes_per_second(&self) -> f64 {
+        self.tensor_bytes as f64 / self.seconds / 1e9
+    }
+}
+
+impl fmt::Display for UploadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "uploaded {} tensors, {} bytes ({:.1} MiB) in {:.3} s, {:.2} GB/s; GPU memory: {} bytes allocated, \
+             free {:.1} -> {:.1} MiB of {:.1} MiB ({} bytes used)",
+            self.tensors,
+            self.tensor_bytes,
+            self.tensor_bytes as f64 / MIB,
+            self.seconds,
+            self.gigabytes_per_second(),
+            self.allocated_bytes,
+            self.free_before as f64 / MIB,
+            self.free_after as f64 / MIB,
+            self.total as f64 / MIB,
+            self.free_before.saturating_sub(self.free_after),
+        )
+    }
+}
+
+/// Tensor `i`'s bytes in the file and where they go in the arena.
+struct Placement<'a> {
+    data: &'a [u8],
+    offset: usize,
+}
+
+/// Uploads every tensor of `gguf` to `device`, after checking that the
+/// weights and `options.kv_cache_bytes` fit in free memory.
+pub fn upload_weights(
+    device: &CudaDevice,
+    gguf: &GgufFile,
+    options: &UploadOptions,
+) -> Result<(DeviceWeights, UploadReport)> {
+    if options.staging_bytes == 0 || options.staging_buffers == 0 {
+        return Err(CudaError::Invalid {
+            what: "upload options".into(),
+            reason: "staging_bytes and staging_buffers must be positive".into(),
+        });
+    }
+    let start = Instant::now();
+    let mut placements = Vec::with_capacity(gguf.tensors().len());
+    let mut tensors = Vec::with_capacity(gguf.tensors().len());
+    let mut arena_bytes = 0usize;
+    for info in gguf.tensors() {
+        let data = gguf.tensor_data(info);
+        let offset = arena_bytes.next_multiple_of(TENSOR_ALIGNMENT);
+        arena_bytes = offset + data.len();
+        placements.push(Placement { data, offset });
+        tensors.push(DeviceTensor {
+            name: info.name.clone(),
+            ty: info.ty,
+            dims: info.dims.clone(),
+            range: offset..arena_bytes,
+        });
+    }
+    let tensor_bytes: u64 = placements.iter().map(|p| p.data.len() as u64).sum();
+
+    let memory = device.memory()?;
+    let need = arena_bytes as u64 + options.kv_cache_bytes;
+    if need > memory.free {
+        return Err(CudaError::OutOfMemory {
+            device: device.index(),
+            name: device.name().to_string(),
+            need_mib: need as f64 / MIB,
+            weights_mib: arena_bytes as f64 / MIB,
+            kv_mib: options.kv_cache_bytes as f64 / MIB,
+            free_mib: memory.free as f64 / MIB,
+            total_mib: memory.total as f64 / MIB,
+        });
+    }
+
+    let stream = device.copy_stream();
+    // SAFETY: every byte of the arena is written below before anyone reads it
+    // (the image covers 0..arena_bytes, padding included).
+    let arena = unsafe { stream.alloc::<u8>(arena_bytes.max(1)) }.context(|| {
+        format!(
+            "allocating {arena_bytes} bytes for the weights on GPU {}",
+            device.index()
+        )
+    })?;
+
+    let progress = if options.progress {
+        let bar =
+            ProgressBar::with_draw_target(Some(arena_bytes as u64), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("uploading weights {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}")
+                .expect("valid template"),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let chunk = options.staging_bytes.min(arena_bytes.max(1));
+    let mut staging: Vec<(PinnedHostSlice<u8>, CudaEvent)> =
+        Vec::with_capacity(options.staging_buffers);
+    for _ in 0..options.staging_buffers {
+        // SAFETY: staging memory is only read after being filled.
+        let buffer = unsafe { device.context().alloc_pinned::<u8>(chunk) }
+            .context(|| format!("allocating {chunk} bytes of pinned staging memory"))?;
+        let done = device
+            .context()
+            .new_event(None)
+            .context(|| "creating a staging event".into())?;
+        staging.push((buffer, done));
+    }
+
+    let (arena_ptr, _sync) = arena.device_ptr(stream);
+    for (i, start_byte) in (0..arena_bytes).step_by(chunk).enumerate() {
+        let end_byte = (start_byte + chunk).min(arena_bytes);
+        let (buffer, done) = &mut staging[i % options.staging_buffers];
+        // The buffer's previous copy must be finished before it is refilled.
+        done.synchronize()
+            .context(|| "waiting for a staging buffer".into())?;
+        let host = buffer
+            .as_mut_slice()
+            .context(|| "mapping a staging buffer".into())?;
+        let host = &mut host[..end_byte - start_byte];
+        fill(host, start_byte, &placements);
+        // SAFETY: `host` is pinned memory that stays untouched until `done`
+        // completes (waited for above before the next fill, and by the stream
+        // synchronize below); the destination range lies inside the arena.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                arena_ptr + start_byte as u64,
+                host,
+                stream.cu_stream(),
+            )
+        }
+        .context(|| {
+            format!(
+                "copying weight bytes {start_byte}..{end_byte} to GPU {}",
+                device.index()
+            )
+        })?;
+        done.record(stream)
+            .context(|| "recording a staging event".into())?;
+        progress.inc((end_byte - start_byte) as u64);
+    }
+    stream
+        .synchronize()
+        .context(|| format!("waiting for the weight upload to GPU {}", device.index()))?;
+    drop(_sync);
+    progress.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    drop(staging);
+
+    let after = device.memory()?;
+    let report = UploadReport {
+        tensors: tensors.len(),
+        tensor_bytes,
+        allocated_bytes: arena_bytes as u64,
+        seconds,
+        free_before: memory.free,
+        free_after: after.free,
+        total: after.total,
+    };
+    if options.progress {
+        eprintln!("{report}");
+    }
+    let by_name = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    Ok((
+        DeviceWeights {
+            arena,
+            tensors,
+            by_name,
+        },
+        report,
+    ))
+}
+
+/// Writes the arena image's bytes `start..start + dst.len()` into `dst`:
+/// tensor bytes where a tensor lies, zeros in the alignment padding.
+fn fill(dst: &mut [u8], start: usize, placements: &[Placement<'_>]) {
+    dst.par_chunks_mut(FILL_TASK_BYTES)
+        .enumerate()
+        .for_each(|(task, dst)| {
+            let task_start = start + task * FILL_TASK_BYTES;
+            let task_end = task_start + dst.len();
+            // The first tensor that ends after task_start (placements are sorted by offset).
+            let first = placements.partition_point(|p| p.offset + p.data.len() <= task_start);
+            let mut written = task_start;
+            for p in placements[first..]
+                .iter()
+                .take_while(|p| p.offset < task_end)
+            {
+                let from = p.offset.max(task_start);
+                let to = (p.offset + p.data.len()).min(task_end);
+                dst[written - task_start..from - task_start].fill(0);
+                dst[from - task_start..to - task_start]
+                    .copy_from_slice(&p.data[from - p.offset..to - p.offset]);
+                written = to;
+            }
+            dst[written - task_start..].fill(0);
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_lays_out_tensors_with_zero_padding() {
+        let a: Vec<u8> = (1..=10).collect();
+        let b: Vec<u8> = (100..=130).collect();
+        let placements = [
+            Placement {
+                data: &a,
+                offset: 0,
+            },
+            Placement {
+                data: &b,
+                offset: 16,
+            },
+        ];
+        let mut image = vec![0xee; 47];
+        for (start, chunk) in [(0usize, 5usize), (5, 20), (25, 22)] {
+            fill(&mut image[start..start + chunk], start, &placements);
+        }
+        let mut expected = a.clone();
+        expected.resize(16, 0);
+        expected.extend(&b);
+        assert_eq!(image, expected);
+    }
+}

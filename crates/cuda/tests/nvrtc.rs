@@ -1,0 +1,95 @@
+//! Every kernel module compiles with NVRTC for Ampere (sm_80) and Hopper
+//! (sm_90a), on any machine: NVRTC needs no GPU. The NVRTC library and the
+//! CUDA headers come from the PyPI wheels that scripts/setup-nvrtc.sh
+//! unpacks into target/nvrtc (scripts/test.sh runs it), or from a CUDA 13
+//! toolkit ($CUDA_HOME, /usr/local/cuda).
+
+use cuda::{all_kernel_names, compile, toolkit, KernelCache, ALL_MODULES, DEQUANTIZE, TEST_ARCHES};
+
+fn require_nvrtc() -> &'static cuda::Toolkit {
+    toolkit().unwrap_or_else(|e| {
+        panic!("{e}\nThe kernel tests need NVRTC: run scripts/setup-nvrtc.sh (scripts/test.sh does) or install the CUDA 13 toolkit")
+    })
+}
+
+#[test]
+fn every_kernel_compiles_for_ampere_and_hopper() {
+    let toolkit = require_nvrtc();
+    println!(
+        "NVRTC {}.{} from {}, headers from {}",
+        toolkit.nvrtc_version.0,
+        toolkit.nvrtc_version.1,
+        toolkit
+            .nvrtc_library
+            .as_ref()
+            .map_or("the loader's search path".into(), |p| p
+                .display()
+                .to_string()),
+        toolkit.include_dir.display()
+    );
+    for module in ALL_MODULES {
+        for arch in TEST_ARCHES {
+            let compiled = compile(module, arch).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                compiled.cubin.starts_with(b"\x7fELF"),
+                "kernels/{}.cu for {arch}: not an ELF CUBIN",
+                module.name
+            );
+            let resources = compiled.resources();
+            assert!(
+                !resources.is_empty(),
+                "kernels/{}.cu for {arch}: no ptxas report in the log:\n{}",
+                module.name,
+                compiled.log
+            );
+            println!(
+                "kernels/{}.cu, {arch}: {} bytes of CUBIN",
+                module.name,
+                compiled.cubin.len()
+            );
+            for kernel in &resources {
+                println!("  {kernel}");
+                assert_eq!(
+                    (kernel.spill_store_bytes, kernel.spill_load_bytes),
+                    (0, 0),
+                    "{} spills registers on {arch}",
+                    kernel.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantize_module_defines_every_launcher_kernel() {
+    require_nvrtc();
+    let compiled = compile(&DEQUANTIZE, "sm_90a").unwrap_or_else(|e| panic!("{e}"));
+    let mut defined: Vec<String> = compiled.resources().into_iter().map(|k| k.name).collect();
+    let mut expected = all_kernel_names();
+    defined.sort();
+    expected.sort();
+    assert_eq!(defined, expected);
+}
+
+#[test]
+fn kernel_cache_compiles_once_per_arch() {
+    let toolkit = require_nvrtc();
+    let dir = tempfile::tempdir().unwrap();
+    let cache = KernelCache::new(dir.path().join("kernels"));
+    let first = cache.load_or_compile(&DEQUANTIZE, "sm_80").unwrap();
+    let path = dir.path().join("kernels").join(format!(
+        "{}.cubin",
+        KernelCache::key(&DEQUANTIZE, "sm_80", toolkit)
+    ));
+    assert_eq!(std::fs::read(&path).unwrap(), first);
+    // A second load reads the file: plant a marker to prove it.
+    std::fs::write(&path, b"cached").unwrap();
+    assert_eq!(
+        cache.load_or_compile(&DEQUANTIZE, "sm_80").unwrap(),
+        b"cached"
+    );
+    assert_ne!(
+        KernelCache::key(&DEQUANTIZE, "sm_80", toolkit),
+        KernelCache::key(&DEQUANTIZE, "sm_90a", toolkit)
+    );
+}
