@@ -72,7 +72,9 @@ fn spawn_reference(model: &Path) -> std::process::Child {
 }
 
 fn reference_hashes(child: std::process::Child) -> HashMap<String, Expected> {
-    let output = child.wait_with_output().expect("wait for dequant_hashes.py");
+    let output = child
+        .wait_with_output()
+        .expect("wait for dequant_hashes.py");
     assert!(
         output.status.success(),
         "dequant_hashes.py failed ({}); if gguf or numpy is missing run scripts/setup-python.sh:\n{}",
@@ -124,9 +126,17 @@ fn sha256_le(values: &[f32]) -> String {
 fn describe_mismatch(file: &GgufFile, tensor: &TensorInfo, ours: &[f32]) -> String {
     let reference = gguf_py::dequantize(tensor.ty, file.tensor_data(tensor));
     if reference.len() != ours.len() {
-        return format!("gguf-py gives {} values, ours {}", reference.len(), ours.len());
+        return format!(
+            "gguf-py gives {} values, ours {}",
+            reference.len(),
+            ours.len()
+        );
     }
-    let differ = ours.iter().zip(&reference).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    let differ = ours
+        .iter()
+        .zip(&reference)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
     match ours.iter().zip(&reference).position(|(a, b)| a.to_bits() != b.to_bits()) {
         Some(i) => format!(
             "{differ} of {} values differ; first at value {i} (block {}): ours {} ({:#010x}), gguf-py {} ({:#010x})",
@@ -181,8 +191,18 @@ fn check_model_against_gguf_py(file_name: &str) {
         let reference = expected
             .get(&tensor.name)
             .unwrap_or_else(|| panic!("{file_name}: gguf-py does not list tensor {}", tensor.name));
-        assert_eq!(reference.ty, tensor.ty.name(), "{file_name}: type of {}", tensor.name);
-        assert_eq!(reference.n_values, tensor.n_elements(), "{file_name}: size of {}", tensor.name);
+        assert_eq!(
+            reference.ty,
+            tensor.ty.name(),
+            "{file_name}: type of {}",
+            tensor.name
+        );
+        assert_eq!(
+            reference.n_values,
+            tensor.n_elements(),
+            "{file_name}: size of {}",
+            tensor.name
+        );
         if *our_hash != reference.sha256 {
             let ours = dequantize(&file, tensor);
             panic!(
@@ -195,7 +215,10 @@ fn check_model_against_gguf_py(file_name: &str) {
         }
         *type_counts.entry(tensor.ty).or_default() += 1;
     }
-    let mut counts: Vec<String> = type_counts.iter().map(|(ty, n)| format!("{ty} ×{n}")).collect();
+    let mut counts: Vec<String> = type_counts
+        .iter()
+        .map(|(ty, n)| format!("{ty} ×{n}"))
+        .collect();
     counts.sort();
     println!("{file_name}: all tensors bit-exact ({})", counts.join(", "));
 }
@@ -245,7 +268,12 @@ fn check_f16_matches_rounded_f32(file_name: &str) {
                 f16::from_f32(f32_values[i]).to_bits()
             );
         }
-        println!("{file_name}: {} ({}, {} values): f16 ok", tensor.name, tensor.ty, f32_values.len());
+        println!(
+            "{file_name}: {} ({}, {} values): f16 ok",
+            tensor.name,
+            tensor.ty,
+            f32_values.len()
+        );
     }
 }
 
