@@ -19,7 +19,9 @@ const VALUES: usize = 1 << 20;
 fn f16_fields(ty: GgmlType) -> &'static [usize] {
     match ty {
         GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 | GgmlType::Q4_K | GgmlType::Q5_K => {
+            &[0, 2]
+        }
         GgmlType::Q2_K => &[80, 82],
         GgmlType::Q3_K => &[108],
         GgmlType::Q6_K => &[208],
@@ -57,11 +59,19 @@ fn blocks(ty: GgmlType) -> Vec<u8> {
 }
 
 fn dequantize(c: &mut Criterion) {
-    let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("1-thread pool");
-    let all = rayon::ThreadPoolBuilder::new().build().expect("default pool");
+    let single = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("1-thread pool");
+    let all = rayon::ThreadPoolBuilder::new()
+        .build()
+        .expect("default pool");
     let pools = [("1-thread", &single), ("all-threads", &all)];
 
-    let inputs: Vec<(GgmlType, Vec<u8>)> = quant::SUPPORTED_TYPES.iter().map(|&ty| (ty, blocks(ty))).collect();
+    let inputs: Vec<(GgmlType, Vec<u8>)> = quant::SUPPORTED_TYPES
+        .iter()
+        .map(|&ty| (ty, blocks(ty)))
+        .collect();
     let mut out_f32 = vec![0f32; VALUES];
     let mut out_f16 = vec![f16::ZERO; VALUES];
 

@@ -28,7 +28,9 @@ pub(crate) fn f16_to_f32(h: u16) -> f32 {
     let subnormal = (f32::from_bits(exp_man + (113 << 23)) - f32::from_bits(113 << 23)).to_bits();
     let is_inf_nan = 0u32.wrapping_sub(u32::from(exponent == 0x7c00));
     let is_subnormal = 0u32.wrapping_sub(u32::from(exponent == 0));
-    let magnitude = (normal & !(is_inf_nan | is_subnormal)) | (inf_nan & is_inf_nan) | (subnormal & is_subnormal);
+    let magnitude = (normal & !(is_inf_nan | is_subnormal))
+        | (inf_nan & is_inf_nan)
+        | (subnormal & is_subnormal);
     f32::from_bits(magnitude | sign)
 }
 
@@ -86,14 +88,22 @@ pub(crate) struct BF16;
 
 /// Dequantizes `src`, `SIZE`-byte little-endian values, with `decode`.
 #[inline(always)]
-fn dequantize_scalars<const SIZE: usize, S: Store>(src: &[u8], dst: &mut [S::Elem], decode: impl Fn([u8; SIZE]) -> f32) {
+fn dequantize_scalars<const SIZE: usize, S: Store>(
+    src: &[u8],
+    dst: &mut [S::Elem],
+    decode: impl Fn([u8; SIZE]) -> f32,
+) {
     let value = |bytes: &[u8]| decode(bytes.try_into().expect("chunks of SIZE bytes"));
     let mut src_chunks = src.chunks_exact(8 * SIZE);
     let mut dst_chunks = dst.chunks_exact_mut(8);
     for (src, dst) in (&mut src_chunks).zip(&mut dst_chunks) {
         S::put8(dst, lanes(|i| value(&src[SIZE * i..SIZE * (i + 1)])));
     }
-    for (src, dst) in src_chunks.remainder().chunks_exact(SIZE).zip(dst_chunks.into_remainder()) {
+    for (src, dst) in src_chunks
+        .remainder()
+        .chunks_exact(SIZE)
+        .zip(dst_chunks.into_remainder())
+    {
         *dst = S::put1(value(src));
     }
 }
@@ -178,8 +188,16 @@ mod tests {
     #[test]
     fn bf16_rounds_to_nearest_even_and_quiets_nan() {
         assert_eq!(f32_to_bf16(1.0), 0x3f80);
-        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80, "tie to even");
-        assert_eq!(f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82, "tie to even");
+        assert_eq!(
+            f32_to_bf16(f32::from_bits(0x3f80_8000)),
+            0x3f80,
+            "tie to even"
+        );
+        assert_eq!(
+            f32_to_bf16(f32::from_bits(0x3f81_8000)),
+            0x3f82,
+            "tie to even"
+        );
         assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
         assert_eq!(f32_to_bf16(f32::from_bits(0x7f80_0001)), 0x7fc0);
         assert_eq!(f32_to_bf16(f32::from_bits(0xff80_0001)), 0xffc0);

@@ -87,7 +87,10 @@ pub(crate) trait Quantize {
 /// The loop every block format shares. `inline(always)` so that it, and the
 /// block code it calls, is compiled again inside each target-feature driver.
 #[inline(always)]
-pub(crate) fn dequantize_blocks<const N: usize, B: DequantizeBlock<N>, S: Store>(src: &[u8], dst: &mut [S::Elem]) {
+pub(crate) fn dequantize_blocks<const N: usize, B: DequantizeBlock<N>, S: Store>(
+    src: &[u8],
+    dst: &mut [S::Elem],
+) {
     let blocks: &[B] = bytemuck::cast_slice(src);
     for (block, out) in blocks.iter().zip(dst.chunks_exact_mut(N)) {
         let out: &mut [S::Elem; N] = out.try_into().expect("chunks_exact_mut yields N values");
@@ -147,7 +150,9 @@ pub(crate) fn dequantize_f16_serial<K: Dequantize>(src: &[u8], dst: &mut [f16]) 
 mod x86 {
     use super::{Dequantize, Store};
     use half::f16;
-    use std::arch::x86_64::{__m128i, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps, _mm_storeu_si128};
+    use std::arch::x86_64::{
+        __m128i, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps, _mm_storeu_si128,
+    };
 
     #[inline]
     pub(super) fn has_avx2_f16c() -> bool {
@@ -239,7 +244,12 @@ mod x86 {
             // SAFETY: AVX2 and F16C are present (checked above).
             unsafe { convert(&values, &mut hardware) };
             for (v, h) in values.iter().zip(&hardware) {
-                assert_eq!(h.to_bits(), f16::from_f32(*v).to_bits(), "{:#010x}", v.to_bits());
+                assert_eq!(
+                    h.to_bits(),
+                    f16::from_f32(*v).to_bits(),
+                    "{:#010x}",
+                    v.to_bits()
+                );
             }
         }
     }

@@ -10,7 +10,9 @@
 
 use crate::float::{f16_field, f16_field_from};
 use crate::kernel::QuantizeBlock;
-use crate::kquants::{scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, K_SCALE_SIZE, QK_K};
+use crate::kquants::{
+    scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, K_SCALE_SIZE, QK_K,
+};
 
 /// Below this a group's largest magnitude counts as zero.
 const GROUP_MAX_EPS: f32 = 1e-15;
@@ -98,7 +100,8 @@ fn make_qkx2_quants<const N: usize>(
             }
             let mut this_error = 0.0f32;
             for i in 0..n {
-                this_error += weights[i] * error(this_scale * f32::from(trial[i]) + this_min - x[i]);
+                this_error +=
+                    weights[i] * error(this_scale * f32::from(trial[i]) + this_min - x[i]);
             }
             if this_error < best_error {
                 *levels = trial;
@@ -225,7 +228,10 @@ fn pack_2bit(levels: &[u8; QK_K]) -> [u8; QK_K / 4] {
     std::array::from_fn(|i| {
         let (h, l) = (i / 32, i % 32);
         let base = 128 * h + l;
-        levels[base] | (levels[base + 32] << 2) | (levels[base + 64] << 4) | (levels[base + 96] << 6)
+        levels[base]
+            | (levels[base + 32] << 2)
+            | (levels[base + 64] << 4)
+            | (levels[base + 96] << 6)
     })
 }
 
@@ -261,7 +267,11 @@ fn quantize_scale_min_k4(
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
     let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
-    for (j, (x, levels)) in x.chunks_exact(32).zip(levels.chunks_exact_mut(32)).enumerate() {
+    for (j, (x, levels)) in x
+        .chunks_exact(32)
+        .zip(levels.chunks_exact_mut(32))
+        .enumerate()
+    {
         let x: &[f32; 32] = x.try_into().expect("32-value sub-blocks");
         let levels: &mut [u8; 32] = levels.try_into().expect("32-value sub-blocks");
         let mut sum_x2 = 0.0f32;
@@ -270,7 +280,8 @@ fn quantize_scale_min_k4(
         }
         let av_x = (sum_x2 / 32.0).sqrt();
         let weights: [f32; 32] = std::array::from_fn(|l| av_x + x[l].abs());
-        (scales[j], mins[j]) = make_qkx2_quants(nmax, x, &weights, levels, rmin, rdelta, nstep, false);
+        (scales[j], mins[j]) =
+            make_qkx2_quants(nmax, x, &weights, levels, rmin, rdelta, nstep, false);
         if scales[j] > max_scale {
             max_scale = scales[j];
         }
@@ -279,7 +290,11 @@ fn quantize_scale_min_k4(
         }
     }
 
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     // `as u8` truncates like C's conversion to uint8_t
     let ls = scales.map(|s| (nearest_int(inv_scale * s) as u8).min(63));
@@ -288,7 +303,11 @@ fn quantize_scale_min_k4(
     let d = f16_field_from(max_scale / 63.0);
     let dmin = f16_field_from(max_min / 63.0);
 
-    for (j, (x, levels)) in x.chunks_exact(32).zip(levels.chunks_exact_mut(32)).enumerate() {
+    for (j, (x, levels)) in x
+        .chunks_exact(32)
+        .zip(levels.chunks_exact_mut(32))
+        .enumerate()
+    {
         let (sc, m) = scale_min_k4(j, &packed);
         let d = f16_field(d) * f32::from(sc);
         if d == 0.0 {
@@ -309,7 +328,12 @@ impl QuantizeBlock<QK_K> for BlockQ4K {
             let (chunk, l) = (i / 32, i % 32);
             levels[64 * chunk + l] | (levels[64 * chunk + 32 + l] << 4)
         });
-        Self { d, dmin, scales, qs }
+        Self {
+            d,
+            dmin,
+            scales,
+            qs,
+        }
     }
 }
 
@@ -326,7 +350,13 @@ impl QuantizeBlock<QK_K> for BlockQ5K {
                 qs[32 * chunk + l] = (low & 0x0f) | ((high & 0x0f) << 4);
             }
         }
-        Self { d, dmin, scales, qh, qs }
+        Self {
+            d,
+            dmin,
+            scales,
+            qh,
+            qs,
+        }
     }
 }
 
@@ -335,7 +365,10 @@ impl QuantizeBlock<QK_K> for BlockQ6K {
         let mut levels = [0i8; QK_K];
         let mut scales = [0f32; QK_K / 16];
         let (mut max_scale, mut max_abs_scale) = (0.0f32, 0.0f32);
-        for (scale, (x, levels)) in scales.iter_mut().zip(x.chunks_exact(16).zip(levels.chunks_exact_mut(16))) {
+        for (scale, (x, levels)) in scales
+            .iter_mut()
+            .zip(x.chunks_exact(16).zip(levels.chunks_exact_mut(16)))
+        {
             *scale = make_qx_quants(32, x, levels);
             if scale.abs() > max_abs_scale {
                 max_abs_scale = scale.abs();
@@ -350,7 +383,11 @@ impl QuantizeBlock<QK_K> for BlockQ6K {
         let d = f16_field_from(1.0 / iscale);
         // `as i8` truncates like C's conversion to int8_t (the value is in -128..=127)
         let quantized_scales = scales.map(|s| nearest_int(iscale * s).min(127) as i8);
-        for (j, (x, levels)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (x, levels)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             let d = f16_field(d) * f32::from(quantized_scales[j]);
             if d == 0.0 {
                 continue;
@@ -366,13 +403,23 @@ impl QuantizeBlock<QK_K> for BlockQ6K {
         for h in 0..2 {
             for l in 0..32 {
                 let base = 128 * h + l;
-                let [q0, q1, q2, q3] = [levels[base], levels[base + 32], levels[base + 64], levels[base + 96]];
+                let [q0, q1, q2, q3] = [
+                    levels[base],
+                    levels[base + 32],
+                    levels[base + 64],
+                    levels[base + 96],
+                ];
                 ql[64 * h + l] = (q0 & 0x0f) | ((q2 & 0x0f) << 4);
                 ql[64 * h + 32 + l] = (q1 & 0x0f) | ((q3 & 0x0f) << 4);
                 qh[32 * h + l] = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6);
             }
         }
-        Self { ql, qh, scales: quantized_scales, d }
+        Self {
+            ql,
+            qh,
+            scales: quantized_scales,
+            d,
+        }
     }
 }
 
@@ -383,7 +430,11 @@ impl QuantizeBlock<QK_K> for BlockQ2K {
         let mut scales = [0f32; QK_K / 16];
         let mut mins = [0f32; QK_K / 16];
         let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
-        for (j, (x, levels)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (x, levels)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             let x: &[f32; 16] = x.try_into().expect("16-value sub-blocks");
             let levels: &mut [u8; 16] = levels.try_into().expect("16-value sub-blocks");
             let weights: [f32; 16] = std::array::from_fn(|l| x[l].abs());
@@ -414,7 +465,11 @@ impl QuantizeBlock<QK_K> for BlockQ2K {
             dmin = f16_field_from(max_min / Q4SCALE);
         }
 
-        for (j, (x, levels)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (x, levels)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             let dl = f16_field(d) * f32::from(packed[j] & 0x0f);
             if dl == 0.0 {
                 continue;
@@ -424,7 +479,12 @@ impl QuantizeBlock<QK_K> for BlockQ2K {
                 *level = nearest_int((v + ml) / dl).clamp(0, 3) as u8;
             }
         }
-        Self { scales: packed, qs: pack_2bit(&levels), d, dmin }
+        Self {
+            scales: packed,
+            qs: pack_2bit(&levels),
+            d,
+            dmin,
+        }
     }
 }
 
@@ -433,7 +493,10 @@ impl QuantizeBlock<QK_K> for BlockQ3K {
         let mut levels = [0i8; QK_K];
         let mut scales = [0f32; QK_K / 16];
         let (mut max_scale, mut amax) = (0.0f32, 0.0f32);
-        for (scale, (x, levels)) in scales.iter_mut().zip(x.chunks_exact(16).zip(levels.chunks_exact_mut(16))) {
+        for (scale, (x, levels)) in scales
+            .iter_mut()
+            .zip(x.chunks_exact(16).zip(levels.chunks_exact_mut(16)))
+        {
             *scale = make_q3_quants(4, x, levels);
             if scale.abs() > amax {
                 amax = scale.abs();
@@ -459,7 +522,11 @@ impl QuantizeBlock<QK_K> for BlockQ3K {
         }
 
         let signed_scales = crate::kquants::q3k_scales(&packed);
-        for (j, (x, levels)) in x.chunks_exact(16).zip(levels.chunks_exact_mut(16)).enumerate() {
+        for (j, (x, levels)) in x
+            .chunks_exact(16)
+            .zip(levels.chunks_exact_mut(16))
+            .enumerate()
+        {
             let dl = f16_field(d) * f32::from(signed_scales[j]);
             if dl == 0.0 {
                 continue;
@@ -480,7 +547,12 @@ impl QuantizeBlock<QK_K> for BlockQ3K {
             }
             low[j] = level;
         }
-        Self { hmask, qs: pack_2bit(&low), scales: packed, d }
+        Self {
+            hmask,
+            qs: pack_2bit(&low),
+            scales: packed,
+            d,
+        }
     }
 }
 
@@ -502,7 +574,11 @@ impl QuantizeBlock<QK_K> for BlockQ8K {
             let sum: i32 = qs[16 * j..][..16].iter().map(|&q| i32::from(q)).sum();
             (sum as i16).to_le_bytes()
         });
-        Self { d: (1.0 / iscale).to_le_bytes(), qs, bsums }
+        Self {
+            d: (1.0 / iscale).to_le_bytes(),
+            qs,
+            bsums,
+        }
     }
 }
 
@@ -528,7 +604,11 @@ mod tests {
         let mins = [63, 0, 33, 62, 1, 40, 15, 16];
         let packed = pack_scale_min_k4(&scales, &mins);
         for j in 0..8 {
-            assert_eq!(scale_min_k4(j, &packed), (scales[j], mins[j]), "sub-block {j}");
+            assert_eq!(
+                scale_min_k4(j, &packed),
+                (scales[j], mins[j]),
+                "sub-block {j}"
+            );
         }
     }
 }

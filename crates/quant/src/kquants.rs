@@ -127,7 +127,10 @@ pub fn scale_min_k4(j: usize, scales: &[u8; K_SCALE_SIZE]) -> (u8, u8) {
     if j < 4 {
         (scales[j] & 63, scales[j + 4] & 63)
     } else {
-        ((scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4))
+        (
+            (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4),
+            (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4),
+        )
     }
 }
 
@@ -158,7 +161,10 @@ impl DequantizeBlock<QK_K> for BlockQ2K {
                     for k in 0..2 {
                         let q = &self.qs[32 * h + 16 * half + 8 * k..][..8];
                         let at = 128 * h + 32 * s + 16 * half + 8 * k;
-                        S::put8(&mut out[at..], lanes(|i| dl * f32::from((q[i] >> (2 * s)) & 3) - ml));
+                        S::put8(
+                            &mut out[at..],
+                            lanes(|i| dl * f32::from((q[i] >> (2 * s)) & 3) - ml),
+                        );
                     }
                 }
             }
@@ -207,8 +213,14 @@ impl DequantizeBlock<QK_K> for BlockQ4K {
             let (d2, min2) = (d * f32::from(sc2), dmin * f32::from(m2));
             for k in 0..4 {
                 let q = &self.qs[32 * chunk + 8 * k..][..8];
-                S::put8(&mut out[64 * chunk + 8 * k..], lanes(|i| d1 * f32::from(q[i] & 0x0f) - min1));
-                S::put8(&mut out[64 * chunk + 32 + 8 * k..], lanes(|i| d2 * f32::from(q[i] >> 4) - min2));
+                S::put8(
+                    &mut out[64 * chunk + 8 * k..],
+                    lanes(|i| d1 * f32::from(q[i] & 0x0f) - min1),
+                );
+                S::put8(
+                    &mut out[64 * chunk + 32 + 8 * k..],
+                    lanes(|i| d2 * f32::from(q[i] >> 4) - min2),
+                );
             }
         }
     }
@@ -229,8 +241,14 @@ impl DequantizeBlock<QK_K> for BlockQ5K {
                 let qh = &self.qh[8 * k..][..8];
                 let low = |i: usize| (q[i] & 0x0f) | (((qh[i] >> (2 * chunk)) & 1) << 4);
                 let high = |i: usize| (q[i] >> 4) | (((qh[i] >> (2 * chunk + 1)) & 1) << 4);
-                S::put8(&mut out[64 * chunk + 8 * k..], lanes(|i| d1 * f32::from(low(i)) - min1));
-                S::put8(&mut out[64 * chunk + 32 + 8 * k..], lanes(|i| d2 * f32::from(high(i)) - min2));
+                S::put8(
+                    &mut out[64 * chunk + 8 * k..],
+                    lanes(|i| d1 * f32::from(low(i)) - min1),
+                );
+                S::put8(
+                    &mut out[64 * chunk + 32 + 8 * k..],
+                    lanes(|i| d2 * f32::from(high(i)) - min2),
+                );
             }
         }
     }
@@ -250,9 +268,18 @@ impl DequantizeBlock<QK_K> for BlockQ6K {
                 let hb = &self.qh[32 * h + 8 * k..][..8];
                 let (g, at) = (8 * h + k / 2, 128 * h + 8 * k);
                 S::put8(&mut out[at..], lanes(|i| dl[g] * q(a[i] & 0x0f, hb[i] & 3)));
-                S::put8(&mut out[at + 32..], lanes(|i| dl[g + 2] * q(b[i] & 0x0f, (hb[i] >> 2) & 3)));
-                S::put8(&mut out[at + 64..], lanes(|i| dl[g + 4] * q(a[i] >> 4, (hb[i] >> 4) & 3)));
-                S::put8(&mut out[at + 96..], lanes(|i| dl[g + 6] * q(b[i] >> 4, hb[i] >> 6)));
+                S::put8(
+                    &mut out[at + 32..],
+                    lanes(|i| dl[g + 2] * q(b[i] & 0x0f, (hb[i] >> 2) & 3)),
+                );
+                S::put8(
+                    &mut out[at + 64..],
+                    lanes(|i| dl[g + 4] * q(a[i] >> 4, (hb[i] >> 4) & 3)),
+                );
+                S::put8(
+                    &mut out[at + 96..],
+                    lanes(|i| dl[g + 6] * q(b[i] >> 4, hb[i] >> 6)),
+                );
             }
         }
     }

@@ -109,8 +109,14 @@ impl DequantizeBlock<QK_LEGACY> for BlockQ4_0 {
         let d = f16_field(self.d);
         for k in 0..2 {
             let q = &self.qs[8 * k..][..8];
-            S::put8(&mut out[8 * k..], lanes(|i| d * f32::from((q[i] & 0x0f) as i8 - 8)));
-            S::put8(&mut out[HALF + 8 * k..], lanes(|i| d * f32::from((q[i] >> 4) as i8 - 8)));
+            S::put8(
+                &mut out[8 * k..],
+                lanes(|i| d * f32::from((q[i] & 0x0f) as i8 - 8)),
+            );
+            S::put8(
+                &mut out[HALF + 8 * k..],
+                lanes(|i| d * f32::from((q[i] >> 4) as i8 - 8)),
+            );
         }
     }
 }
@@ -123,7 +129,10 @@ impl DequantizeBlock<QK_LEGACY> for BlockQ4_1 {
         for k in 0..2 {
             let q = &self.qs[8 * k..][..8];
             S::put8(&mut out[8 * k..], lanes(|i| d * f32::from(q[i] & 0x0f) + m));
-            S::put8(&mut out[HALF + 8 * k..], lanes(|i| d * f32::from(q[i] >> 4) + m));
+            S::put8(
+                &mut out[HALF + 8 * k..],
+                lanes(|i| d * f32::from(q[i] >> 4) + m),
+            );
         }
     }
 }
@@ -151,7 +160,10 @@ static FIFTH_BITS: [[u8; 8]; 256] = {
 #[inline(always)]
 fn q5_quants(qh: [u8; 4], qs: &[u8; HALF], k: usize) -> ([u8; 8], [u8; 8]) {
     let q = &qs[8 * k..][..8];
-    let (low_fifth, high_fifth) = (&FIFTH_BITS[usize::from(qh[k])], &FIFTH_BITS[usize::from(qh[2 + k])]);
+    let (low_fifth, high_fifth) = (
+        &FIFTH_BITS[usize::from(qh[k])],
+        &FIFTH_BITS[usize::from(qh[2 + k])],
+    );
     (
         std::array::from_fn(|i| (q[i] & 0x0f) | low_fifth[i]),
         std::array::from_fn(|i| (q[i] >> 4) | high_fifth[i]),
@@ -164,8 +176,14 @@ impl DequantizeBlock<QK_LEGACY> for BlockQ5_0 {
         let d = f16_field(self.d);
         for k in 0..2 {
             let (low, high) = q5_quants(self.qh, &self.qs, k);
-            S::put8(&mut out[8 * k..], lanes(|i| d * f32::from(low[i] as i8 - 16)));
-            S::put8(&mut out[HALF + 8 * k..], lanes(|i| d * f32::from(high[i] as i8 - 16)));
+            S::put8(
+                &mut out[8 * k..],
+                lanes(|i| d * f32::from(low[i] as i8 - 16)),
+            );
+            S::put8(
+                &mut out[HALF + 8 * k..],
+                lanes(|i| d * f32::from(high[i] as i8 - 16)),
+            );
         }
     }
 }
@@ -178,7 +196,10 @@ impl DequantizeBlock<QK_LEGACY> for BlockQ5_1 {
         for k in 0..2 {
             let (low, high) = q5_quants(self.qh, &self.qs, k);
             S::put8(&mut out[8 * k..], lanes(|i| d * f32::from(low[i]) + m));
-            S::put8(&mut out[HALF + 8 * k..], lanes(|i| d * f32::from(high[i]) + m));
+            S::put8(
+                &mut out[HALF + 8 * k..],
+                lanes(|i| d * f32::from(high[i]) + m),
+            );
         }
     }
 }
@@ -220,7 +241,9 @@ fn signed_absmax(x: &[f32]) -> f32 {
 }
 
 fn min_max(x: &[f32]) -> (f32, f32) {
-    x.iter().fold((x[0], x[0]), |(min, max), &v| (if v < min { v } else { min }, if v > max { v } else { max }))
+    x.iter().fold((x[0], x[0]), |(min, max), &v| {
+        (if v < min { v } else { min }, if v > max { v } else { max })
+    })
 }
 
 /// `1/d`, or 0 for an all-zero block.
@@ -243,7 +266,10 @@ fn pack_nibbles(q: &[u8; QK_LEGACY]) -> [u8; HALF] {
 }
 
 fn pack_fifth_bits(q: &[u8; QK_LEGACY]) -> [u8; 4] {
-    let qh = q.iter().enumerate().fold(0u32, |qh, (j, &q)| qh | (u32::from(q >> 4) << j));
+    let qh = q
+        .iter()
+        .enumerate()
+        .fold(0u32, |qh, (j, &q)| qh | (u32::from(q >> 4) << j));
     qh.to_le_bytes()
 }
 
@@ -252,7 +278,10 @@ impl QuantizeBlock<QK_LEGACY> for BlockQ4_0 {
         let d = signed_absmax(x) / -8.0;
         let id = inverse(d);
         let q = x.map(|v| trunc_clip(v * id + 8.5, 15));
-        Self { d: f16_field_from(d), qs: pack_nibbles(&q) }
+        Self {
+            d: f16_field_from(d),
+            qs: pack_nibbles(&q),
+        }
     }
 }
 
@@ -262,7 +291,11 @@ impl QuantizeBlock<QK_LEGACY> for BlockQ4_1 {
         let d = (max - min) / 15.0;
         let id = inverse(d);
         let q = x.map(|v| trunc_clip((v - min) * id + 0.5, 15));
-        Self { d: f16_field_from(d), m: f16_field_from(min), qs: pack_nibbles(&q) }
+        Self {
+            d: f16_field_from(d),
+            m: f16_field_from(min),
+            qs: pack_nibbles(&q),
+        }
     }
 }
 
@@ -271,7 +304,11 @@ impl QuantizeBlock<QK_LEGACY> for BlockQ5_0 {
         let d = signed_absmax(x) / -16.0;
         let id = inverse(d);
         let q = x.map(|v| trunc_clip(v * id + 16.5, 31));
-        Self { d: f16_field_from(d), qh: pack_fifth_bits(&q), qs: pack_nibbles(&q) }
+        Self {
+            d: f16_field_from(d),
+            qh: pack_fifth_bits(&q),
+            qs: pack_nibbles(&q),
+        }
     }
 }
 
@@ -281,7 +318,12 @@ impl QuantizeBlock<QK_LEGACY> for BlockQ5_1 {
         let d = (max - min) / 31.0;
         let id = inverse(d);
         let q = x.map(|v| trunc_clip((v - min) * id + 0.5, 31));
-        Self { d: f16_field_from(d), m: f16_field_from(min), qh: pack_fifth_bits(&q), qs: pack_nibbles(&q) }
+        Self {
+            d: f16_field_from(d),
+            m: f16_field_from(min),
+            qh: pack_fifth_bits(&q),
+            qs: pack_nibbles(&q),
+        }
     }
 }
 
@@ -297,7 +339,10 @@ fn quantize_q8(x: &[f32; QK_LEGACY]) -> (f32, [i8; QK_LEGACY]) {
 impl QuantizeBlock<QK_LEGACY> for BlockQ8_0 {
     fn quantize(x: &[f32; QK_LEGACY]) -> Self {
         let (d, qs) = quantize_q8(x);
-        Self { d: f16_field_from(d), qs }
+        Self {
+            d: f16_field_from(d),
+            qs,
+        }
     }
 }
 
@@ -305,6 +350,10 @@ impl QuantizeBlock<QK_LEGACY> for BlockQ8_1 {
     fn quantize(x: &[f32; QK_LEGACY]) -> Self {
         let (d, qs) = quantize_q8(x);
         let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
-        Self { d: f16_field_from(d), s: f16_field_from(sum as f32 * d), qs }
+        Self {
+            d: f16_field_from(d),
+            s: f16_field_from(sum as f32 * d),
+            qs,
+        }
     }
 }

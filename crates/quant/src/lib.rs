@@ -17,8 +17,8 @@
 
 mod float;
 mod kernel;
-pub mod kquants;
 mod kquantize;
+pub mod kquants;
 pub mod legacy;
 
 use std::fmt;
@@ -75,14 +75,30 @@ impl fmt::Display for Op {
 /// Why a (de)quantization call was refused. Nothing is written on error.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
-    #[error("cannot {op} {ty}: not implemented (supported types: {})", SupportedList)]
+    #[error(
+        "cannot {op} {ty}: not implemented (supported types: {})",
+        SupportedList
+    )]
     Unsupported { ty: GgmlType, op: Op },
     #[error("{ty} data of {bytes} bytes is not a whole number of {type_size}-byte blocks")]
-    PartialBlock { ty: GgmlType, bytes: usize, type_size: usize },
+    PartialBlock {
+        ty: GgmlType,
+        bytes: usize,
+        type_size: usize,
+    },
     #[error("cannot quantize {values} values to {ty}: the count must be a multiple of its block size {block_size}")]
-    PartialBlockValues { ty: GgmlType, values: usize, block_size: usize },
+    PartialBlockValues {
+        ty: GgmlType,
+        values: usize,
+        block_size: usize,
+    },
     #[error("{ty} data of {bytes} bytes holds {values} values, but the output has room for {output_len}")]
-    Length { ty: GgmlType, bytes: usize, values: usize, output_len: usize },
+    Length {
+        ty: GgmlType,
+        bytes: usize,
+        values: usize,
+        output_len: usize,
+    },
 }
 
 struct SupportedList;
@@ -183,7 +199,11 @@ macro_rules! with_kernel {
 fn values_in(ty: GgmlType, src: &[u8]) -> Result<usize, QuantError> {
     let type_size = ty.type_size();
     if !src.len().is_multiple_of(type_size) {
-        return Err(QuantError::PartialBlock { ty, bytes: src.len(), type_size });
+        return Err(QuantError::PartialBlock {
+            ty,
+            bytes: src.len(),
+            type_size,
+        });
     }
     Ok(src.len() / type_size * ty.block_size())
 }
@@ -191,7 +211,12 @@ fn values_in(ty: GgmlType, src: &[u8]) -> Result<usize, QuantError> {
 fn check_output(ty: GgmlType, src: &[u8], output_len: usize) -> Result<(), QuantError> {
     let values = values_in(ty, src)?;
     if values != output_len {
-        return Err(QuantError::Length { ty, bytes: src.len(), values, output_len });
+        return Err(QuantError::Length {
+            ty,
+            bytes: src.len(),
+            values,
+            output_len,
+        });
     }
     Ok(())
 }
@@ -201,7 +226,10 @@ fn check_output(ty: GgmlType, src: &[u8], output_len: usize) -> Result<(), Quant
 /// `gguf.quants.dequantize`. Runs on the rayon pool for large inputs.
 pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
     if !can_dequantize(ty) {
-        return Err(QuantError::Unsupported { ty, op: Op::Dequantize });
+        return Err(QuantError::Unsupported {
+            ty,
+            op: Op::Dequantize,
+        });
     }
     check_output(ty, src, dst.len())?;
     with_kernel!(
@@ -215,7 +243,10 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Quant
 /// [`dequantize`] into a new vector.
 pub fn dequantize_to_vec(ty: GgmlType, src: &[u8]) -> Result<Vec<f32>, QuantError> {
     if !can_dequantize(ty) {
-        return Err(QuantError::Unsupported { ty, op: Op::Dequantize });
+        return Err(QuantError::Unsupported {
+            ty,
+            op: Op::Dequantize,
+        });
     }
     let mut dst = vec![0.0; values_in(ty, src)?];
     dequantize(ty, src, &mut dst)?;
@@ -226,7 +257,10 @@ pub fn dequantize_to_vec(ty: GgmlType, src: &[u8]) -> Result<Vec<f32>, QuantErro
 /// result rounded to the nearest f16 (ties to even, as `half::f16::from_f32`).
 pub fn dequantize_f16(ty: GgmlType, src: &[u8], dst: &mut [f16]) -> Result<(), QuantError> {
     if !can_dequantize(ty) {
-        return Err(QuantError::Unsupported { ty, op: Op::Dequantize });
+        return Err(QuantError::Unsupported {
+            ty,
+            op: Op::Dequantize,
+        });
     }
     check_output(ty, src, dst.len())?;
     with_kernel!(
@@ -246,11 +280,18 @@ pub fn dequantize_f16(ty: GgmlType, src: &[u8], dst: &mut [f16]) -> Result<(), Q
 /// large inputs.
 pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
     if !can_quantize(ty) {
-        return Err(QuantError::Unsupported { ty, op: Op::Quantize });
+        return Err(QuantError::Unsupported {
+            ty,
+            op: Op::Quantize,
+        });
     }
     let block_size = ty.block_size();
     if !src.len().is_multiple_of(block_size) {
-        return Err(QuantError::PartialBlockValues { ty, values: src.len(), block_size });
+        return Err(QuantError::PartialBlockValues {
+            ty,
+            values: src.len(),
+            block_size,
+        });
     }
     let mut dst = vec![0u8; src.len() / block_size * ty.type_size()];
     with_kernel!(
@@ -263,7 +304,12 @@ pub fn quantize(ty: GgmlType, src: &[f32]) -> Result<Vec<u8>, QuantError> {
 
 /// Runs `serial` over `src`/`dst`, split into tasks of whole blocks on the
 /// rayon pool when the input is large.
-fn par_dequantize<T: Send>(ty: GgmlType, src: &[u8], dst: &mut [T], serial: impl Fn(&[u8], &mut [T]) + Sync) {
+fn par_dequantize<T: Send>(
+    ty: GgmlType,
+    src: &[u8],
+    dst: &mut [T],
+    serial: impl Fn(&[u8], &mut [T]) + Sync,
+) {
     if dst.len() < PARALLEL_MIN_VALUES {
         serial(src, dst);
         return;
@@ -274,7 +320,12 @@ fn par_dequantize<T: Send>(ty: GgmlType, src: &[u8], dst: &mut [T], serial: impl
         .for_each(|(src, dst)| serial(src, dst));
 }
 
-fn par_quantize(ty: GgmlType, src: &[f32], dst: &mut [u8], serial: impl Fn(&[f32], &mut [u8]) + Sync) {
+fn par_quantize(
+    ty: GgmlType,
+    src: &[f32],
+    dst: &mut [u8],
+    serial: impl Fn(&[f32], &mut [u8]) + Sync,
+) {
     if src.len() < QUANTIZE_TASK_VALUES * 2 {
         serial(src, dst);
         return;

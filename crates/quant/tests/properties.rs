@@ -15,7 +15,9 @@ fn random_bytes(len: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
 /// Roughly normal values with standard deviation `sigma`.
 fn normal_values(n: usize, sigma: f32, rng: &mut ChaCha8Rng) -> Vec<f32> {
     // the sum of 4 uniforms on [-1, 1) has variance 4/3
-    (0..n).map(|_| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>() * sigma / 1.154_700_5).collect()
+    (0..n)
+        .map(|_| (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum::<f32>() * sigma / 1.154_700_5)
+        .collect()
 }
 
 /// Equal bits, or both NaN.
@@ -46,20 +48,46 @@ fn support_is_reported_consistently() {
 fn errors_say_what_is_wrong() {
     let err = quant::dequantize(GgmlType::IQ2_XXS, &[0; 66], &mut [0.0; 256]).unwrap_err();
     let message = err.to_string();
-    assert!(message.starts_with("cannot dequantize IQ2_XXS: not implemented"), "{message}");
-    assert!(message.contains("Q4_K") && message.contains("BF16"), "lists what is supported: {message}");
+    assert!(
+        message.starts_with("cannot dequantize IQ2_XXS: not implemented"),
+        "{message}"
+    );
+    assert!(
+        message.contains("Q4_K") && message.contains("BF16"),
+        "lists what is supported: {message}"
+    );
     assert_eq!(
-        quant::quantize(GgmlType::TQ1_0, &[0.0; 256]).unwrap_err().to_string().split(':').next(),
+        quant::quantize(GgmlType::TQ1_0, &[0.0; 256])
+            .unwrap_err()
+            .to_string()
+            .split(':')
+            .next(),
         Some("cannot quantize TQ1_0")
     );
 
     let err = quant::dequantize(GgmlType::Q4_K, &[0; 145], &mut [0.0; 256]).unwrap_err();
-    assert_eq!(err.to_string(), "Q4_K data of 145 bytes is not a whole number of 144-byte blocks");
+    assert_eq!(
+        err.to_string(),
+        "Q4_K data of 145 bytes is not a whole number of 144-byte blocks"
+    );
 
     let err = quant::dequantize(GgmlType::Q4_K, &[0; 288], &mut [0.0; 500]).unwrap_err();
-    assert_eq!(err.to_string(), "Q4_K data of 288 bytes holds 512 values, but the output has room for 500");
+    assert_eq!(
+        err.to_string(),
+        "Q4_K data of 288 bytes holds 512 values, but the output has room for 500"
+    );
     let err = quant::dequantize_f16(GgmlType::Q8_0, &[0; 34], &mut [f16::ZERO; 33]).unwrap_err();
-    assert!(matches!(err, QuantError::Length { values: 32, output_len: 33, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            QuantError::Length {
+                values: 32,
+                output_len: 33,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     let err = quant::quantize(GgmlType::Q6_K, &[0.0; 300]).unwrap_err();
     assert_eq!(
@@ -89,14 +117,23 @@ fn parallel_split_and_alignment_do_not_change_results() {
         let blocks = &storage[1..]; // odd address
         let whole = dequantize(ty, blocks);
         let stride = 7 * ty.type_size();
-        let pieces: Vec<f32> = blocks.chunks(stride).flat_map(|piece| dequantize(ty, piece)).collect();
+        let pieces: Vec<f32> = blocks
+            .chunks(stride)
+            .flat_map(|piece| dequantize(ty, piece))
+            .collect();
         assert_eq!(whole.len(), pieces.len());
         for (i, (a, b)) in whole.iter().zip(&pieces).enumerate() {
-            assert!(same_value(*a, *b), "{ty} value {i}: whole {a:e}, block by block {b:e}");
+            assert!(
+                same_value(*a, *b),
+                "{ty} value {i}: whole {a:e}, block by block {b:e}"
+            );
         }
         storage.remove(0);
         let aligned = dequantize(ty, &storage);
-        assert!(whole.iter().zip(&aligned).all(|(a, b)| same_value(*a, *b)), "{ty}: alignment matters");
+        assert!(
+            whole.iter().zip(&aligned).all(|(a, b)| same_value(*a, *b)),
+            "{ty}: alignment matters"
+        );
     }
 }
 
@@ -106,8 +143,14 @@ fn quantize_parallel_split_does_not_change_results() {
     let values = normal_values(3 * 4096 + 5 * 256, 1.0, &mut rng);
     for ty in SUPPORTED_TYPES {
         let whole = quant::quantize(ty, &values).unwrap();
-        let pieces: Vec<u8> = values.chunks(ty.block_size()).flat_map(|block| quant::quantize(ty, block).unwrap()).collect();
-        assert!(whole == pieces, "{ty}: quantizing in one call differs from block by block");
+        let pieces: Vec<u8> = values
+            .chunks(ty.block_size())
+            .flat_map(|block| quant::quantize(ty, block).unwrap())
+            .collect();
+        assert!(
+            whole == pieces,
+            "{ty}: quantizing in one call differs from block by block"
+        );
     }
 }
 
@@ -115,7 +158,16 @@ fn quantize_parallel_split_does_not_change_results() {
 /// (overflow checks are on in tests) or produce the wrong length.
 #[test]
 fn quantizing_non_finite_values_does_not_panic() {
-    let specials = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, -f32::MAX, f32::MIN_POSITIVE, 1e-45, 0.0];
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        -f32::MAX,
+        f32::MIN_POSITIVE,
+        1e-45,
+        0.0,
+    ];
     let mut rng = ChaCha8Rng::seed_from_u64(17);
     let mut values = normal_values(256 * 16, 1.0, &mut rng);
     for (i, v) in values.iter_mut().enumerate() {
@@ -127,7 +179,11 @@ fn quantizing_non_finite_values_does_not_panic() {
     values[256 * 6..256 * 7].fill(f32::INFINITY);
     for ty in SUPPORTED_TYPES {
         let blocks = quant::quantize(ty, &values).unwrap();
-        assert_eq!(blocks.len(), values.len() / ty.block_size() * ty.type_size(), "{ty}");
+        assert_eq!(
+            blocks.len(),
+            values.len() / ty.block_size() * ty.type_size(),
+            "{ty}"
+        );
         assert_eq!(dequantize(ty, &blocks).len(), values.len(), "{ty}");
     }
 }
@@ -180,9 +236,17 @@ fn round_trip_error_of_normal_data_is_bounded() {
     let values = normal_values(256 * 256, sigma, &mut rng);
     for (ty, bound) in bounds {
         let decoded = dequantize(ty, &quant::quantize(ty, &values).unwrap());
-        let mse = values.iter().zip(&decoded).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>() / values.len() as f64;
+        let mse = values
+            .iter()
+            .zip(&decoded)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            / values.len() as f64;
         let relative = mse.sqrt() / f64::from(sigma);
-        assert!(relative <= bound, "{ty}: relative RMSE {relative:.5} > {bound}");
+        assert!(
+            relative <= bound,
+            "{ty}: relative RMSE {relative:.5} > {bound}"
+        );
     }
 }
 
@@ -200,7 +264,11 @@ fn round_trip_error_passes_llama_cpp_test_quantize_fns() {
             _ => 0.002,
         };
         let decoded = dequantize(ty, &quant::quantize(ty, &values).unwrap());
-        let sum: f64 = values.iter().zip(&decoded).map(|(a, b)| f64::from(a - b).powi(2)).sum();
+        let sum: f64 = values
+            .iter()
+            .zip(&decoded)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum();
         let error = sum.sqrt() / n as f64;
         assert!(error < bound, "{ty}: error {error:.6} ≥ {bound}");
     }
@@ -222,10 +290,17 @@ fn requantizing_representable_data_is_stable() {
     for ty in SUPPORTED_TYPES {
         let first = dequantize(ty, &quant::quantize(ty, &values).unwrap());
         let second = dequantize(ty, &quant::quantize(ty, &first).unwrap());
-        let moved = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>().sqrt();
+        let moved = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
         match ty {
             GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q5_K | GgmlType::Q8_K => {
-                let (quantization, requantization) = (moved(&values, &first), moved(&first, &second));
+                let (quantization, requantization) =
+                    (moved(&values, &first), moved(&first, &second));
                 assert!(
                     requantization < 0.25 * quantization,
                     "{ty}: requantizing moved values by {requantization:e}, quantizing by {quantization:e}"
@@ -235,7 +310,10 @@ fn requantizing_representable_data_is_stable() {
                 // `==`, not bits: an all-zero Q4_0/Q5_0 block decodes to -0.0 and then to +0.0,
                 // as in gguf-py (the scale's sign comes from `max / -8`)
                 if let Some(i) = first.iter().zip(&second).position(|(a, b)| a != b) {
-                    panic!("{ty}: value {i} was {} and became {} when requantized", first[i], second[i]);
+                    panic!(
+                        "{ty}: value {i} was {} and became {} when requantized",
+                        first[i], second[i]
+                    );
                 }
             }
         }
@@ -253,7 +331,11 @@ fn activation_formats_carry_consistent_sums() {
         let d = f16::from_le_bytes(block.d).to_f32();
         let sum: i32 = block.qs.iter().map(|&q| i32::from(q)).sum();
         let s = f16::from_le_bytes(block.s).to_f32();
-        assert!((s - sum as f32 * d).abs() <= 2e-3 * s.abs().max(d), "s {s}, d·Σq {}", sum as f32 * d);
+        assert!(
+            (s - sum as f32 * d).abs() <= 2e-3 * s.abs().max(d),
+            "s {s}, d·Σq {}",
+            sum as f32 * d
+        );
     }
 
     let q8_k = quant::quantize(GgmlType::Q8_K, &values).unwrap();

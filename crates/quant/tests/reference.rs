@@ -57,7 +57,11 @@ fn random_blocks(ty: GgmlType, n_blocks: usize, rng: &mut ChaCha8Rng) -> Vec<u8>
     for block in bytes.chunks_exact_mut(ty.type_size()) {
         for &offset in f16_fields(ty) {
             let bits = u16::from_le_bytes([block[offset], block[offset + 1]]);
-            let finite = if bits & 0x7c00 == 0x7c00 { bits & !0x4000 } else { bits };
+            let finite = if bits & 0x7c00 == 0x7c00 {
+                bits & !0x4000
+            } else {
+                bits
+            };
             block[offset..offset + 2].copy_from_slice(&finite.to_le_bytes());
         }
     }
@@ -67,8 +71,16 @@ fn random_blocks(ty: GgmlType, n_blocks: usize, rng: &mut ChaCha8Rng) -> Vec<u8>
 /// Asserts equal bit patterns, naming the first difference's block.
 fn assert_same_bits(ty: GgmlType, ours: &[f32], reference: &[f32]) {
     assert_eq!(ours.len(), reference.len(), "{ty}: value count");
-    let mismatches = ours.iter().zip(reference).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-    if let Some(i) = ours.iter().zip(reference).position(|(a, b)| a.to_bits() != b.to_bits()) {
+    let mismatches = ours
+        .iter()
+        .zip(reference)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    if let Some(i) = ours
+        .iter()
+        .zip(reference)
+        .position(|(a, b)| a.to_bits() != b.to_bits())
+    {
         panic!(
             "{ty}: {mismatches} of {} values differ from gguf-py; first at value {i} (block {}): ours {} ({:#010x}), gguf-py {} ({:#010x})",
             ours.len(),
@@ -110,13 +122,13 @@ fn quantize_input(rng: &mut ChaCha8Rng) -> Vec<f32> {
         [1.0; 32],
         [-3.25; 32],
         [1e-3; 32],
-        std::array::from_fn(|i| i as f32 - 16.0),       // exact levels and ties
+        std::array::from_fn(|i| i as f32 - 16.0), // exact levels and ties
         std::array::from_fn(|i| (i as f32 - 16.0) / 2.0), // halves: rounding ties
         std::array::from_fn(|i| if i == 7 { 50.0 } else { 0.01 * i as f32 }), // one outlier
         std::array::from_fn(|i| if i % 2 == 0 { 1e4 } else { -3e4 }),
         std::array::from_fn(|i| 6e4 * (i as f32 / 31.0 - 0.5)), // near the f16 limit
-        std::array::from_fn(|i| 1e6 * (i as f32 - 5.0)),         // scales overflow f16
-        std::array::from_fn(|i| 1e-20 * (i as f32 + 1.0)),       // scales underflow f16
+        std::array::from_fn(|i| 1e6 * (i as f32 - 5.0)),        // scales overflow f16
+        std::array::from_fn(|i| 1e-20 * (i as f32 + 1.0)),      // scales underflow f16
         std::array::from_fn(|i| -1e-30 * (i as f32 + 1.0)),
     ];
     // every multiple of 8 blocks is a K-size run; pad to 256-value alignment
@@ -125,7 +137,11 @@ fn quantize_input(rng: &mut ChaCha8Rng) -> Vec<f32> {
     }
     for _ in 0..2_048 {
         let magnitude = 10f32.powf(rng.gen_range(-12.0..5.0));
-        let offset = if rng.gen_bool(0.2) { rng.gen_range(-2.0..2.0) * magnitude } else { 0.0 };
+        let offset = if rng.gen_bool(0.2) {
+            rng.gen_range(-2.0..2.0) * magnitude
+        } else {
+            0.0
+        };
         blocks.push(std::array::from_fn(|_| {
             // roughly normal: sum of uniforms
             let normal: f32 = (0..4).map(|_| rng.gen_range(-1.0f32..1.0)).sum();
@@ -184,7 +200,11 @@ fn float_quantize_matches_gguf_py_on_special_values() {
         let reference = gguf_py::quantize(ty, &values);
         let ours = quant::quantize(ty, &values).unwrap();
         let size = ty.type_size();
-        if let Some(i) = ours.chunks(size).zip(reference.chunks(size)).position(|(a, b)| a != b) {
+        if let Some(i) = ours
+            .chunks(size)
+            .zip(reference.chunks(size))
+            .position(|(a, b)| a != b)
+        {
             panic!(
                 "{ty}: value {i} ({:#010x}) → ours {:02x?}, gguf-py {:02x?}",
                 values[i].to_bits(),

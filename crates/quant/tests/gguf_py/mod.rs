@@ -62,7 +62,10 @@ fn run(op: &str, ty: GgmlType, input: &[u8]) -> Vec<u8> {
 pub fn dequantize(ty: GgmlType, blocks: &[u8]) -> Vec<f32> {
     let bytes = run("dequantize", ty, blocks);
     assert_eq!(bytes.len() % 4, 0);
-    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
 }
 
 /// gguf-py's `gguf.quants.quantize` of `values` to `ty`.
