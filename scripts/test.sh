@@ -33,4 +33,5 @@ phase() {
 phase setup-python scripts/setup-python.sh
 phase fetch-models scripts/fetch-models.sh
 phase setup-nvrtc scripts/setup-nvrtc.sh
+phase fetch-vocab-tests scripts/fetch-vocab-tests.sh
 phase "cargo test" cargo test --workspace --locked "$@"
