@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use cudarc::nvrtc::sys as nvrtc;
 use sha2::{Digest, Sha256};
 
+use crate::cubin::cubin_kernels;
 use crate::error::{CudaError, Result};
 use crate::toolkit::{toolkit, Toolkit};
 
@@ -82,9 +83,26 @@ pub struct Compiled {
 }
 
 impl Compiled {
-    /// Each kernel's resources, as ptxas reported them.
+    /// Each kernel's resources, sorted by name: registers and stack frame
+    /// from the CUBIN, spills from ptxas's report when NVRTC passed it on.
     pub fn resources(&self) -> Vec<KernelResources> {
-        KernelResources::parse(&self.log)
+        let reported = KernelResources::parse(&self.log);
+        let Some(kernels) = cubin_kernels(&self.cubin) else {
+            return reported;
+        };
+        kernels
+            .into_iter()
+            .map(|kernel| {
+                let report = reported.iter().find(|r| r.name == kernel.name);
+                KernelResources {
+                    registers: kernel.registers,
+                    stack_bytes: kernel.frame_bytes,
+                    spill_store_bytes: report.and_then(|r| r.spill_store_bytes),
+                    spill_load_bytes: report.and_then(|r| r.spill_load_bytes),
+                    name: kernel.name,
+                }
+            })
+            .collect()
     }
 }
 
@@ -200,14 +218,16 @@ impl Drop for Program {
     }
 }
 
-/// One kernel's resource use as ptxas reports it.
+/// One kernel's resource use.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelResources {
     pub name: String,
     pub registers: u32,
+    /// Per-thread stack frame (local memory, spills included).
     pub stack_bytes: u32,
-    pub spill_store_bytes: u32,
-    pub spill_load_bytes: u32,
+    /// Known only from ptxas's report.
+    pub spill_store_bytes: Option<u32>,
+    pub spill_load_bytes: Option<u32>,
 }
 
 impl KernelResources {
@@ -234,9 +254,8 @@ impl KernelResources {
             } else if let Some(kernel) = kernels.last_mut() {
                 if line.contains("bytes stack frame") {
                     kernel.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
-                    kernel.spill_store_bytes =
-                        number_before(line, "bytes spill stores").unwrap_or(0);
-                    kernel.spill_load_bytes = number_before(line, "bytes spill loads").unwrap_or(0);
+                    kernel.spill_store_bytes = number_before(line, "bytes spill stores");
+                    kernel.spill_load_bytes = number_before(line, "bytes spill loads");
                 } else if line.contains("Used ") && line.contains(" registers") {
                     let used = line.split("Used ").nth(1).unwrap_or_default();
                     kernel.registers = number_before(used, " registers").unwrap_or(0);
@@ -249,14 +268,15 @@ impl KernelResources {
 
 impl fmt::Display for KernelResources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bytes = |b: Option<u32>| b.map_or("?".to_string(), |b| b.to_string());
         write!(
             f,
             "{:<28} {:>4} registers {:>5} B stack {:>5} B spill stores {:>5} B spill loads",
             self.name,
             self.registers,
             self.stack_bytes,
-            self.spill_store_bytes,
-            self.spill_load_bytes
+            bytes(self.spill_store_bytes),
+            bytes(self.spill_load_bytes)
         )
     }
 }
@@ -368,8 +388,8 @@ ptxas info    : Used 7 registers, used 0 barriers, 372 bytes cmem[0]
                     name: "dequantize_q4_k_f16".into(),
                     registers: 30,
                     stack_bytes: 8,
-                    spill_store_bytes: 4,
-                    spill_load_bytes: 12
+                    spill_store_bytes: Some(4),
+                    spill_load_bytes: Some(12),
                 },
                 KernelResources {
                     name: "other".into(),

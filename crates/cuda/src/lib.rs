@@ -10,6 +10,7 @@
 //! compile every kernel on any machine (`scripts/setup-nvrtc.sh` fetches it).
 
 mod compile;
+mod cubin;
 mod dequantize;
 mod device;
 mod error;
@@ -20,6 +21,7 @@ pub use compile::{
     arch_for, compile, compile_options, Compiled, KernelCache, KernelModule, KernelResources,
     ALL_MODULES, DEQUANTIZE, HEADERS, TEST_ARCHES,
 };
+pub use cubin::{cubin_kernels, CubinKernel};
 pub use dequantize::{
     all_kernel_names, kernel_name, Dequantizer, HalfOutput, TYPES as DEQUANTIZE_TYPES,
 };

@@ -272,25 +272,82 @@ fn model_tensors_upload_and_dequantize_bit_exact() {
 fn upload_speed() {
     let device = open_device();
     for path in model_files() {
-        let gguf = GgufFile::open(&path).unwrap();
         let mut rates = Vec::new();
+        let mut bytes = 0;
         for _ in 0..3 {
+            // Opened afresh each time, as a new process would: the mapping starts cold.
+            let gguf = GgufFile::open(&path).unwrap();
             let (weights, report) =
                 cuda::upload_weights(&device, &gguf, &UploadOptions::default()).unwrap();
             rates.push(report.gigabytes_per_second());
+            bytes = report.tensor_bytes;
             drop(weights);
             device.synchronize().unwrap();
         }
+        let first = rates[0];
         rates.sort_by(f64::total_cmp);
         println!(
-            "gpu-check: upload {}: {:.1} MiB, {:.2} GB/s median of 3 ({:.2}..{:.2})",
+            "gpu-check: upload {}: {:.1} MiB, {:.2} GB/s median of 3 ({:.2}..{:.2}, first {:.2})",
             path.file_name().unwrap().to_string_lossy(),
-            gguf.tensor_bytes_total() as f64 / 1048576.0,
+            bytes as f64 / 1048576.0,
             rates[1],
             rates[0],
-            rates[2]
+            rates[2],
+            first
         );
     }
+}
+
+/// Staging layouts compared on the largest model file, each upload from a
+/// freshly opened file (as a new process would see it: page cache warm,
+/// mapping cold).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn upload_staging_sweep() {
+    let device = open_device();
+    let path = largest_model();
+    for (buffers, mib, write_combined) in [
+        (2, 64, true),
+        (2, 16, true),
+        (4, 8, true),
+        (4, 4, true),
+        (8, 2, true),
+        (4, 8, false),
+        (2, 16, false),
+    ] {
+        let options = UploadOptions {
+            staging_buffers: buffers,
+            staging_bytes: mib << 20,
+            write_combined,
+            progress: false,
+            ..Default::default()
+        };
+        let mut reports = Vec::new();
+        for _ in 0..3 {
+            let gguf = GgufFile::open(&path).unwrap();
+            let (weights, report) = cuda::upload_weights(&device, &gguf, &options).unwrap();
+            drop(weights);
+            reports.push(report);
+        }
+        reports.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        let r = &reports[1];
+        println!(
+            "gpu-check: staging {buffers} x {mib:>2} MiB {}: {:.2} GB/s median of 3 (total {:.1} ms = staging {:.1} + fill {:.1} + wait {:.1} + rest)",
+            if write_combined { "write-combined" } else { "plain pinned  " },
+            r.gigabytes_per_second(),
+            r.seconds * 1e3,
+            r.staging_seconds * 1e3,
+            r.fill_seconds * 1e3,
+            r.wait_seconds * 1e3
+        );
+    }
+}
+
+fn largest_model() -> PathBuf {
+    model_files()
+        .into_iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .unwrap()
 }
 
 #[test]

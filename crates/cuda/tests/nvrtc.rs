@@ -4,7 +4,10 @@
 //! unpacks into target/nvrtc (scripts/test.sh runs it), or from a CUDA 13
 //! toolkit ($CUDA_HOME, /usr/local/cuda).
 
-use cuda::{all_kernel_names, compile, toolkit, KernelCache, ALL_MODULES, DEQUANTIZE, TEST_ARCHES};
+use cuda::{
+    all_kernel_names, compile, toolkit, KernelCache, KernelResources, ALL_MODULES, DEQUANTIZE,
+    TEST_ARCHES,
+};
 
 fn require_nvrtc() -> &'static cuda::Toolkit {
     toolkit().unwrap_or_else(|e| {
@@ -38,22 +41,41 @@ fn every_kernel_compiles_for_ampere_and_hopper() {
             let resources = compiled.resources();
             assert!(
                 !resources.is_empty(),
-                "kernels/{}.cu for {arch}: no ptxas report in the log:\n{}",
-                module.name,
-                compiled.log
+                "kernels/{}.cu for {arch}: no kernels in the CUBIN",
+                module.name
             );
+            // ptxas's own report, when NVRTC passes it on, must agree with what the CUBIN says.
+            let reported = KernelResources::parse(&compiled.log);
+            for kernel in &reported {
+                let from_cubin = resources
+                    .iter()
+                    .find(|k| k.name == kernel.name)
+                    .expect("ptxas names a kernel the CUBIN lacks");
+                assert_eq!(
+                    (from_cubin.registers, from_cubin.stack_bytes),
+                    (kernel.registers, kernel.stack_bytes),
+                    "{}: registers and stack from the CUBIN vs ptxas",
+                    kernel.name
+                );
+            }
             println!(
-                "kernels/{}.cu, {arch}: {} bytes of CUBIN",
+                "kernels/{}.cu, {arch}: {} bytes of CUBIN, {} kernels (ptxas report {})",
                 module.name,
-                compiled.cubin.len()
+                compiled.cubin.len(),
+                resources.len(),
+                if reported.is_empty() {
+                    "absent"
+                } else {
+                    "present"
+                }
             );
             for kernel in &resources {
                 println!("  {kernel}");
+                // No local memory: nothing spilled, no array demoted to the stack.
                 assert_eq!(
-                    (kernel.spill_store_bytes, kernel.spill_load_bytes),
-                    (0, 0),
-                    "{} spills registers on {arch}",
-                    kernel.name
+                    kernel.stack_bytes, 0,
+                    "{} uses {} bytes of stack on {arch}",
+                    kernel.name, kernel.stack_bytes
                 );
             }
         }
