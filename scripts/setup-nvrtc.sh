@@ -21,17 +21,26 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "${wheels[*]}" ]]; then
     exit 0
 fi
 
+# The tests' venv (scripts/setup-python.sh) has pip for certain; a bare python3 may not.
+python="${WORKER_ORCD_PYTHON:-$repo/target/pyenv/bin/python}"
+[[ -x "$python" ]] || python=python3
+if ! "$python" -m pip --version >/dev/null 2>&1; then
+    echo "setup-nvrtc: $python has no pip; run scripts/setup-python.sh first or set WORKER_ORCD_PYTHON" >&2
+    exit 1
+fi
+
 download="$dir/.download"
 rm -rf "$dir"
 mkdir -p "$download"
-python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+"$python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d "$download" "${wheels[@]}"
 for wheel in "$download"/*.whl; do
-    python3 -m zipfile -e "$wheel" "$dir"
+    "$python" -m zipfile -e "$wheel" "$dir"
 done
-rm -rf "$download"
+# Only libnvrtc.so.13, its builtins and the headers are used.
+rm -rf "$download" "$dir"/nvidia/cu13/lib/*.a "$dir"/nvidia/cu13/lib/*.alt.*
 test -f "$dir/nvidia/cu13/include/cuda_fp16.h"
 ls "$dir"/nvidia/cu13/lib/libnvrtc.so.* >/dev/null
 echo "${wheels[*]}" > "$stamp"
