@@ -139,7 +139,7 @@ const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
 const KEY_MERGES: &str = "tokenizer.ggml.merges";
 
 /// Token texts llama.cpp recognises as end-of-turn when the metadata names
-/// none, in the order this crate prefers them.
+/// none (the lowest id among those present is taken).
 const EOT_TEXTS: &[&str] = &[
     "<|eot_id|>",
     "<|im_end|>",
@@ -332,7 +332,9 @@ impl Tokenizer {
 
         // Recognise unnamed special tokens by their text and make them
         // control tokens, as llama.cpp does.
-        let find = |texts: &[&str]| texts.iter().find_map(|t| token_to_id.get(*t).copied());
+        // llama.cpp takes the first candidate in its hash map's order; the
+        // lowest id is a fixed rule that agrees with it on the test models.
+        let find = |texts: &[&str]| texts.iter().filter_map(|t| token_to_id.get(*t).copied()).min();
         for (slot, texts) in [
             (&mut eot, EOT_TEXTS),
             (&mut eom, EOM_TEXTS),
