@@ -18,7 +18,8 @@ const MODELS: [(&str, &str); 2] = [
 fn models_dir() -> PathBuf {
     match std::env::var_os("WORKER_ORCD_MODELS") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/worker-orcd/models"),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+            .join(".cache/worker-orcd/models"),
     }
 }
 
@@ -39,7 +40,10 @@ fn encode(c: &mut Criterion) {
             .unwrap_or_else(|e| panic!("{}: {e} (run scripts/fetch-models.sh)", path.display()));
         let tok = Tokenizer::from_gguf(gguf.metadata()).expect("tokenizer");
         let n_tokens = tok.encode(&text, true, true).len();
-        eprintln!("{name}: the prompt is {} bytes, {n_tokens} tokens", text.len());
+        eprintln!(
+            "{name}: the prompt is {} bytes, {n_tokens} tokens",
+            text.len()
+        );
         group.throughput(Throughput::Elements(n_tokens as u64));
         group.bench_function(format!("{name}/prompt_{n_tokens}_tokens"), |b| {
             b.iter(|| tok.encode(std::hint::black_box(&text), true, true))
@@ -50,8 +54,11 @@ fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("from_gguf");
     group.sample_size(10);
     for (name, file) in MODELS {
-        let gguf = gguf::GgufFile::open(models_dir().join(file)).expect("model (run scripts/fetch-models.sh)");
-        group.bench_function(name, |b| b.iter(|| Tokenizer::from_gguf(gguf.metadata()).unwrap()));
+        let gguf = gguf::GgufFile::open(models_dir().join(file))
+            .expect("model (run scripts/fetch-models.sh)");
+        group.bench_function(name, |b| {
+            b.iter(|| Tokenizer::from_gguf(gguf.metadata()).unwrap())
+        });
     }
     group.finish();
 }

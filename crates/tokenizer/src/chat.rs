@@ -87,7 +87,11 @@ impl ChatTemplate {
 
     /// Compile `source`; `bos_token` and `eos_token` are the texts the
     /// template sees under those names.
-    pub fn new(source: impl Into<String>, bos_token: impl Into<String>, eos_token: impl Into<String>) -> Result<Self, TokenizerError> {
+    pub fn new(
+        source: impl Into<String>,
+        bos_token: impl Into<String>,
+        eos_token: impl Into<String>,
+    ) -> Result<Self, TokenizerError> {
         let source = source.into();
         let mut env = Environment::new();
         env.set_trim_blocks(true);
@@ -113,8 +117,16 @@ impl ChatTemplate {
 
     /// Render a conversation; with `add_generation_prompt` the text ends
     /// where the assistant's reply begins.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, TokenizerError> {
-        self.render_value(Value::from_serialize(messages), Value::from(()), add_generation_prompt)
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        self.render_value(
+            Value::from_serialize(messages),
+            Value::from(()),
+            add_generation_prompt,
+        )
     }
 
     /// Render messages of any shape (tool calls, content parts) and an
@@ -126,10 +138,19 @@ impl ChatTemplate {
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
         let tools = tools.map_or(Value::from(()), Value::from_serialize);
-        self.render_value(Value::from_serialize(messages), tools, add_generation_prompt)
+        self.render_value(
+            Value::from_serialize(messages),
+            tools,
+            add_generation_prompt,
+        )
     }
 
-    fn render_value(&self, messages: Value, tools: Value, add_generation_prompt: bool) -> Result<String, TokenizerError> {
+    fn render_value(
+        &self,
+        messages: Value,
+        tools: Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -145,7 +166,9 @@ impl ChatTemplate {
             function_call => (),
             tool_choice => (),
         };
-        template.render(ctx).map_err(|e| TokenizerError::Template(describe(&e)))
+        template
+            .render(ctx)
+            .map_err(|e| TokenizerError::Template(describe(&e)))
     }
 }
 
@@ -163,7 +186,10 @@ fn describe(e: &Error) -> String {
 
 /// `raise_exception(message)`: templates call it to reject a conversation.
 fn raise_exception(message: String) -> Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, format!("the template raised an exception: {message}")))
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("the template raised an exception: {message}"),
+    ))
 }
 
 /// `tojson` as Python's `json.dumps` writes it, which is what
@@ -177,14 +203,24 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
         Some(v) => match v.kind() {
             ValueKind::Number => Some(" ".repeat(i64::try_from(v)?.max(0) as usize)),
             ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
-            _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be a number or a string")),
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be a number or a string",
+                ))
+            }
         },
     };
     let ensure_ascii = kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false);
     let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
     let (item_sep, key_sep) = match kwargs.get::<Option<Vec<String>>>("separators")? {
         Some(seps) if seps.len() == 2 => (seps[0].clone(), seps[1].clone()),
-        Some(_) => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be two strings")),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be two strings",
+            ))
+        }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
@@ -227,7 +263,9 @@ impl JsonWriter {
             ValueKind::String => self.write_str(value.as_str().unwrap_or_default(), out),
             ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<Value> = value.try_iter()?.collect();
-                self.write_container('[', ']', items.len(), depth, out, |i, out| self.write(&items[i], depth + 1, out))?;
+                self.write_container('[', ']', items.len(), depth, out, |i, out| {
+                    self.write(&items[i], depth + 1, out)
+                })?;
             }
             ValueKind::Map => {
                 let mut keys: Vec<Value> = value.try_iter()?.collect();
@@ -311,7 +349,11 @@ fn python_float(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     let abs = f.abs();
     if abs != 0.0 && !(1e-4..1e16).contains(&abs) {
@@ -329,13 +371,20 @@ fn python_float(f: f64) -> String {
 mod tests {
     use super::*;
 
-    fn render(source: &str, messages: &[Message], generation: bool) -> Result<String, TokenizerError> {
+    fn render(
+        source: &str,
+        messages: &[Message],
+        generation: bool,
+    ) -> Result<String, TokenizerError> {
         ChatTemplate::new(source, "<s>", "</s>")?.render(messages, generation)
     }
 
     #[test]
     fn chatml_renders() {
-        let msgs = [Message::new("system", "Be brief."), Message::new("user", "Hi")];
+        let msgs = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+        ];
         assert_eq!(
             render(CHATML, &msgs, true).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -351,22 +400,42 @@ mod tests {
 
     #[test]
     fn broken_templates_are_errors() {
-        assert!(matches!(ChatTemplate::new("{% for %}", "", ""), Err(TokenizerError::Template(_))));
-        let err = render("{{ messages[0].content.nope() }}", &[Message::new("user", "x")], false).unwrap_err();
+        assert!(matches!(
+            ChatTemplate::new("{% for %}", "", ""),
+            Err(TokenizerError::Template(_))
+        ));
+        let err = render(
+            "{{ messages[0].content.nope() }}",
+            &[Message::new("user", "x")],
+            false,
+        )
+        .unwrap_err();
         assert!(matches!(err, TokenizerError::Template(_)), "{err}");
     }
 
     #[test]
     fn python_string_methods_work() {
-        let out = render("{{ messages[0].content.strip().upper() }}", &[Message::new("user", "  hi ")], false).unwrap();
+        let out = render(
+            "{{ messages[0].content.strip().upper() }}",
+            &[Message::new("user", "  hi ")],
+            false,
+        )
+        .unwrap();
         assert_eq!(out, "HI");
     }
 
     #[test]
     fn tojson_matches_python_json_dumps() {
-        let t = ChatTemplate::new("{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}", "", "").unwrap();
+        let t = ChatTemplate::new(
+            "{{ tools | tojson }}|{{ tools[0] | tojson(indent=2) }}",
+            "",
+            "",
+        )
+        .unwrap();
         let tools = serde_json::json!([{"name": "f", "n": [1, 2.5, true, null], "s": "é\"\n"}]);
-        let out = t.render_json(&serde_json::json!([]), Some(&tools), false).unwrap();
+        let out = t
+            .render_json(&serde_json::json!([]), Some(&tools), false)
+            .unwrap();
         assert_eq!(
             out,
             "[{\"name\": \"f\", \"n\": [1, 2.5, true, null], \"s\": \"é\\\"\\n\"}]|{\n  \"name\": \"f\",\n  \"n\": [\n    1,\n    2.5,\n    true,\n    null\n  ],\n  \"s\": \"é\\\"\\n\"\n}"

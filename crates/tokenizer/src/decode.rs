@@ -90,7 +90,7 @@ fn clean_up_spaces(text: &mut Vec<u8>) {
                 total -= 1;
             } else if x1 != b't' && x1 != b'd' && i + 2 < len {
                 let x2 = text[i + 2];
-                if (x1 == b'r' && x2 == b'e') || (x1 == b'v' && x2 == b'e') {
+                if (x1 == b'r' || x1 == b'v') && x2 == b'e' {
                     total -= 1;
                 }
             }
@@ -126,7 +126,8 @@ impl StreamDecoder {
 
     /// Add one token; returns the text that is now complete, if any.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Option<String> {
-        self.pending.extend_from_slice(tokenizer.token_to_piece(id, self.special));
+        self.pending
+            .extend_from_slice(tokenizer.token_to_piece(id, self.special));
         let mut out = String::new();
         loop {
             match std::str::from_utf8(&self.pending) {
@@ -137,7 +138,9 @@ impl StreamDecoder {
                 }
                 Err(e) => {
                     let valid = e.valid_up_to();
-                    out.push_str(std::str::from_utf8(&self.pending[..valid]).expect("validated prefix"));
+                    out.push_str(
+                        std::str::from_utf8(&self.pending[..valid]).expect("validated prefix"),
+                    );
                     match e.error_len() {
                         // An incomplete character at the end: wait for more bytes.
                         None => {
@@ -183,7 +186,10 @@ mod tests {
     fn clean_up_matches_llama_cpp_rules() {
         assert_eq!(clean("Hello , world !"), "Hello, world!");
         assert_eq!(clean("it ' s"), "it's");
-        assert_eq!(clean("I 'm you 're we 've he 'd don 't"), "I'm you're we've he 'd don 't");
+        assert_eq!(
+            clean("I 'm you 're we 've he 'd don 't"),
+            "I'm you're we've he 'd don 't"
+        );
         assert_eq!(clean(""), "");
         assert_eq!(clean(" ."), ".");
     }

@@ -61,7 +61,12 @@ impl Tokenizer {
                         Fragment::Text(range) => {
                             let text = &text[range.clone()];
                             if self.escape_whitespaces {
-                                self.bpe_encode(bpe, &text.replace(' ', "\u{2581}"), &mut session, &mut out);
+                                self.bpe_encode(
+                                    bpe,
+                                    &text.replace(' ', "\u{2581}"),
+                                    &mut session,
+                                    &mut out,
+                                );
                             } else {
                                 self.bpe_encode(bpe, text, &mut session, &mut out);
                             }
@@ -126,7 +131,8 @@ impl Tokenizer {
                     next.push(Fragment::Token(id));
                     range.start = at + needle.len();
                     if a & attr::RSTRIP != 0 {
-                        while range.start < range.end && bytes[range.start].is_ascii_whitespace_c() {
+                        while range.start < range.end && bytes[range.start].is_ascii_whitespace_c()
+                        {
                             range.start += 1;
                         }
                     }
@@ -153,30 +159,38 @@ impl Tokenizer {
                 len: c.len_utf8() as u32,
                 piece: NO_PIECE,
                 prev: i as i32 - 1,
-                next: if start + c.len_utf8() == text.len() { -1 } else { i as i32 + 1 },
+                next: if start + c.len_utf8() == text.len() {
+                    -1
+                } else {
+                    i as i32 + 1
+                },
             });
         }
         let mut queue = BinaryHeap::new();
-        let try_add = |queue: &mut BinaryHeap<SpmBigram>, symbols: &[Symbol], left: i32, right: i32| {
-            if left < 0 || right < 0 {
-                return;
-            }
-            let (l, r) = (&symbols[left as usize], &symbols[right as usize]);
-            let merged = &text[l.start as usize..(r.start + r.len) as usize];
-            if let Some(&id) = self.token_to_id.get(merged) {
-                queue.push(SpmBigram {
-                    score: self.scores[id as usize],
-                    left,
-                    right,
-                    size: merged.len() as u32,
-                });
-            }
-        };
+        let try_add =
+            |queue: &mut BinaryHeap<SpmBigram>, symbols: &[Symbol], left: i32, right: i32| {
+                if left < 0 || right < 0 {
+                    return;
+                }
+                let (l, r) = (&symbols[left as usize], &symbols[right as usize]);
+                let merged = &text[l.start as usize..(r.start + r.len) as usize];
+                if let Some(&id) = self.token_to_id.get(merged) {
+                    queue.push(SpmBigram {
+                        score: self.scores[id as usize],
+                        left,
+                        right,
+                        size: merged.len() as u32,
+                    });
+                }
+            };
         for i in 1..symbols.len() as i32 {
             try_add(&mut queue, &symbols, i - 1, i);
         }
         while let Some(bigram) = queue.pop() {
-            let (l, r) = (symbols[bigram.left as usize], symbols[bigram.right as usize]);
+            let (l, r) = (
+                symbols[bigram.left as usize],
+                symbols[bigram.right as usize],
+            );
             // Skip pairs outdated by an earlier merge.
             if l.len == 0 || r.len == 0 || l.len + r.len != bigram.size {
                 continue;
@@ -211,7 +225,13 @@ impl Tokenizer {
     fn spm_byte_token(&self, b: u8) -> Option<u32> {
         self.token_to_id
             .get(format!("<0x{b:02X}>").as_str())
-            .or_else(|| if b.is_ascii() { self.token_to_id.get(char::from(b).to_string().as_str()) } else { None })
+            .or_else(|| {
+                if b.is_ascii() {
+                    self.token_to_id.get(char::from(b).to_string().as_str())
+                } else {
+                    None
+                }
+            })
             .copied()
     }
 
@@ -240,8 +260,17 @@ impl Tokenizer {
     /// Merge one word (llama.cpp's `llm_tokenizer_bpe_session::tokenize`):
     /// start from its characters and repeatedly apply the lowest-ranked merge
     /// among adjacent pairs, leftmost first on ties.
-    fn bpe_word(&self, bpe: &Bpe, word: &str, raw: &[u8], session: &mut BpeSession, out: &mut Vec<u32>) {
-        if bpe.pre.ignore_merges || (bpe.pre.newline_words_whole && word.bytes().all(|b| b == b'\n')) {
+    fn bpe_word(
+        &self,
+        bpe: &Bpe,
+        word: &str,
+        raw: &[u8],
+        session: &mut BpeSession,
+        out: &mut Vec<u32>,
+    ) {
+        if bpe.pre.ignore_merges
+            || (bpe.pre.newline_words_whole && word.bytes().all(|b| b == b'\n'))
+        {
             if let Some(&id) = self.token_to_id.get(word) {
                 out.push(id);
                 return;
@@ -279,29 +308,33 @@ impl Tokenizer {
         }
         let queue = &mut session.queue;
         queue.clear();
-        let try_add = |queue: &mut BinaryHeap<BpeBigram>, symbols: &[Symbol], left: i32, right: i32| {
-            if left < 0 || right < 0 {
-                return;
-            }
-            let (l, r) = (&symbols[left as usize], &symbols[right as usize]);
-            if l.piece == NO_PIECE || r.piece == NO_PIECE {
-                return;
-            }
-            if let Some(&(rank, merged)) = bpe.merges.get(&(l.piece, r.piece)) {
-                queue.push(BpeBigram {
-                    rank,
-                    left,
-                    right,
-                    size: l.len + r.len,
-                    merged,
-                });
-            }
-        };
+        let try_add =
+            |queue: &mut BinaryHeap<BpeBigram>, symbols: &[Symbol], left: i32, right: i32| {
+                if left < 0 || right < 0 {
+                    return;
+                }
+                let (l, r) = (&symbols[left as usize], &symbols[right as usize]);
+                if l.piece == NO_PIECE || r.piece == NO_PIECE {
+                    return;
+                }
+                if let Some(&(rank, merged)) = bpe.merges.get(&(l.piece, r.piece)) {
+                    queue.push(BpeBigram {
+                        rank,
+                        left,
+                        right,
+                        size: l.len + r.len,
+                        merged,
+                    });
+                }
+            };
         for i in 1..symbols.len() as i32 {
             try_add(queue, symbols, i - 1, i);
         }
         while let Some(bigram) = queue.pop() {
-            let (l, r) = (symbols[bigram.left as usize], symbols[bigram.right as usize]);
+            let (l, r) = (
+                symbols[bigram.left as usize],
+                symbols[bigram.right as usize],
+            );
             // Skip pairs outdated by an earlier merge: symbols only grow, so
             // an unchanged total length means both halves are unchanged.
             if l.len == 0 || r.len == 0 || l.len + r.len != bigram.size {
@@ -325,16 +358,21 @@ impl Tokenizer {
                 continue;
             }
             // Not a token: fall back to the symbol's bytes one by one, as llama.cpp does.
-            let text = &word.as_bytes()[symbol.start as usize..(symbol.start + symbol.len) as usize];
+            let text =
+                &word.as_bytes()[symbol.start as usize..(symbol.start + symbol.len) as usize];
             for &b in text {
                 let id = if bpe.pre.byte_encode {
                     if b.is_ascii() {
-                        self.token_to_id.get(char::from(b).to_string().as_str()).copied()
+                        self.token_to_id
+                            .get(char::from(b).to_string().as_str())
+                            .copied()
                     } else {
                         None
                     }
                 } else {
-                    self.token_to_id.get(format!("<0x{b:02X}>").as_str()).copied()
+                    self.token_to_id
+                        .get(format!("<0x{b:02X}>").as_str())
+                        .copied()
                 };
                 out.extend(id);
             }
@@ -401,7 +439,9 @@ struct SpmBigram {
 
 impl Ord for SpmBigram {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score.total_cmp(&other.score).then(other.left.cmp(&self.left))
+        self.score
+            .total_cmp(&other.score)
+            .then(other.left.cmp(&self.left))
     }
 }
 impl PartialOrd for SpmBigram {

@@ -80,7 +80,8 @@ fn collapse_pattern(pattern: &str) -> String {
         if let Some(after) = rest.strip_prefix(r"\p{") {
             if let Some(close) = after.find('}') {
                 let name = &after[..close];
-                if let Some(&(_, _, code, ascii)) = CATEGORY_CODES.iter().find(|(n, ..)| *n == name) {
+                if let Some(&(_, _, code, ascii)) = CATEGORY_CODES.iter().find(|(n, ..)| *n == name)
+                {
                     let items = format!(r"\x{code:02X}{ascii}");
                     if inside {
                         out.push_str(&items);
@@ -169,9 +170,11 @@ impl PreTokenizer {
                 collapsed(r"\p{N}+"),
                 collapsed("[0-9][0-9][0-9]"),
             ],
-            "gpt-2" | "phi-2" | "mpt" | "olmo" | "exaone4" | "mellum" | "gigachat" | "a.x-4.0" => vec![Step::Gpt2],
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-            | "jina-v5-nano" => {
+            "gpt-2" | "phi-2" | "mpt" | "olmo" | "exaone4" | "mellum" | "gigachat" | "a.x-4.0" => {
+                vec![Step::Gpt2]
+            }
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
+            | "midm-2.0" | "lfm2" | "jina-v5-nano" => {
                 pre.ignore_merges = true;
                 pre.add_bos = true;
                 vec![Step::Llama3]
@@ -186,12 +189,18 @@ impl PreTokenizer {
                 pre.clean_spaces = false;
                 vec![Step::Qwen35]
             }
-            "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => starcoder(),
+            "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => {
+                starcoder()
+            }
             "smollm" | "command-r" => {
                 pre.clean_spaces = false;
                 starcoder()
             }
-            "falcon" => vec![collapsed(r"[\p{P}\$\+<=>\^~\|`]+"), Step::Gpt2, collapsed("[0-9][0-9][0-9]")],
+            "falcon" => vec![
+                collapsed(r"[\p{P}\$\+<=>\^~\|`]+"),
+                Step::Gpt2,
+                collapsed("[0-9][0-9][0-9]"),
+            ],
             "deepseek-coder" => {
                 pre.clean_spaces = false;
                 vec![
@@ -207,7 +216,9 @@ impl PreTokenizer {
                 vec![
                     wide("[\r\n]"),
                     wide(DEEPSEEK_LETTERS),
-                    wide(r"\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}]+"),
+                    wide(
+                        r"\s?[!-/:-~\x{FF01}-\x{FF0F}\x{FF1A}-\x{FF5E}\x{2018}-\x{201F}\x{3000}-\x{3002}]+",
+                    ),
                     wide(r"\s+$"),
                     wide(CJK_RUNS),
                     collapsed(r"\p{N}+"),
@@ -236,7 +247,8 @@ impl PreTokenizer {
         }
         let cpts: Vec<u32> = text.chars().map(u32::from).collect();
         // Pieces as code point ranges; each step cuts every piece further.
-        let mut pieces = vec![0..cpts.len()];
+        let mut pieces: Vec<Range<usize>> = Vec::with_capacity(cpts.len() / 4 + 1);
+        pieces.push(0..cpts.len());
         let mut next = Vec::new();
         let mut collapsed_text: Option<Vec<u8>> = None;
         for step in &self.steps {
@@ -245,7 +257,9 @@ impl PreTokenizer {
                 let (start, end) = (piece.start, piece.end);
                 match step {
                     Step::Gpt2 => split_gpt2(&cpts, start, end, &mut next),
-                    Step::Llama3 => split_llama3(&cpts, start, end, Digits::UpToThree, false, &mut next),
+                    Step::Llama3 => {
+                        split_llama3(&cpts, start, end, Digits::UpToThree, false, &mut next)
+                    }
                     Step::Qwen2 => split_llama3(&cpts, start, end, Digits::One, false, &mut next),
                     Step::Qwen35 => split_llama3(&cpts, start, end, Digits::One, true, &mut next),
                     Step::Newlines => split_newlines(&cpts, start, end, &mut next),
@@ -263,7 +277,12 @@ impl PreTokenizer {
         let mut byte_at = Vec::with_capacity(cpts.len() + 1);
         byte_at.extend(text.char_indices().map(|(i, _)| i));
         byte_at.push(text.len());
-        words.extend(pieces.into_iter().filter(|p| !p.is_empty()).map(|p| byte_at[p.start]..byte_at[p.end]));
+        words.extend(
+            pieces
+                .into_iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| byte_at[p.start]..byte_at[p.end]),
+        );
     }
 }
 
@@ -290,7 +309,12 @@ fn collapse_text(cpts: &[u32]) -> Vec<u8> {
 /// Emit the matches of one piece and the text between them as pieces
 /// (llama.cpp's `unicode_regex_split_stl`). Ranges are relative to `start`
 /// and count code points (one byte each in the collapsed text).
-fn cut_at_matches(start: usize, end: usize, matches: impl Iterator<Item = Range<usize>>, out: &mut Vec<Range<usize>>) {
+fn cut_at_matches(
+    start: usize,
+    end: usize,
+    matches: impl Iterator<Item = Range<usize>>,
+    out: &mut Vec<Range<usize>>,
+) {
     let mut done = start;
     for m in matches {
         let (m_start, m_end) = (start + m.start, start + m.end);
@@ -309,7 +333,13 @@ fn cut_at_matches(start: usize, end: usize, matches: impl Iterator<Item = Range<
 
 /// A regex without categories runs on the code points, with non-ASCII
 /// whitespace replaced by a vertical tab as llama.cpp does for `std::wregex`.
-fn split_wide(re: &regex::Regex, cpts: &[u32], start: usize, end: usize, out: &mut Vec<Range<usize>>) {
+fn split_wide(
+    re: &regex::Regex,
+    cpts: &[u32],
+    start: usize,
+    end: usize,
+    out: &mut Vec<Range<usize>>,
+) {
     let mut text = String::with_capacity(end - start);
     let mut cp_at_byte = Vec::with_capacity(end - start);
     for (i, &cp) in cpts[start..end].iter().enumerate() {
@@ -324,7 +354,9 @@ fn split_wide(re: &regex::Regex, cpts: &[u32], start: usize, end: usize, out: &m
         text.push(c);
     }
     cp_at_byte.push(end - start);
-    let matches = re.find_iter(&text).map(|m| cp_at_byte[m.start()]..cp_at_byte[m.end()]);
+    let matches = re
+        .find_iter(&text)
+        .map(|m| cp_at_byte[m.start()]..cp_at_byte[m.end()]);
     cut_at_matches(start, end, matches, out);
 }
 
@@ -350,14 +382,20 @@ impl Window<'_> {
         }
         let lower = |p: usize| {
             let cp = self.cpt(p).unwrap_or(u32::MAX);
-            let cp = if ignore_case { unicode::to_lower_ascii(cp) } else { cp };
+            let cp = if ignore_case {
+                unicode::to_lower_ascii(cp)
+            } else {
+                cp
+            };
             char::from_u32(cp).unwrap_or('\0')
         };
         let next = lower(pos + 1);
         if matches!(next, 's' | 't' | 'm' | 'd') {
             return Some(2);
         }
-        if pos + 2 < self.end && matches!((next, lower(pos + 2)), ('r', 'e') | ('v', 'e') | ('l', 'l')) {
+        if pos + 2 < self.end
+            && matches!((next, lower(pos + 2)), ('r', 'e') | ('v', 'e') | ('l', 'l'))
+        {
             return Some(3);
         }
         None
@@ -441,7 +479,14 @@ enum Digits {
 
 /// llama.cpp's `unicode_regex_split_custom_llama3`, `_qwen2` and `_qwen35`,
 /// which differ in how digits group and whether letter runs take marks.
-fn split_llama3(cpts: &[u32], start: usize, end: usize, digits: Digits, marks: bool, out: &mut Vec<Range<usize>>) {
+fn split_llama3(
+    cpts: &[u32],
+    start: usize,
+    end: usize,
+    digits: Digits,
+    marks: bool,
+    out: &mut Vec<Range<usize>>,
+) {
     let w = Window { cpts, start, end };
     let mut prev_end = start;
     let mut add = |to: usize, out: &mut Vec<Range<usize>>| {
@@ -568,13 +613,19 @@ mod tests {
 
     #[test]
     fn gpt2_keeps_one_space_with_the_next_word() {
-        assert_eq!(words("gpt-2", "Hello  world's 123!!"), ["Hello", " ", " world", "'s", " 123", "!!"]);
+        assert_eq!(
+            words("gpt-2", "Hello  world's 123!!"),
+            ["Hello", " ", " world", "'s", " 123", "!!"]
+        );
         assert_eq!(words("gpt-2", "a   "), ["a", "   "]);
     }
 
     #[test]
     fn llama3_groups_digits_by_three() {
-        assert_eq!(words("llama-bpe", "1234567 I'M\n\n x"), ["123", "456", "7", " I", "'M", "\n\n", " x"]);
+        assert_eq!(
+            words("llama-bpe", "1234567 I'M\n\n x"),
+            ["123", "456", "7", " I", "'M", "\n\n", " x"]
+        );
     }
 
     #[test]
@@ -589,13 +640,21 @@ mod tests {
 
     #[test]
     fn collapsed_patterns_use_category_bytes() {
-        assert_eq!(collapse_pattern(r"[^\s\p{L}]?\p{N}+"), r"(?-u)[^\s\xD2A-Za-z]?[\xD10-9]+");
-        assert_eq!(words("default", "a,b  12345"), ["a", ",", "b", " ", " ", "123", "45"]);
+        assert_eq!(
+            collapse_pattern(r"[^\s\p{L}]?\p{N}+"),
+            r"(?-u)[^\s\xD2A-Za-z]?[\xD10-9]+"
+        );
+        assert_eq!(
+            words("default", "a,b  12345"),
+            ["a", ",", "b", " ", " ", "123", "45"]
+        );
     }
 
     #[test]
     fn unknown_pre_tokenizer_is_an_error() {
-        let err = PreTokenizer::from_name("no-such-thing").unwrap_err().to_string();
+        let err = PreTokenizer::from_name("no-such-thing")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no-such-thing"), "{err}");
     }
 }

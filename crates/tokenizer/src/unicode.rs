@@ -108,7 +108,9 @@ pub(crate) fn to_lower_ascii(cp: u32) -> u32 {
 pub(crate) fn byte_to_char_table() -> &'static [char; 256] {
     static TABLE: OnceLock<[char; 256]> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable = |b: u32| {
+            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+        };
         let mut table = ['\0'; 256];
         let mut shifted = 0;
         for b in 0..256u32 {

@@ -154,14 +154,44 @@ const EOT_TEXTS: &[&str] = &[
     "<end_of_utterance>",
 ];
 const EOM_TEXTS: &[&str] = &["<|eom_id|>"];
-const FIM_PRE_TEXTS: &[&str] =
-    &["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>"];
-const FIM_SUF_TEXTS: &[&str] =
-    &["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>"];
-const FIM_MID_TEXTS: &[&str] =
-    &["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>"];
+const FIM_PRE_TEXTS: &[&str] = &[
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<｜fim▁begin｜>",
+    "<PRE>",
+    "▁<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
+];
+const FIM_SUF_TEXTS: &[&str] = &[
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<｜fim▁hole｜>",
+    "<SUF>",
+    "▁<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
+];
+const FIM_MID_TEXTS: &[&str] = &[
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<｜fim▁end｜>",
+    "<MID>",
+    "▁<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
+];
 const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
-const FIM_REP_TEXTS: &[&str] = &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
+const FIM_REP_TEXTS: &[&str] = &[
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+];
 const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
 /// Token texts that end generation whatever the metadata says (llama.cpp's list).
 const EOG_TEXTS: &[&str] = &[
@@ -235,8 +265,16 @@ impl Tokenizer {
             }
             "gpt2" | "gemma4" => {
                 kind = VocabKind::Bpe;
-                let p = PreTokenizer::from_name(if model == "gemma4" { "gemma4" } else { pre_name })?;
-                (bos, eos, unk) = if model == "gemma4" { (None, None, None) } else { (Some(11), Some(11), None) };
+                let p = PreTokenizer::from_name(if model == "gemma4" {
+                    "gemma4"
+                } else {
+                    pre_name
+                })?;
+                (bos, eos, unk) = if model == "gemma4" {
+                    (None, None, None)
+                } else {
+                    (Some(11), Some(11), None)
+                };
                 add_bos = p.add_bos;
                 add_space_prefix = false;
                 clean_spaces = p.clean_spaces;
@@ -257,7 +295,10 @@ impl Tokenizer {
         let raw_tokens = meta.get_string_array(KEY_TOKENS)?;
         let n_tokens = raw_tokens.len();
         if n_tokens == 0 {
-            return Err(TokenizerError::invalid(KEY_TOKENS, "the vocabulary is empty"));
+            return Err(TokenizerError::invalid(
+                KEY_TOKENS,
+                "the vocabulary is empty",
+            ));
         }
         if n_tokens > MAX_TOKENS {
             return Err(TokenizerError::invalid(
@@ -270,7 +311,11 @@ impl Tokenizer {
         let mut tokens = Vec::with_capacity(n_tokens);
         let mut token_to_id = HashMap::with_capacity_and_hasher(n_tokens, FxBuild);
         for (i, text) in raw_tokens.iter().enumerate() {
-            let text = if text.is_empty() { format!("[EMPTY_{i}]") } else { text.clone() };
+            let text = if text.is_empty() {
+                format!("[EMPTY_{i}]")
+            } else {
+                text.clone()
+            };
             if let Some(first) = token_to_id.insert(text.clone(), i as u32) {
                 return Err(TokenizerError::invalid(
                     KEY_TOKENS,
@@ -334,7 +379,12 @@ impl Tokenizer {
         // control tokens, as llama.cpp does.
         // llama.cpp takes the first candidate in its hash map's order; the
         // lowest id is a fixed rule that agrees with it on the test models.
-        let find = |texts: &[&str]| texts.iter().filter_map(|t| token_to_id.get(*t).copied()).min();
+        let find = |texts: &[&str]| {
+            texts
+                .iter()
+                .filter_map(|t| token_to_id.get(*t).copied())
+                .min()
+        };
         for (slot, texts) in [
             (&mut eot, EOT_TEXTS),
             (&mut eom, EOM_TEXTS),
@@ -377,7 +427,8 @@ impl Tokenizer {
         eog.dedup();
         let eog_has = |eog: &[u32], text: &str| eog.iter().any(|&id| tokens[id as usize] == text);
         // gpt-oss and solar-open: `<|end|>` ends a message, not the generation.
-        if (eog_has(&eog, "<|return|>") && eog_has(&eog, "<|call|>") || eog_has(&eog, "<|calls|>") && eog_has(&eog, "<|flush|>"))
+        if (eog_has(&eog, "<|return|>") && eog_has(&eog, "<|call|>")
+            || eog_has(&eog, "<|calls|>") && eog_has(&eog, "<|flush|>"))
             && eog_has(&eog, "<|end|>")
         {
             let end = token_to_id["<|end|>"];
@@ -385,21 +436,35 @@ impl Tokenizer {
             attrs[end as usize] = attr::USER_DEFINED;
         }
         // Gemma 4 and PLaMo-2: `</s>` is an ordinary token.
-        if (eog_has(&eog, "<|tool_response>") || eog_has(&eog, "<|plamo:eos|>")) && eog_has(&eog, "</s>") {
+        if (eog_has(&eog, "<|tool_response>") || eog_has(&eog, "<|plamo:eos|>"))
+            && eog_has(&eog, "</s>")
+        {
             let s = token_to_id["</s>"];
             eog.retain(|&id| id != s);
             attrs[s as usize] = attr::NORMAL;
         }
 
         let mut special_order: Vec<u32> = (0..n_tokens as u32)
-            .filter(|&id| attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0)
+            .filter(|&id| {
+                attrs[id as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0
+            })
             .collect();
-        special_order.sort_by(|&a, &b| tokens[b as usize].len().cmp(&tokens[a as usize].len()).then(a.cmp(&b)));
+        special_order.sort_by(|&a, &b| {
+            tokens[b as usize]
+                .len()
+                .cmp(&tokens[a as usize].len())
+                .then(a.cmp(&b))
+        });
         let special_search = if special_order.is_empty() {
             None
         } else {
-            let patterns = special_order.iter().map(|&id| tokens[id as usize].as_bytes());
-            Some(AhoCorasick::new(patterns).map_err(|e| TokenizerError::invalid(KEY_TOKENS, e.to_string()))?)
+            let patterns = special_order
+                .iter()
+                .map(|&id| tokens[id as usize].as_bytes());
+            Some(
+                AhoCorasick::new(patterns)
+                    .map_err(|e| TokenizerError::invalid(KEY_TOKENS, e.to_string()))?,
+            )
         };
 
         let pieces = tokens
@@ -410,7 +475,11 @@ impl Tokenizer {
             .collect::<Result<Vec<_>, _>>()?;
 
         // Phi-3 strips whitespace after its special tokens (by model name, as llama.cpp does).
-        let name = meta.get("general.name").and_then(Value::as_str).unwrap_or("").to_lowercase();
+        let name = meta
+            .get("general.name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_lowercase();
         if name.contains("phi-3") || name.contains("phi3") {
             for &id in &special_order {
                 attrs[id as usize] |= attr::RSTRIP;
@@ -509,7 +578,9 @@ impl Tokenizer {
 
     /// Whether `id` is a control token (rendered only when decoding with `special`).
     pub fn is_control(&self, id: u32) -> bool {
-        self.attrs.get(id as usize).is_some_and(|a| a & attr::CONTROL != 0)
+        self.attrs
+            .get(id as usize)
+            .is_some_and(|a| a & attr::CONTROL != 0)
     }
 
     /// The token's text as stored in the vocabulary (GPT-2 byte characters,
@@ -526,7 +597,10 @@ impl Tokenizer {
 
 /// BOS and EOS ids as [`Tokenizer::from_gguf`] resolves them: the metadata's,
 /// else llama.cpp's default for the tokenizer model if inside the vocabulary.
-pub(crate) fn bos_eos_ids(meta: &Metadata, n_tokens: usize) -> Result<(Option<u32>, Option<u32>), TokenizerError> {
+pub(crate) fn bos_eos_ids(
+    meta: &Metadata,
+    n_tokens: usize,
+) -> Result<(Option<u32>, Option<u32>), TokenizerError> {
     let (bos, eos) = match meta.get(KEY_MODEL).and_then(Value::as_str) {
         Some("llama") => (Some(1), Some(2)),
         Some("gpt2") => (Some(11), Some(11)),
@@ -545,7 +619,10 @@ pub(crate) fn bos_eos_ids(meta: &Metadata, n_tokens: usize) -> Result<(Option<u3
         }
         Ok(Some(id))
     };
-    Ok((resolve("tokenizer.ggml.bos_token_id", bos)?, resolve("tokenizer.ggml.eos_token_id", eos)?))
+    Ok((
+        resolve("tokenizer.ggml.bos_token_id", bos)?,
+        resolve("tokenizer.ggml.eos_token_id", eos)?,
+    ))
 }
 
 fn read_scores(meta: &Metadata, n_tokens: usize) -> Result<Vec<f32>, TokenizerError> {
@@ -556,7 +633,10 @@ fn read_scores(meta: &Metadata, n_tokens: usize) -> Result<Vec<f32>, TokenizerEr
         Some(v) => {
             return Err(TokenizerError::invalid(
                 KEY_SCORES,
-                format!("expected an array of f32 or i32, found {}", v.type_description()),
+                format!(
+                    "expected an array of f32 or i32, found {}",
+                    v.type_description()
+                ),
             ))
         }
     };
@@ -619,7 +699,12 @@ fn build_bpe(
     for (rank, line) in lines.iter().enumerate() {
         // The separator is the first space after the first byte, so a left
         // half may itself start with a space.
-        let split = line.as_bytes().iter().skip(1).position(|&b| b == b' ').map(|i| i + 1);
+        let split = line
+            .as_bytes()
+            .iter()
+            .skip(1)
+            .position(|&b| b == b' ')
+            .map(|i| i + 1);
         let Some(split) = split else {
             return Err(TokenizerError::invalid(
                 KEY_MERGES,
@@ -628,7 +713,10 @@ fn build_bpe(
         };
         let (left, right) = (&line[..split], &line[split + 1..]);
         if right.is_empty() {
-            return Err(TokenizerError::invalid(KEY_MERGES, format!("entry {rank} ({line:?}) has an empty right half")));
+            return Err(TokenizerError::invalid(
+                KEY_MERGES,
+                format!("entry {rank} ({line:?}) has an empty right half"),
+            ));
         }
         let key = (intern(left), intern(right));
         let merged = intern(&format!("{left}{right}"));
@@ -641,7 +729,11 @@ fn build_bpe(
         let mut buf = [0u8; 4];
         for (b, c) in unicode::byte_to_char_table().iter().enumerate() {
             let text: &str = c.encode_utf8(&mut buf);
-            byte_pieces[b] = token_to_id.get(text).or_else(|| extra.get(text)).copied().unwrap_or(NO_PIECE);
+            byte_pieces[b] = token_to_id
+                .get(text)
+                .or_else(|| extra.get(text))
+                .copied()
+                .unwrap_or(NO_PIECE);
         }
     } else {
         let single_char = |text: &str| {
@@ -667,12 +759,22 @@ fn build_bpe(
 
 /// What token `id` decodes to with special tokens rendered (llama.cpp's
 /// `token_to_piece(special = true)`).
-fn piece_of(kind: VocabKind, escape_whitespaces: bool, id: usize, text: &str, a: u16) -> Result<Box<[u8]>, TokenizerError> {
+fn piece_of(
+    kind: VocabKind,
+    escape_whitespaces: bool,
+    id: usize,
+    text: &str,
+    a: u16,
+) -> Result<Box<[u8]>, TokenizerError> {
     if a & (attr::UNKNOWN | attr::CONTROL | attr::USER_DEFINED) != 0 {
         return Ok(text.as_bytes().into());
     }
     if a & attr::NORMAL != 0 {
-        let unescaped = || text.replace('\u{2581}', " ").into_bytes().into_boxed_slice();
+        let unescaped = || {
+            text.replace('\u{2581}', " ")
+                .into_bytes()
+                .into_boxed_slice()
+        };
         return Ok(match kind {
             VocabKind::Spm => unescaped(),
             VocabKind::Bpe if escape_whitespaces => unescaped(),

@@ -16,10 +16,15 @@ fn fixtures() -> PathBuf {
 fn model_metadata(file: &str) -> Metadata {
     let dir = match std::env::var_os("WORKER_ORCD_MODELS") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/worker-orcd/models"),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+            .join(".cache/worker-orcd/models"),
     };
     let path = dir.join(file);
-    assert!(path.exists(), "{} is missing: run scripts/fetch-models.sh (or set WORKER_ORCD_MODELS)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-models.sh (or set WORKER_ORCD_MODELS)",
+        path.display()
+    );
     gguf::GgufFile::open(&path).unwrap().metadata().clone()
 }
 
@@ -29,7 +34,12 @@ fn template_for(render: &Value) -> ChatTemplate {
         Some(file) => ChatTemplate::from_gguf(&model_metadata(file)).unwrap(),
         None => {
             let text = std::fs::read_to_string(fixtures().join(source)).unwrap();
-            ChatTemplate::new(text, render["bos_token"].as_str().unwrap(), render["eos_token"].as_str().unwrap()).unwrap()
+            ChatTemplate::new(
+                text,
+                render["bos_token"].as_str().unwrap(),
+                render["eos_token"].as_str().unwrap(),
+            )
+            .unwrap()
         }
     }
 }
@@ -42,7 +52,11 @@ fn render_both(template: &ChatTemplate, render: &Value) -> Result<String, Tokeni
     if let Ok(messages) = serde_json::from_value::<Vec<Message>>(render["messages"].clone()) {
         if render.get("tools").is_none() && messages.iter().all(|m| !m.content.is_empty()) {
             let plain = template.render(&messages, generation);
-            assert_eq!(plain.as_ref().ok(), via_json.as_ref().ok(), "render and render_json differ");
+            assert_eq!(
+                plain.as_ref().ok(),
+                via_json.as_ref().ok(),
+                "render and render_json differ"
+            );
         }
     }
     via_json
@@ -60,23 +74,39 @@ fn check(render: &Value, got: Result<String, TokenizerError>) -> Option<String> 
             // "ValueError: Conversation roles must alternate ..." → the message part.
             let want = render["error"].as_str().unwrap();
             let want = want.split_once(": ").map_or(want, |(_, m)| m);
-            (!msg.contains(want)).then(|| format!("{what}\n  jinja2 error: {want}\n  our error:    {msg}"))
+            (!msg.contains(want))
+                .then(|| format!("{what}\n  jinja2 error: {want}\n  our error:    {msg}"))
         }
-        (None, got) => Some(format!("{what}\n  jinja2 raised {}\n  ours: {got:?}", render["error"])),
+        (None, got) => Some(format!(
+            "{what}\n  jinja2 raised {}\n  ours: {got:?}",
+            render["error"]
+        )),
     }
 }
 
 #[test]
 fn templates_render_like_jinja2() {
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("chat_templates.json")).unwrap()).unwrap();
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("chat_templates.json")).unwrap(),
+    )
+    .unwrap();
     let renders = fx["renders"].as_array().unwrap();
     let failures: Vec<String> = renders
         .iter()
         .filter_map(|r| check(r, render_both(&template_for(r), r)))
         .collect();
-    assert!(failures.is_empty(), "{} of {} renders differ:\n{}", failures.len(), renders.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} renders differ:\n{}",
+        failures.len(),
+        renders.len(),
+        failures.join("\n")
+    );
     for name in ["smollm2", "qwen2.5", "gemma3", "gemma2", "chatml"] {
-        assert!(renders.iter().any(|r| r["template"] == name), "no renders of {name}");
+        assert!(
+            renders.iter().any(|r| r["template"] == name),
+            "no renders of {name}"
+        );
     }
 }
 
@@ -85,11 +115,22 @@ fn templates_render_like_jinja2() {
 #[test]
 fn gemma3_file_falls_back_to_the_gemma_template() {
     let meta = model_metadata("gemma-3-270m-q4_k_m.gguf");
-    assert!(meta.get("tokenizer.chat_template").is_none(), "the file now has a template; this test is moot");
+    assert!(
+        meta.get("tokenizer.chat_template").is_none(),
+        "the file now has a template; this test is moot"
+    );
     let template = ChatTemplate::from_gguf(&meta).unwrap();
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("chat_templates.json")).unwrap()).unwrap();
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("chat_templates.json")).unwrap(),
+    )
+    .unwrap();
     let mut checked = 0;
-    for r in fx["renders"].as_array().unwrap().iter().filter(|r| r["template"] == "gemma3") {
+    for r in fx["renders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["template"] == "gemma3")
+    {
         assert_eq!(r["bos_token"], "<bos>");
         if let Some(failure) = check(r, render_both(&template, r)) {
             panic!("{failure}");
@@ -123,9 +164,19 @@ fn missing_template_falls_back_to_chatml_or_fails() {
 fn smollm2_prompt_tokenizes_with_special_tokens() {
     let meta = model_metadata("SmolLM2-135M-Instruct.Q4_1.gguf");
     let tok = tokenizer::Tokenizer::from_gguf(&meta).unwrap();
-    let prompt = ChatTemplate::from_gguf(&meta).unwrap().render(&[Message::new("user", "Hi")], true).unwrap();
+    let prompt = ChatTemplate::from_gguf(&meta)
+        .unwrap()
+        .render(&[Message::new("user", "Hi")], true)
+        .unwrap();
     let ids = tok.encode(&prompt, true, true);
     let im_start = tok.token_id("<|im_start|>").unwrap();
-    assert_eq!(ids.iter().filter(|&&id| id == im_start).count(), 3, "{prompt:?} → {ids:?}");
-    assert!(ids.iter().any(|&id| tok.is_eog(id)), "<|im_end|> ends generation");
+    assert_eq!(
+        ids.iter().filter(|&&id| id == im_start).count(),
+        3,
+        "{prompt:?} → {ids:?}"
+    );
+    assert!(
+        ids.iter().any(|&id| tok.is_eog(id)),
+        "<|im_end|> ends generation"
+    );
 }

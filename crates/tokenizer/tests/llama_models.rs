@@ -11,12 +11,15 @@ use tokenizer::{StreamDecoder, Tokenizer};
 fn models_dir() -> PathBuf {
     match std::env::var_os("WORKER_ORCD_MODELS") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/worker-orcd/models"),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+            .join(".cache/worker-orcd/models"),
     }
 }
 
 fn fixture(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
@@ -45,7 +48,11 @@ fn bytes_of(v: &Value) -> Vec<u8> {
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn opt_id(v: &Value) -> Option<u32> {
@@ -61,15 +68,27 @@ fn check_vocab(name: &str) {
     assert_eq!(tok.pad(), opt_id(&fx["pad"]), "pad");
     assert_eq!(tok.add_bos(), fx["add_bos"].as_bool().unwrap(), "add_bos");
     assert_eq!(tok.add_eos(), fx["add_eos"].as_bool().unwrap(), "add_eos");
-    assert_eq!(tok.eog_ids(), ids_of(&fx["eog"]).as_slice(), "end-of-generation ids");
+    assert_eq!(
+        tok.eog_ids(),
+        ids_of(&fx["eog"]).as_slice(),
+        "end-of-generation ids"
+    );
     for id in ids_of(&fx["eog"]) {
         assert!(tok.is_eog(id));
     }
 
     for p in fx["pieces"].as_array().unwrap() {
         let id = p["id"].as_u64().unwrap() as u32;
-        assert_eq!(tok.token_to_piece(id, false), bytes_of(&p["piece"]), "piece of {id}");
-        assert_eq!(tok.token_to_piece(id, true), bytes_of(&p["piece_special"]), "special piece of {id}");
+        assert_eq!(
+            tok.token_to_piece(id, false),
+            bytes_of(&p["piece"]),
+            "piece of {id}"
+        );
+        assert_eq!(
+            tok.token_to_piece(id, true),
+            bytes_of(&p["piece_special"]),
+            "special piece of {id}"
+        );
     }
 
     let mut failures = Vec::new();
@@ -96,10 +115,19 @@ fn check_vocab(name: &str) {
         // Every text round-trips through llama.cpp (checked when making the
         // fixture), so it must through us too.
         if !add_special && tok.decode(&got, true) != text {
-            failures.push(format!("{text:?} does not round-trip: {:?}", tok.decode(&got, true)));
+            failures.push(format!(
+                "{text:?} does not round-trip: {:?}",
+                tok.decode(&got, true)
+            ));
         }
     }
-    assert!(failures.is_empty(), "{name}: {} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{name}: {} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -129,7 +157,10 @@ fn check_stream(name: &str) {
         for id in ids_of(&case["ids"]) {
             all.extend_from_slice(tok.token_to_piece(id, true));
             if let Some(chunk) = stream.push(&tok, id) {
-                assert!(!chunk.contains('\u{FFFD}'), "{name}: {text:?}: a character was split");
+                assert!(
+                    !chunk.contains('\u{FFFD}'),
+                    "{name}: {text:?}: a character was split"
+                );
                 out.push_str(&chunk);
             }
             // What is held back is exactly an unfinished character.
@@ -137,14 +168,20 @@ fn check_stream(name: &str) {
             assert_eq!(stream.has_pending(), !held.is_empty());
             if !held.is_empty() {
                 let err = std::str::from_utf8(held).unwrap_err();
-                assert!(err.valid_up_to() == 0 && err.error_len().is_none(), "{name}: {text:?}: held back {held:?}");
+                assert!(
+                    err.valid_up_to() == 0 && err.error_len().is_none(),
+                    "{name}: {text:?}: held back {held:?}"
+                );
                 held_back += 1;
             }
         }
         out.push_str(&stream.flush());
         assert_eq!(out, text, "{name}: streamed text");
     }
-    assert!(held_back > 0, "{name}: no case split a character across tokens; the test proves nothing");
+    assert!(
+        held_back > 0,
+        "{name}: no case split a character across tokens; the test proves nothing"
+    );
 }
 
 #[test]
@@ -162,7 +199,10 @@ fn gemma3_byte_fallback_streams_one_character() {
     let (_, tok) = load("gemma3");
     // U+13000 EGYPTIAN HIEROGLYPH A001 is not in Gemma's vocabulary: four byte tokens.
     let ids = tok.encode("𓀀", false, false);
-    let bytes: Vec<&[u8]> = ids.iter().map(|&id| tok.token_to_piece(id, false)).collect();
+    let bytes: Vec<&[u8]> = ids
+        .iter()
+        .map(|&id| tok.token_to_piece(id, false))
+        .collect();
     assert_eq!(bytes.concat(), "𓀀".as_bytes());
     assert!(ids.len() >= 2, "expected byte tokens, got {ids:?}");
     let mut stream = StreamDecoder::new(false);

@@ -28,7 +28,8 @@ const VOCABS: &[&str] = &[
 fn vocab_dir() -> PathBuf {
     let dir = match std::env::var_os("WORKER_ORCD_VOCAB_TESTS") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/worker-orcd/vocab-tests"),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+            .join(".cache/worker-orcd/vocab-tests"),
     };
     assert!(
         dir.join("ggml-vocab-qwen2.gguf.inp").exists(),
@@ -61,9 +62,17 @@ fn read_cases(dir: &std::path::Path, name: &str) -> Vec<(String, Vec<u32>)> {
     }
     let ids: Vec<Vec<u32>> = out
         .lines()
-        .map(|line| line.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .map(|line| {
+            line.split_whitespace()
+                .map(|t| t.parse().unwrap())
+                .collect()
+        })
         .collect();
-    assert_eq!(texts.len(), ids.len(), "{name}: .inp and .out have different numbers of cases");
+    assert_eq!(
+        texts.len(),
+        ids.len(),
+        "{name}: .inp and .out have different numbers of cases"
+    );
     texts.into_iter().zip(ids).collect()
 }
 
@@ -82,11 +91,17 @@ fn llama_cpp_vocab_test_vectors() {
             if &got != expected {
                 bad += 1;
                 if bad <= 3 {
-                    report.push(format!("{name}: {text:?}\n  llama.cpp: {expected:?}\n  ours:      {got:?}"));
+                    report.push(format!(
+                        "{name}: {text:?}\n  llama.cpp: {expected:?}\n  ours:      {got:?}"
+                    ));
                 }
             }
         }
-        report.push(format!("{name}: {}/{} cases match", cases.len() - bad, cases.len()));
+        report.push(format!(
+            "{name}: {}/{} cases match",
+            cases.len() - bad,
+            cases.len()
+        ));
         failed += bad;
     }
     let report = report.join("\n");
@@ -99,7 +114,9 @@ fn unsupported_vocab_types_are_errors() {
     let dir = vocab_dir();
     for name in ["bert-bge", "nomic-bert-moe"] {
         let file = gguf::GgufFile::open(dir.join(format!("ggml-vocab-{name}.gguf"))).unwrap();
-        let err = Tokenizer::from_gguf(file.metadata()).unwrap_err().to_string();
+        let err = Tokenizer::from_gguf(file.metadata())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unsupported tokenizer model"), "{name}: {err}");
     }
 }
