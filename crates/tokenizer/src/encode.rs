@@ -212,27 +212,16 @@ impl Tokenizer {
                 Some(&id) => out.push(id),
                 None => {
                     for &b in piece.as_bytes() {
-                        // llama.cpp fails on a byte with no token; the unknown token is the closest.
-                        out.extend(self.spm_byte_token(b).or(self.unk));
+                        // `<0xHH>`, else the byte as a one-character token; llama.cpp
+                        // fails when neither exists, the unknown token is the closest.
+                        let id =
+                            self.hex_byte_tokens[b as usize].or(self.char_byte_tokens[b as usize]);
+                        out.extend(id.or(self.unk));
                     }
                 }
             }
             i = symbol.next;
         }
-    }
-
-    /// The token for raw byte `b`: `<0xHH>`, else the one-byte text.
-    fn spm_byte_token(&self, b: u8) -> Option<u32> {
-        self.token_to_id
-            .get(format!("<0x{b:02X}>").as_str())
-            .or_else(|| {
-                if b.is_ascii() {
-                    self.token_to_id.get(char::from(b).to_string().as_str())
-                } else {
-                    None
-                }
-            })
-            .copied()
     }
 
     /// Byte-level BPE on one stretch of ordinary text: pre-tokenize into
@@ -360,22 +349,12 @@ impl Tokenizer {
             // Not a token: fall back to the symbol's bytes one by one, as llama.cpp does.
             let text =
                 &word.as_bytes()[symbol.start as usize..(symbol.start + symbol.len) as usize];
-            for &b in text {
-                let id = if bpe.pre.byte_encode {
-                    if b.is_ascii() {
-                        self.token_to_id
-                            .get(char::from(b).to_string().as_str())
-                            .copied()
-                    } else {
-                        None
-                    }
-                } else {
-                    self.token_to_id
-                        .get(format!("<0x{b:02X}>").as_str())
-                        .copied()
-                };
-                out.extend(id);
-            }
+            let bytes = if bpe.pre.byte_encode {
+                &self.char_byte_tokens
+            } else {
+                &self.hex_byte_tokens
+            };
+            out.extend(text.iter().filter_map(|&b| bytes[b as usize]));
         }
     }
 }

@@ -2280,10 +2280,35 @@ pub(crate) static CATEGORY_RANGES: [(u32, u8); 2273] = [
 
 /// Code points llama.cpp treats as whitespace (`\s`), sorted.
 pub(crate) static WHITESPACE: [u32; 25] = [
-    0x000009, 0x00000A, 0x00000B, 0x00000C, 0x00000D, 0x000020, 0x000085, 0x0000A0, 0x001680,
-    0x002000, 0x002001, 0x002002, 0x002003, 0x002004, 0x002005, 0x002006, 0x002007, 0x002008,
-    0x002009, 0x00200A, 0x002028, 0x002029, 0x00202F, 0x00205F, 0x003000,
+    0x000009,
+    0x00000A,
+    0x00000B,
+    0x00000C,
+    0x00000D,
+    0x000020,
+    0x000085,
+    0x0000A0,
+    0x001680,
+    0x002000,
+    0x002001,
+    0x002002,
+    0x002003,
+    0x002004,
+    0x002005,
+    0x002006,
+    0x002007,
+    0x002008,
+    0x002009,
+    0x00200A,
+    0x002028,
+    0x002029,
+    0x00202F,
+    0x00205F,
+    0x003000,
 ];
 
 /// Non-ASCII code points whose lower case is an ASCII letter, sorted.
-pub(crate) static LOWERCASE_TO_ASCII: [(u32, u8); 2] = [(0x000130, b'i'), (0x00212A, b'k')];
+pub(crate) static LOWERCASE_TO_ASCII: [(u32, u8); 2] = [
+    (0x000130, b'i'),
+    (0x00212A, b'k'),
+];

@@ -40,7 +40,6 @@ pub enum VocabKind {
 /// own id, and the halves and results of merges that are not tokens get ids
 /// past the vocabulary. A merge is then a lookup of two piece ids, and a
 /// finished symbol whose piece id is below the vocabulary size is a token.
-#[derive(Debug)]
 pub(crate) struct Bpe {
     pub pre: PreTokenizer,
     /// `(left piece, right piece)` → `(rank, merged piece)`.
@@ -52,7 +51,6 @@ pub(crate) struct Bpe {
 }
 
 /// A tokenizer built from GGUF metadata; see the crate documentation.
-#[derive(Debug)]
 pub struct Tokenizer {
     pub(crate) kind: VocabKind,
     pub(crate) bpe: Option<Bpe>,
@@ -75,6 +73,10 @@ pub struct Tokenizer {
     pub(crate) add_space_prefix: bool,
     pub(crate) clean_spaces: bool,
     pub(crate) escape_whitespaces: bool,
+    /// The `<0xHH>` token of each byte, if the vocabulary has it.
+    pub(crate) hex_byte_tokens: [Option<u32>; 256],
+    /// The token whose text is the byte itself (ASCII only), if any.
+    pub(crate) char_byte_tokens: [Option<u32>; 256],
     /// Control, user-defined and unknown tokens, longest text first: the
     /// order in which they are cut out of the input.
     pub(crate) special_order: Vec<u32>,
@@ -494,6 +496,17 @@ impl Tokenizer {
             }
         }
 
+        let hex_byte_tokens =
+            std::array::from_fn(|b| token_to_id.get(format!("<0x{b:02X}>").as_str()).copied());
+        let char_byte_tokens = std::array::from_fn(|b| {
+            let c = char::from(b as u8);
+            if c.is_ascii() {
+                token_to_id.get(c.encode_utf8(&mut [0; 4]) as &str).copied()
+            } else {
+                None
+            }
+        });
+
         Ok(Tokenizer {
             kind,
             bpe,
@@ -513,6 +526,8 @@ impl Tokenizer {
             add_space_prefix,
             clean_spaces,
             escape_whitespaces,
+            hex_byte_tokens,
+            char_byte_tokens,
             special_order,
             special_search,
         })
@@ -623,6 +638,22 @@ pub(crate) fn bos_eos_ids(
         resolve("tokenizer.ggml.bos_token_id", bos)?,
         resolve("tokenizer.ggml.eos_token_id", eos)?,
     ))
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("kind", &self.kind)
+            .field("vocab_size", &self.tokens.len())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eot", &self.eot)
+            .field("eog", &self.eog)
+            .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
+            .field("special_tokens", &self.special_order.len())
+            .finish_non_exhaustive()
+    }
 }
 
 fn read_scores(meta: &Metadata, n_tokens: usize) -> Result<Vec<f32>, TokenizerError> {
