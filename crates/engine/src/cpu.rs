@@ -6,7 +6,7 @@ use std::sync::Arc;
 use gguf::GgufFile;
 use rayon::prelude::*;
 
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvPool};
 use crate::spec::{Activation, ModelSpec, RopeStyle};
 use crate::weights::{Matrix, ModelWeights};
 use crate::EngineError;
@@ -18,6 +18,16 @@ pub enum Logits {
     Last,
     /// Every position's (teacher-forced evaluation).
     All,
+    /// None (a prefill chunk that is not the prompt's last).
+    None,
+}
+
+/// One sequence's part of a batched forward pass.
+pub struct Segment<'a> {
+    pub kv: &'a mut KvCache,
+    /// Tokens at positions `kv.len()..`.
+    pub tokens: &'a [u32],
+    pub logits: Logits,
 }
 
 pub struct CpuModel {
@@ -45,9 +55,14 @@ impl CpuModel {
         &self.file
     }
 
-    /// A cache for `context` positions (capped at the training context).
+    /// A cache for `context` positions, its memory not limited by a pool.
     pub fn new_cache(&self, context: usize) -> KvCache {
         KvCache::new(self.spec.n_layers, self.spec.kv_dim(), context)
+    }
+
+    /// A cache for `context` positions whose pages are drawn from `pool`.
+    pub fn new_cache_in(&self, pool: &KvPool, context: usize) -> KvCache {
+        KvCache::new_in(pool, self.spec.n_layers, self.spec.kv_dim(), context)
     }
 
     /// Run `tokens` at positions `kv.len()..`, append their keys and values
@@ -58,29 +73,43 @@ impl CpuModel {
         tokens: &[u32],
         which: Logits,
     ) -> Result<Vec<f32>, EngineError> {
+        let mut batch = [Segment {
+            kv,
+            tokens,
+            logits: which,
+        }];
+        Ok(self.forward_batch(&mut batch)?.pop().unwrap_or_default())
+    }
+
+    /// One forward pass over several sequences at once: their tokens share
+    /// every matrix product (each weight is read once per step), attention
+    /// runs per sequence over its own cache. Returns each segment's logits.
+    pub fn forward_batch(&self, batch: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
         let spec = &self.spec;
+        for seg in batch.iter() {
+            self.check_segment(seg)?;
+        }
+        // Reserve every cache's pages first, so a full pool fails before any work.
+        for seg in batch.iter_mut() {
+            seg.kv.reserve(seg.kv.len() + seg.tokens.len())?;
+        }
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
         let n = tokens.len();
-        if n == 0 {
-            return Err(EngineError::Invalid("no tokens to run".into()));
-        }
-        let start = kv.len();
-        if start + n > kv.capacity() {
-            return Err(EngineError::ContextFull {
-                needed: start + n,
-                capacity: kv.capacity(),
-            });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= spec.vocab_size) {
-            return Err(EngineError::Invalid(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                spec.vocab_size
-            )));
-        }
         let embd = spec.n_embd;
         let w = &self.weights;
+        // Row range of each segment in the batch.
+        let mut ranges = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for seg in batch.iter() {
+            ranges.push(row..row + seg.tokens.len());
+            row += seg.tokens.len();
+        }
 
         // Residual stream, n × n_embd.
-        let mut x = self.embed(tokens)?;
+        let mut x = self.embed(&tokens)?;
         let mut normed = vec![0f32; n * embd];
 
         for (layer, lw) in w.layers.iter().enumerate() {
@@ -99,33 +128,41 @@ impl CpuModel {
                 rms_norm_heads(&mut k, kn, spec.rms_eps);
             }
             let theta = spec.rope_theta_for(layer);
-            rope(
-                &mut q,
-                n,
-                spec.head_dim,
-                spec.rope_dims,
-                theta,
-                spec.rope_style,
-                start,
-            );
-            rope(
-                &mut k,
-                n,
-                spec.head_dim,
-                spec.rope_dims,
-                theta,
-                spec.rope_style,
-                start,
-            );
-            kv.append(layer, &k, &v);
-
-            let (keys, values) = kv.layer(layer);
             let window = if spec.is_sliding(layer) {
                 spec.sliding_window
             } else {
                 None
             };
-            let attn = attention(spec, &q, keys, values, start, n, window); // n × q_dim
+            let (q_dim, kv_dim) = (spec.q_dim(), spec.kv_dim());
+            let mut attn = vec![0f32; n * q_dim]; // n × q_dim
+            for (seg, r) in batch.iter_mut().zip(&ranges) {
+                let (m, start) = (r.len(), seg.kv.len());
+                let q_seg = &mut q[r.start * q_dim..r.end * q_dim];
+                let k_seg = &mut k[r.start * kv_dim..r.end * kv_dim];
+                rope(
+                    q_seg,
+                    m,
+                    spec.head_dim,
+                    spec.rope_dims,
+                    theta,
+                    spec.rope_style,
+                    start,
+                );
+                rope(
+                    k_seg,
+                    m,
+                    spec.head_dim,
+                    spec.rope_dims,
+                    theta,
+                    spec.rope_style,
+                    start,
+                );
+                seg.kv
+                    .append(layer, k_seg, &v[r.start * kv_dim..r.end * kv_dim]);
+                let (keys, values) = seg.kv.layer(layer);
+                let out = attention(spec, q_seg, keys, values, start, m, window);
+                attn[r.start * q_dim..r.end * q_dim].copy_from_slice(&out);
+            }
             let mut out = self.matmul(&lw.wo, &attn, n)?; // n × n_embd
             if let Some(post) = &lw.post_attn_norm {
                 rms_norm_in_place(&mut out, post, spec.rms_eps, embd);
@@ -143,16 +180,71 @@ impl CpuModel {
             }
             add_in_place(&mut x, &down);
         }
-        kv.commit(n);
+        for seg in batch.iter_mut() {
+            seg.kv.commit(seg.tokens.len());
+        }
 
-        let rows: &[f32] = match which {
-            Logits::Last => &x[(n - 1) * embd..],
-            Logits::All => &x,
+        // Rows whose logits are wanted, in batch order.
+        let mut wanted: Vec<usize> = Vec::new();
+        for (seg, r) in batch.iter().zip(&ranges) {
+            match seg.logits {
+                Logits::Last => wanted.push(r.end - 1),
+                Logits::All => wanted.extend(r.clone()),
+                Logits::None => {}
+            }
+        }
+        let mut final_normed = vec![0f32; wanted.len() * embd];
+        for (out, &r) in final_normed.chunks_exact_mut(embd).zip(&wanted) {
+            rms_norm(
+                &x[r * embd..(r + 1) * embd],
+                &w.output_norm,
+                spec.rms_eps,
+                out,
+            );
+        }
+        let vocab = spec.vocab_size;
+        let logits = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            self.matmul(&w.output, &final_normed, wanted.len())?
         };
-        let m = rows.len() / embd;
-        let mut final_normed = vec![0f32; rows.len()];
-        rms_norm_rows(rows, &w.output_norm, spec.rms_eps, &mut final_normed);
-        self.matmul(&w.output, &final_normed, m)
+        let mut per_segment = Vec::with_capacity(batch.len());
+        let mut at = 0;
+        for seg in batch.iter() {
+            let rows = match seg.logits {
+                Logits::Last => 1,
+                Logits::All => seg.tokens.len(),
+                Logits::None => 0,
+            };
+            per_segment.push(logits[at * vocab..(at + rows) * vocab].to_vec());
+            at += rows;
+        }
+        Ok(per_segment)
+    }
+
+    fn check_segment(&self, seg: &Segment<'_>) -> Result<(), EngineError> {
+        let n = seg.tokens.len();
+        if n == 0 {
+            return Err(EngineError::Invalid("no tokens to run".into()));
+        }
+        let start = seg.kv.len();
+        if start + n > seg.kv.capacity() {
+            return Err(EngineError::ContextFull {
+                needed: start + n,
+                capacity: seg.kv.capacity(),
+            });
+        }
+        if let Some(&bad) = seg
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.spec.vocab_size)
+        {
+            return Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.spec.vocab_size
+            )));
+        }
+        Ok(())
     }
 
     /// Rows of the token embedding (scaled where the spec says), n × n_embd.

@@ -1,26 +1,108 @@
-//! The key/value cache of one sequence on the CPU.
+//! Key/value caches on the CPU, in fixed-size pages drawn from a shared budget.
+//!
+//! Each sequence's cache grows a page (`PAGE_TOKENS` positions) at a time;
+//! the pages are counted against a [`KvPool`] shared by every sequence of
+//! the scheduler, so admission can wait for room instead of over-committing
+//! memory, and a sequence's pages return to the pool when its cache is
+//! dropped (finished, cancelled or disconnected alike).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::EngineError;
+
+/// Positions per page.
+pub const PAGE_TOKENS: usize = 16;
+
+/// A budget of KV pages shared by many caches.
+#[derive(Clone, Debug)]
+pub struct KvPool {
+    inner: Arc<PoolInner>,
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    total: usize,
+    used: AtomicUsize,
+}
+
+impl KvPool {
+    pub fn new(total_pages: usize) -> Self {
+        KvPool {
+            inner: Arc::new(PoolInner {
+                total: total_pages,
+                used: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Enough pages for `positions` tokens in total.
+    pub fn for_positions(positions: usize) -> Self {
+        Self::new(positions.div_ceil(PAGE_TOKENS))
+    }
+
+    pub fn total_pages(&self) -> usize {
+        self.inner.total
+    }
+
+    pub fn used_pages(&self) -> usize {
+        self.inner.used.load(Ordering::Acquire)
+    }
+
+    pub fn free_pages(&self) -> usize {
+        self.total_pages() - self.used_pages()
+    }
+
+    fn take(&self, pages: usize) -> bool {
+        self.inner
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + pages <= self.inner.total).then_some(used + pages)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, pages: usize) {
+        self.inner.used.fetch_sub(pages, Ordering::AcqRel);
+    }
+}
 
 /// Keys and values of every layer for positions `0..len`, f32.
 /// Layout per layer: `[position][kv_head][head_dim]`.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct KvCache {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// The token at each stored position, when the caller records them
+    /// (lets a new prompt reuse the cached prefix it shares).
+    tokens: Vec<u32>,
     kv_dim: usize,
     len: usize,
     capacity: usize,
+    pool: Option<KvPool>,
+    pages: usize,
 }
 
 impl KvCache {
-    /// A cache for at most `capacity` positions; memory grows as positions are added.
+    /// A cache for at most `capacity` positions, not limited by any pool.
     pub fn new(n_layers: usize, kv_dim: usize, capacity: usize) -> Self {
         KvCache {
             keys: vec![Vec::new(); n_layers],
             values: vec![Vec::new(); n_layers],
+            tokens: Vec::new(),
             kv_dim,
             len: 0,
             capacity,
+            pool: None,
+            pages: 0,
         }
+    }
+
+    /// A cache whose pages are counted against `pool`.
+    pub fn new_in(pool: &KvPool, n_layers: usize, kv_dim: usize, capacity: usize) -> Self {
+        let mut cache = Self::new(n_layers, kv_dim, capacity);
+        cache.pool = Some(pool.clone());
+        cache
     }
 
     /// Positions stored.
@@ -36,12 +118,41 @@ impl KvCache {
         self.capacity
     }
 
+    /// Pages held.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// Make room for `positions` positions, taking pages from the pool.
+    pub fn reserve(&mut self, positions: usize) -> Result<(), EngineError> {
+        let needed = positions.div_ceil(PAGE_TOKENS);
+        if needed <= self.pages {
+            return Ok(());
+        }
+        let extra = needed - self.pages;
+        if let Some(pool) = &self.pool {
+            if !pool.take(extra) {
+                return Err(EngineError::KvPoolExhausted {
+                    needed: extra,
+                    free: pool.free_pages(),
+                });
+            }
+        }
+        self.pages = needed;
+        let floats = needed * PAGE_TOKENS * self.kv_dim;
+        for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            layer.reserve_exact(floats - layer.len());
+        }
+        Ok(())
+    }
+
     /// Forget positions from `len` on (e.g. to re-run a prompt's tail).
     pub fn truncate(&mut self, len: usize) {
         let len = len.min(self.len);
         for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
             layer.truncate(len * self.kv_dim);
         }
+        self.tokens.truncate(len);
         self.len = len;
     }
 
@@ -65,6 +176,16 @@ impl KvCache {
         (&self.keys[layer], &self.values[layer])
     }
 
+    /// Record the tokens of the positions just committed.
+    pub fn record_tokens(&mut self, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+    }
+
+    /// Tokens recorded for the stored positions (may be fewer than `len`).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
     /// Bytes held now.
     pub fn bytes(&self) -> usize {
         self.keys
@@ -72,5 +193,37 @@ impl KvCache {
             .chain(&self.values)
             .map(|v| v.capacity() * 4)
             .sum()
+    }
+}
+
+impl Drop for KvCache {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.give_back(self.pages);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_are_taken_as_positions_grow_and_returned_on_drop() {
+        let pool = KvPool::new(4);
+        let mut a = KvCache::new_in(&pool, 2, 8, 1000);
+        a.reserve(1).unwrap();
+        assert_eq!((a.pages(), pool.used_pages()), (1, 1));
+        a.reserve(PAGE_TOKENS * 3).unwrap();
+        assert_eq!(pool.used_pages(), 3);
+        let mut b = KvCache::new_in(&pool, 2, 8, 1000);
+        let err = b.reserve(PAGE_TOKENS * 2).unwrap_err();
+        assert!(err.to_string().contains("1 free"), "{err}");
+        b.reserve(PAGE_TOKENS).unwrap();
+        assert_eq!(pool.free_pages(), 0);
+        drop(a);
+        assert_eq!(pool.used_pages(), 1);
+        drop(b);
+        assert_eq!(pool.used_pages(), 0);
     }
 }

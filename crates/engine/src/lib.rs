@@ -4,8 +4,10 @@
 
 pub mod convert;
 pub mod cpu;
+pub mod generate;
 pub mod kv;
 pub mod sampler;
+pub mod scheduler;
 pub mod spec;
 pub mod stop;
 pub mod synth;
@@ -22,6 +24,13 @@ pub enum EngineError {
     Tensor { name: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("the prompt has {prompt_tokens} tokens but the context holds {context}; shorten it or raise --ctx-size")]
+    PromptTooLong {
+        prompt_tokens: usize,
+        context: usize,
+    },
+    #[error("the KV cache is full: {needed} more pages needed, {free} free")]
+    KvPoolExhausted { needed: usize, free: usize },
     #[error("context is full: {needed} positions needed, the cache holds {capacity}")]
     ContextFull { needed: usize, capacity: usize },
 }

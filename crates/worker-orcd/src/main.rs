@@ -1,7 +1,9 @@
 //! worker-orcd: the command-line entry point. Argument parsing, wiring and
 //! output only; the work is done by the library crates.
 
+mod bench;
 mod inspect;
+mod run;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,6 +24,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt, streaming it to stdout (speed goes to stderr).
+    Generate {
+        #[command(flatten)]
+        model: run::ModelArgs,
+        #[command(flatten)]
+        sampling: run::SamplingArgs,
+        /// The prompt, used as given unless --chat wraps it in the model's template.
+        #[arg(short, long)]
+        prompt: String,
+        /// Send the prompt as a user message through the model's chat template.
+        #[arg(long)]
+        chat: bool,
+    },
+    /// Measure load time, prompt processing (pp) and decode (tg) speed.
+    Bench(bench::BenchArgs),
+    /// Chat interactively with the model's chat template.
+    Chat {
+        #[command(flatten)]
+        model: run::ModelArgs,
+        #[command(flatten)]
+        sampling: run::SamplingArgs,
+        /// System prompt.
+        #[arg(long)]
+        system: Option<String>,
+    },
     /// Print a GGUF file's metadata, tensor table and memory needs.
     Inspect {
         file: PathBuf,
@@ -75,6 +102,18 @@ fn open(path: &PathBuf) -> Result<GgufFile> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Generate {
+            model,
+            sampling,
+            prompt,
+            chat,
+        } => run::run_generate(&model, &sampling, &prompt, chat)?,
+        Command::Bench(args) => bench::run_bench(&args)?,
+        Command::Chat {
+            model,
+            sampling,
+            system,
+        } => run::run_chat(&model, &sampling, system.as_deref())?,
         Command::Inspect { file, json, full } => {
             let gguf = open(&file)?;
             let report = inspect::Report::new(&gguf);

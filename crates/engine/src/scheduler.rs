@@ -1,0 +1,513 @@
+//! Continuous batching: one thread owns the model and runs every request.
+//!
+//! Requests arrive on a channel, each with a sink for its events and a cancel
+//! flag. Each step runs one forward pass over the next token of every
+//! decoding sequence plus prompt chunks of sequences still prefilling, within
+//! a token budget, so a long prompt never stalls the others. A sequence's KV
+//! pages are reserved from the shared pool when it is admitted (prompt plus
+//! its token limit), so a request that was admitted never fails for lack of
+//! room; those that do not fit yet wait in the queue. Pages return to the
+//! pool when the sequence's cache is dropped.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokenizer::{StreamDecoder, Tokenizer};
+
+use crate::cpu::{CpuModel, Logits, Segment};
+use crate::generate::{GenerateParams, StopReason};
+use crate::kv::{KvCache, KvPool};
+use crate::sampler::Sampler;
+use crate::stop::StopMatcher;
+
+/// What a job hears about itself, in order: any number of `Token`s, then
+/// exactly one `End` or `Error`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Prefill is done; `prompt_tokens` were run.
+    Started {
+        prompt_tokens: usize,
+    },
+    /// Generated token number `index` (from 0) and the text that became
+    /// final with it (possibly empty: half a UTF-8 character, or text held
+    /// back while it might still be a stop string).
+    Token {
+        index: usize,
+        id: u32,
+        text: String,
+    },
+    End(Finish),
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finish {
+    pub stop_reason: StopReason,
+    pub prompt_tokens: usize,
+    pub tokens_out: usize,
+    /// Time from submission to the first generated token.
+    pub time_to_first_token: Option<Duration>,
+    /// Time spent generating after the first token.
+    pub decode_time: Duration,
+    pub text: String,
+}
+
+/// Receives a job's events; returning `false` (the client is gone) cancels the job.
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+    pub cancel: Arc<AtomicBool>,
+    pub sink: Sink,
+}
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Positions one sequence may use (prompt plus generated).
+    pub context: usize,
+    /// Sequences decoding at once.
+    pub max_running: usize,
+    /// Jobs waiting beyond those; more are refused.
+    pub max_queued: usize,
+    /// Tokens per forward pass (decode tokens plus prefill chunks).
+    pub step_tokens: usize,
+    /// KV pages shared by all sequences.
+    pub kv_pages: usize,
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} jobs waiting)")]
+    QueueFull(usize),
+    #[error("the scheduler has stopped")]
+    Stopped,
+}
+
+/// Counters the scheduler keeps up to date, readable from any thread.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub queued: AtomicUsize,
+    pub running: AtomicUsize,
+    pub steps: AtomicUsize,
+}
+
+/// The way in: cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: SyncSender<Job>,
+    stats: Arc<SchedulerStats>,
+    pool: KvPool,
+    config: SchedulerConfig,
+}
+
+impl SchedulerHandle {
+    /// Queue a job; refused at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        self.stats.queued.fetch_add(1, Ordering::AcqRel);
+        self.tx.try_send(job).map_err(|e| {
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                TrySendError::Full(_) => SubmitError::QueueFull(self.config.max_queued),
+                TrySendError::Disconnected(_) => SubmitError::Stopped,
+            }
+        })
+    }
+
+    pub fn stats(&self) -> &SchedulerStats {
+        &self.stats
+    }
+
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+}
+
+/// Start the scheduler thread. It ends when every handle is dropped and the
+/// work in hand is done.
+pub fn spawn(
+    model: Arc<CpuModel>,
+    tokenizer: Arc<Tokenizer>,
+    config: SchedulerConfig,
+) -> (SchedulerHandle, JoinHandle<()>) {
+    let (tx, rx) = mpsc::sync_channel(config.max_queued.max(1));
+    let stats = Arc::new(SchedulerStats::default());
+    let pool = KvPool::new(config.kv_pages);
+    let handle = SchedulerHandle {
+        tx,
+        stats: stats.clone(),
+        pool: pool.clone(),
+        config: config.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || {
+            Loop {
+                model,
+                tokenizer,
+                config,
+                pool,
+                stats,
+                rx,
+                waiting: VecDeque::new(),
+                running: Vec::new(),
+            }
+            .run()
+        })
+        .expect("spawning the scheduler thread");
+    (handle, thread)
+}
+
+struct Waiting {
+    job: Job,
+    submitted: Instant,
+}
+
+struct Sequence {
+    job: Job,
+    kv: KvCache,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    /// Prompt tokens already run.
+    prefilled: usize,
+    /// The sampled token to feed next.
+    next: Option<u32>,
+    generated: usize,
+    text: String,
+    submitted: Instant,
+    first_token: Option<Instant>,
+    max_tokens: usize,
+}
+
+struct Loop {
+    model: Arc<CpuModel>,
+    tokenizer: Arc<Tokenizer>,
+    config: SchedulerConfig,
+    pool: KvPool,
+    stats: Arc<SchedulerStats>,
+    rx: Receiver<Job>,
+    waiting: VecDeque<Waiting>,
+    running: Vec<Sequence>,
+}
+
+impl Loop {
+    fn run(mut self) {
+        let mut open = true;
+        loop {
+            open &= self.receive(open);
+            if !open && self.waiting.is_empty() && self.running.is_empty() {
+                return;
+            }
+            self.drop_cancelled();
+            self.admit();
+            if !self.running.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    /// Take new jobs; block briefly only when there is nothing to do.
+    fn receive(&mut self, open: bool) -> bool {
+        if !open {
+            return false;
+        }
+        let idle = self.running.is_empty() && self.waiting.is_empty();
+        if idle {
+            match self.rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(job) => self.enqueue(job),
+                Err(RecvTimeoutError::Timeout) => return true,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(job) => self.enqueue(job),
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        self.waiting.push_back(Waiting {
+            job,
+            submitted: Instant::now(),
+        });
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        let mut kept = VecDeque::with_capacity(before);
+        for mut w in self.waiting.drain(..) {
+            if w.job.cancel.load(Ordering::Acquire) {
+                let finish = Finish {
+                    stop_reason: StopReason::Cancelled,
+                    prompt_tokens: w.job.prompt.len(),
+                    tokens_out: 0,
+                    time_to_first_token: None,
+                    decode_time: Duration::ZERO,
+                    text: String::new(),
+                };
+                (w.job.sink)(Event::End(finish));
+                self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            } else {
+                kept.push_back(w);
+            }
+        }
+        self.waiting = kept;
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].job.cancel.load(Ordering::Acquire) {
+                let seq = self.running.swap_remove(i);
+                self.finish(seq, StopReason::Cancelled);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Start waiting jobs, in order, while there are slots and pages for them.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(front) = self.waiting.front() else {
+                return;
+            };
+            let prompt_len = front.job.prompt.len();
+            if prompt_len == 0 || prompt_len >= self.config.context {
+                let mut w = self.waiting.pop_front().expect("front exists");
+                self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+                let message = format!(
+                    "the prompt has {prompt_len} tokens; it must have 1 to {} for a context of {}",
+                    self.config.context - 1,
+                    self.config.context
+                );
+                (w.job.sink)(Event::Error { message });
+                continue;
+            }
+            let max_tokens = front
+                .job
+                .params
+                .max_tokens
+                .min(self.config.context - prompt_len);
+            let mut kv = self.model.new_cache_in(&self.pool, self.config.context);
+            // Positions fed: the prompt and every generated token but the last.
+            if kv
+                .reserve(prompt_len + max_tokens.saturating_sub(1).max(1))
+                .is_err()
+            {
+                // Not enough room yet; it waits for running sequences to finish.
+                return;
+            }
+            let w = self.waiting.pop_front().expect("front exists");
+            self.stats.queued.fetch_sub(1, Ordering::AcqRel);
+            if let Err(message) = w.job.params.sampling.validate() {
+                let mut job = w.job;
+                (job.sink)(Event::Error { message });
+                continue;
+            }
+            let mut sampler = Sampler::new(w.job.params.sampling.clone());
+            for &t in &w.job.prompt {
+                sampler.accept(t);
+            }
+            let stops = StopMatcher::new(w.job.params.stop.iter().cloned());
+            self.running.push(Sequence {
+                kv,
+                sampler,
+                decoder: StreamDecoder::new(false),
+                stops,
+                prefilled: 0,
+                next: None,
+                generated: 0,
+                text: String::new(),
+                submitted: w.submitted,
+                first_token: None,
+                max_tokens,
+                job: w.job,
+            });
+            self.stats
+                .running
+                .store(self.running.len(), Ordering::Release);
+        }
+    }
+
+    /// One forward pass over every running sequence, then sampling.
+    fn step(&mut self) {
+        // Decode tokens first (one per decoding sequence), then prompt chunks in the remaining budget.
+        let decoding = self.running.iter().filter(|s| s.next.is_some()).count();
+        let mut budget = self.config.step_tokens.saturating_sub(decoding).max(1);
+        let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (sequence, start, end) of tokens to feed
+        let mut next_tokens: Vec<[u32; 1]> = vec![[0]; self.running.len()];
+        for (i, seq) in self.running.iter().enumerate() {
+            if let Some(t) = seq.next {
+                next_tokens[i] = [t];
+                plan.push((i, 0, 1));
+            } else if budget > 0 && seq.prefilled < seq.job.prompt.len() {
+                let take = (seq.job.prompt.len() - seq.prefilled).min(budget);
+                budget -= take;
+                plan.push((i, seq.prefilled, seq.prefilled + take));
+            }
+        }
+        if plan.is_empty() {
+            return;
+        }
+        let result = {
+            let mut segments: Vec<Segment<'_>> = Vec::with_capacity(plan.len());
+            let mut seqs: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
+            for &(i, start, end) in &plan {
+                let seq = seqs[i].take().expect("each sequence appears once");
+                let (tokens, logits): (&[u32], Logits) = if seq.next.is_some() {
+                    (&next_tokens[i], Logits::Last)
+                } else {
+                    let last_chunk = end == seq.job.prompt.len();
+                    (
+                        &seq.job.prompt[start..end],
+                        if last_chunk {
+                            Logits::Last
+                        } else {
+                            Logits::None
+                        },
+                    )
+                };
+                segments.push(Segment {
+                    kv: &mut seq.kv,
+                    tokens,
+                    logits,
+                });
+            }
+            self.model.forward_batch(&mut segments)
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(e) => {
+                // A failed step fails the sequences in it; the others go on.
+                let message = e.to_string();
+                let mut failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                failed.sort_unstable_by(|a, b| b.cmp(a));
+                for i in failed {
+                    let mut seq = self.running.swap_remove(i);
+                    (seq.job.sink)(Event::Error {
+                        message: message.clone(),
+                    });
+                }
+                self.stats
+                    .running
+                    .store(self.running.len(), Ordering::Release);
+                return;
+            }
+        };
+
+        let mut done: Vec<(usize, StopReason)> = Vec::new();
+        for (&(i, start, end), mut logits) in plan.iter().zip(logits) {
+            let seq = &mut self.running[i];
+            if let Some(fed) = seq.next.take() {
+                seq.kv.record_tokens(&[fed]);
+            } else {
+                seq.kv.record_tokens(&seq.job.prompt[start..end]);
+                seq.prefilled = end;
+                if end < seq.job.prompt.len() {
+                    continue;
+                }
+                let prompt_tokens = seq.job.prompt.len();
+                if !(seq.job.sink)(Event::Started { prompt_tokens }) {
+                    done.push((i, StopReason::Cancelled));
+                    continue;
+                }
+            }
+            if let Some(reason) = Self::sample_and_emit(&self.tokenizer, seq, &mut logits) {
+                done.push((i, reason));
+            }
+        }
+        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in done {
+            let seq = self.running.swap_remove(i);
+            self.finish(seq, reason);
+        }
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Release);
+    }
+
+    /// Pick the next token, stream its text; `Some(reason)` when the sequence ends.
+    fn sample_and_emit(
+        tokenizer: &Tokenizer,
+        seq: &mut Sequence,
+        logits: &mut [f32],
+    ) -> Option<StopReason> {
+        if seq.generated >= seq.max_tokens {
+            return Some(StopReason::MaxTokens);
+        }
+        let token = seq.sampler.sample(logits);
+        if seq.first_token.is_none() {
+            seq.first_token = Some(Instant::now());
+        }
+        if tokenizer.is_eog(token) {
+            return Some(StopReason::Eos);
+        }
+        seq.sampler.accept(token);
+        let index = seq.generated;
+        seq.generated += 1;
+        let piece = seq.decoder.push(tokenizer, token).unwrap_or_default();
+        let matched = seq.stops.push(&piece);
+        seq.text.push_str(&matched.emit);
+        let alive = (seq.job.sink)(Event::Token {
+            index,
+            id: token,
+            text: matched.emit,
+        });
+        if !alive {
+            return Some(StopReason::Cancelled);
+        }
+        if matched.stopped {
+            return Some(StopReason::StopSequence);
+        }
+        if seq.generated >= seq.max_tokens {
+            return Some(StopReason::MaxTokens);
+        }
+        seq.next = Some(token);
+        None
+    }
+
+    fn finish(&self, mut seq: Sequence, reason: StopReason) {
+        if matches!(reason, StopReason::MaxTokens | StopReason::Eos) {
+            // Text still held back (a partial character or a partial stop string) is final now.
+            let rest = seq.stops.push(&seq.decoder.flush());
+            let tail = if rest.stopped {
+                rest.emit
+            } else {
+                rest.emit + &seq.stops.finish()
+            };
+            if !tail.is_empty() {
+                seq.text.push_str(&tail);
+                let index = seq.generated.saturating_sub(1);
+                (seq.job.sink)(Event::Token {
+                    index,
+                    id: u32::MAX,
+                    text: tail,
+                });
+            }
+        }
+        let finish = Finish {
+            stop_reason: reason,
+            prompt_tokens: seq.job.prompt.len(),
+            tokens_out: seq.generated,
+            time_to_first_token: seq.first_token.map(|t| t - seq.submitted),
+            decode_time: seq.first_token.map(|t| t.elapsed()).unwrap_or_default(),
+            text: std::mem::take(&mut seq.text),
+        };
+        (seq.job.sink)(Event::End(finish));
+        // Dropping `seq` returns its KV pages to the pool.
+    }
+}

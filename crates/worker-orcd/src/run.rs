@@ -1,0 +1,257 @@
+//! `generate` and `chat`: wiring the CLI to the engine's generation loop.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use engine::cpu::CpuModel;
+use engine::generate::{generate_blocking, GenerateParams};
+use engine::kv::PAGE_TOKENS;
+use engine::sampler::SamplingParams;
+use engine::scheduler::{self, Finish, SchedulerConfig, SchedulerHandle};
+use gguf::GgufFile;
+use tokenizer::{ChatTemplate, Message, Tokenizer};
+
+/// The model used when none is given: SmolLM2-135M-Instruct from the fetch script's cache.
+const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const FETCH_SCRIPT: &str = include_str!("../../../scripts/fetch-models.sh");
+
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// GGUF model file [default: SmolLM2-135M-Instruct from the model cache, fetched if missing].
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// Context size in tokens [default: the model's training context, at most 4096].
+    #[arg(long)]
+    pub ctx_size: Option<usize>,
+    /// cpu (cuda arrives with the CUDA backend).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Worker threads for the CPU backend [default: all cores].
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Maximum tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 for greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// 1 disables.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// 1 disables.
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Random seed [default: random, printed to stderr].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text is generated (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> GenerateParams {
+        let seed = self.seed.unwrap_or_else(rand::random);
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repeat_penalty,
+                penalty_last_n: 64,
+                seed,
+            },
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+fn models_dir() -> PathBuf {
+    match std::env::var_os("WORKER_ORCD_MODELS") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            Path::new(&home).join(".cache/worker-orcd/models")
+        }
+    }
+}
+
+/// The given model, or the default one, fetched with the project's fetch script if missing.
+pub fn resolve_model(model: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(path) = model {
+        return Ok(path.clone());
+    }
+    let path = models_dir().join(DEFAULT_MODEL);
+    if !path.exists() {
+        eprintln!("{} is missing; fetching the default models", path.display());
+        let status = Command::new("bash")
+            .arg("-c")
+            .arg(FETCH_SCRIPT)
+            .status()
+            .context("running the model fetch script with bash")?;
+        if !status.success() {
+            bail!("fetching the default model failed ({status})");
+        }
+    }
+    Ok(path)
+}
+
+/// A loaded model with its tokenizer, chat template and scheduler.
+pub struct Loaded {
+    pub tokenizer: Arc<Tokenizer>,
+    pub template: Option<ChatTemplate>,
+    pub scheduler: SchedulerHandle,
+}
+
+pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    if args.device != "cpu" {
+        bail!(
+            "device {:?} is not available in this build; use --device cpu",
+            args.device
+        );
+    }
+    set_threads(args.threads)?;
+    let path = resolve_model(&args.model)?;
+    let file =
+        Arc::new(GgufFile::open(&path).with_context(|| format!("reading {}", path.display()))?);
+    let tokenizer = Tokenizer::from_gguf(file.metadata()).context("loading the tokenizer")?;
+    let template = ChatTemplate::from_gguf(file.metadata()).ok();
+    let model = CpuModel::load(file).with_context(|| format!("loading {}", path.display()))?;
+    let context = args
+        .ctx_size
+        .unwrap_or_else(|| model.spec().context_length.min(4096));
+    let tokenizer = Arc::new(tokenizer);
+    let (scheduler, _thread) = scheduler::spawn(
+        Arc::new(model),
+        tokenizer.clone(),
+        SchedulerConfig {
+            context,
+            max_running: 1,
+            max_queued: 1,
+            step_tokens: 512,
+            kv_pages: context.div_ceil(PAGE_TOKENS),
+        },
+    );
+    Ok(Loaded {
+        tokenizer,
+        template,
+        scheduler,
+    })
+}
+
+/// Size the CPU thread pool (all cores when not given).
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(threads) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("setting the thread count")?;
+    }
+    Ok(())
+}
+
+fn report(f: &Finish, seed: u64) {
+    let ttft = f.time_to_first_token.unwrap_or_default().as_secs_f64();
+    // The first token comes with the prefill; the rest are decode steps.
+    let decode_tokens = f.tokens_out.saturating_sub(1);
+    eprintln!(
+        "\n[prompt: {} tokens, {:.1} tok/s | generated: {} tokens, {:.1} tok/s | stop: {} | seed {seed}]",
+        f.prompt_tokens,
+        f.prompt_tokens as f64 / ttft.max(1e-9),
+        f.tokens_out,
+        decode_tokens as f64 / f.decode_time.as_secs_f64().max(1e-9),
+        f.stop_reason.as_str(),
+    );
+}
+
+fn stream_to_stdout(piece: &str) -> bool {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout ends generation like a cancel.
+    out.write_all(piece.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
+}
+
+pub fn run_generate(
+    model_args: &ModelArgs,
+    sampling: &SamplingArgs,
+    prompt: &str,
+    chat: bool,
+) -> Result<()> {
+    let loaded = load(model_args)?;
+    let text = if chat {
+        let template = loaded
+            .template
+            .as_ref()
+            .context("the model has no chat template; run without --chat")?;
+        template.render(&[Message::new("user", prompt)], true)?
+    } else {
+        prompt.to_string()
+    };
+    let tokens = loaded.tokenizer.encode(&text, true, chat);
+    let params = sampling.params();
+    let seed = params.sampling.seed;
+    let finish = generate_blocking(&loaded.scheduler, tokens, params, stream_to_stdout)?;
+    println!();
+    report(&finish, seed);
+    Ok(())
+}
+
+pub fn run_chat(
+    model_args: &ModelArgs,
+    sampling: &SamplingArgs,
+    system: Option<&str>,
+) -> Result<()> {
+    let loaded = load(model_args)?;
+    let template = loaded
+        .template
+        .as_ref()
+        .context("the model has no chat template, so it cannot chat")?;
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(Message::new("system", system));
+    }
+    let stdin = std::io::stdin();
+    let mut params = sampling.params();
+    eprintln!(
+        "chatting with {} (empty line or Ctrl-D to quit)",
+        model_args
+            .model
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| DEFAULT_MODEL.to_string())
+    );
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(Message::new("user", line.trim_end()));
+        let text = template.render(&messages, true)?;
+        let tokens = loaded.tokenizer.encode(&text, true, true);
+        let finish =
+            generate_blocking(&loaded.scheduler, tokens, params.clone(), stream_to_stdout)?;
+        println!();
+        report(&finish, params.sampling.seed);
+        messages.push(Message::new("assistant", finish.text.trim()));
+        params.sampling.seed = params.sampling.seed.wrapping_add(1);
+    }
+    Ok(())
+}
