@@ -250,7 +250,7 @@ impl Tokenizer {
         // Per-model defaults, as llama.cpp sets them before reading overrides.
         let kind;
         let mut pre = None;
-        let (mut bos, mut eos, mut unk): (Option<u32>, Option<u32>, Option<u32>);
+        let (bos, eos, unk): (Option<u32>, Option<u32>, Option<u32>);
         let mut add_bos;
         let mut add_eos = false;
         let mut add_space_prefix;
@@ -332,41 +332,7 @@ impl Tokenizer {
             None => None,
         };
 
-        // Special token ids: a default outside the vocabulary is dropped, an
-        // explicit one is an error.
-        let in_vocab = |id: Option<u32>| id.filter(|&id| (id as usize) < n_tokens);
-        (bos, eos, unk) = (in_vocab(bos), in_vocab(eos), in_vocab(unk));
-        let special_id = |key: &str, default: Option<u32>| -> Result<Option<u32>, TokenizerError> {
-            if meta.get(key).is_none() {
-                return Ok(default);
-            }
-            let id = meta.get_u32(key)?;
-            if id as usize >= n_tokens {
-                return Err(TokenizerError::invalid(
-                    key,
-                    format!("token id {id} is outside the vocabulary of {n_tokens} tokens"),
-                ));
-            }
-            Ok(Some(id))
-        };
-        let bos = special_id("tokenizer.ggml.bos_token_id", bos)?;
-        let eos = special_id("tokenizer.ggml.eos_token_id", eos)?;
-        let mut eot = special_id("tokenizer.ggml.eot_token_id", None)?;
-        let mut eom = special_id("tokenizer.ggml.eom_token_id", None)?;
-        let unk = special_id("tokenizer.ggml.unknown_token_id", unk)?;
-        special_id("tokenizer.ggml.seperator_token_id", None)?;
-        let pad = special_id("tokenizer.ggml.padding_token_id", None)?;
-        special_id("tokenizer.ggml.mask_token_id", None)?;
-        let mut fim_pre = special_id("tokenizer.ggml.fim_pre_token_id", None)?;
-        let mut fim_suf = special_id("tokenizer.ggml.fim_suf_token_id", None)?;
-        let mut fim_mid = special_id("tokenizer.ggml.fim_mid_token_id", None)?;
-        let mut fim_pad = special_id("tokenizer.ggml.fim_pad_token_id", None)?;
-        let mut fim_rep = special_id("tokenizer.ggml.fim_rep_token_id", None)?;
-        let mut fim_sep = special_id("tokenizer.ggml.fim_sep_token_id", None)?;
-        fim_pre = special_id("tokenizer.ggml.prefix_token_id", fim_pre)?;
-        fim_suf = special_id("tokenizer.ggml.suffix_token_id", fim_suf)?;
-        fim_mid = special_id("tokenizer.ggml.middle_token_id", fim_mid)?;
-
+        let mut ids = SpecialIds::read(meta, n_tokens, bos, eos, unk)?;
         if let Some(v) = optional_bool(meta, "tokenizer.ggml.add_bos_token")? {
             add_bos = v;
         }
@@ -376,75 +342,15 @@ impl Tokenizer {
         if model == "gemma4" {
             add_bos = true;
         }
-
-        // Recognise unnamed special tokens by their text and make them
-        // control tokens, as llama.cpp does.
-        // llama.cpp takes the first candidate in its hash map's order; the
-        // lowest id is a fixed rule that agrees with it on the test models.
-        let find = |texts: &[&str]| {
-            texts
-                .iter()
-                .filter_map(|t| token_to_id.get(*t).copied())
-                .min()
-        };
-        for (slot, texts) in [
-            (&mut eot, EOT_TEXTS),
-            (&mut eom, EOM_TEXTS),
-            (&mut fim_pre, FIM_PRE_TEXTS),
-            (&mut fim_suf, FIM_SUF_TEXTS),
-            (&mut fim_mid, FIM_MID_TEXTS),
-            (&mut fim_pad, FIM_PAD_TEXTS),
-            (&mut fim_rep, FIM_REP_TEXTS),
-            (&mut fim_sep, FIM_SEP_TEXTS),
-        ] {
-            if slot.is_none() {
-                *slot = find(texts);
-                if let Some(id) = *slot {
-                    attrs[id as usize] |= attr::CONTROL;
-                }
-            }
-        }
-        for (id, text) in tokens.iter().enumerate() {
-            if attrs[id] & attr::CONTROL != 0 && text.contains("unused") {
-                attrs[id] |= attr::UNUSED;
-            }
-        }
-
-        // End of generation: FIM pad/repo/separator, every token with an
-        // end-of-something text, and eos/eot/eom.
-        let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
-        for text in EOG_TEXTS {
-            if let Some(&id) = token_to_id.get(*text) {
-                eog.push(id);
-                attrs[id as usize] |= attr::CONTROL;
-            }
-        }
-        for text in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
-            if let Some(&id) = token_to_id.get(text) {
-                attrs[id as usize] = attr::USER_DEFINED;
-            }
-        }
-        eog.extend([eos, eot, eom].into_iter().flatten());
-        eog.sort_unstable();
-        eog.dedup();
-        let eog_has = |eog: &[u32], text: &str| eog.iter().any(|&id| tokens[id as usize] == text);
-        // gpt-oss and solar-open: `<|end|>` ends a message, not the generation.
-        if (eog_has(&eog, "<|return|>") && eog_has(&eog, "<|call|>")
-            || eog_has(&eog, "<|calls|>") && eog_has(&eog, "<|flush|>"))
-            && eog_has(&eog, "<|end|>")
-        {
-            let end = token_to_id["<|end|>"];
-            eog.retain(|&id| id != end);
-            attrs[end as usize] = attr::USER_DEFINED;
-        }
-        // Gemma 4 and PLaMo-2: `</s>` is an ordinary token.
-        if (eog_has(&eog, "<|tool_response>") || eog_has(&eog, "<|plamo:eos|>"))
-            && eog_has(&eog, "</s>")
-        {
-            let s = token_to_id["</s>"];
-            eog.retain(|&id| id != s);
-            attrs[s as usize] = attr::NORMAL;
-        }
+        let eog = ids.recognise_by_text(&tokens, &token_to_id, &mut attrs);
+        let SpecialIds {
+            bos,
+            eos,
+            eot,
+            unk,
+            pad,
+            ..
+        } = ids;
 
         let mut special_order: Vec<u32> = (0..n_tokens as u32)
             .filter(|&id| {
@@ -621,23 +527,150 @@ pub(crate) fn bos_eos_ids(
         Some("gpt2") => (Some(11), Some(11)),
         _ => (None, None),
     };
-    let resolve = |key: &str, default: Option<u32>| -> Result<Option<u32>, TokenizerError> {
-        if meta.get(key).is_none() {
-            return Ok(default.filter(|&id| (id as usize) < n_tokens));
+    let ids = SpecialIds::read(meta, n_tokens, bos, eos, None)?;
+    Ok((ids.bos, ids.eos))
+}
+
+/// The special token ids llama.cpp reads from the metadata or recognises by text.
+struct SpecialIds {
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eot: Option<u32>,
+    eom: Option<u32>,
+    unk: Option<u32>,
+    pad: Option<u32>,
+    fim_pre: Option<u32>,
+    fim_suf: Option<u32>,
+    fim_mid: Option<u32>,
+    fim_pad: Option<u32>,
+    fim_rep: Option<u32>,
+    fim_sep: Option<u32>,
+}
+
+impl SpecialIds {
+    /// The `tokenizer.ggml.*_token_id` keys. A default outside the
+    /// vocabulary is dropped; an explicit id outside it is an error.
+    fn read(
+        meta: &Metadata,
+        n_tokens: usize,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        unk: Option<u32>,
+    ) -> Result<Self, TokenizerError> {
+        let id = |key: &str, default: Option<u32>| -> Result<Option<u32>, TokenizerError> {
+            let default = default.filter(|&id| (id as usize) < n_tokens);
+            if meta.get(key).is_none() {
+                return Ok(default);
+            }
+            let id = meta.get_u32(key)?;
+            if id as usize >= n_tokens {
+                return Err(TokenizerError::invalid(
+                    key,
+                    format!("token id {id} is outside the vocabulary of {n_tokens} tokens"),
+                ));
+            }
+            Ok(Some(id))
+        };
+        // Read but unused here; checked all the same.
+        id("tokenizer.ggml.seperator_token_id", None)?;
+        id("tokenizer.ggml.mask_token_id", None)?;
+        let key = |name: &str| format!("tokenizer.ggml.{name}_token_id");
+        // The deprecated prefix/suffix/middle keys override the fim_* ones, as in llama.cpp.
+        let fim = |name: &str, old: &str| id(&key(old), id(&key(name), None)?);
+        Ok(SpecialIds {
+            bos: id(&key("bos"), bos)?,
+            eos: id(&key("eos"), eos)?,
+            eot: id(&key("eot"), None)?,
+            eom: id(&key("eom"), None)?,
+            unk: id(&key("unknown"), unk)?,
+            pad: id(&key("padding"), None)?,
+            fim_pre: fim("fim_pre", "prefix")?,
+            fim_suf: fim("fim_suf", "suffix")?,
+            fim_mid: fim("fim_mid", "middle")?,
+            fim_pad: id(&key("fim_pad"), None)?,
+            fim_rep: id(&key("fim_rep"), None)?,
+            fim_sep: id(&key("fim_sep"), None)?,
+        })
+    }
+
+    /// Fill unnamed end-of-turn and fill-in-the-middle tokens from their
+    /// text, make every end-of-something token a control token, and return
+    /// the end-of-generation ids, sorted (llama.cpp's load, step by step).
+    fn recognise_by_text(
+        &mut self,
+        tokens: &[String],
+        token_to_id: &HashMap<String, u32, FxBuild>,
+        attrs: &mut [u16],
+    ) -> Vec<u32> {
+        // llama.cpp takes the first candidate in its hash map's order; the
+        // lowest id is a fixed rule that agrees with it on the test models.
+        let find = |texts: &[&str]| {
+            texts
+                .iter()
+                .filter_map(|t| token_to_id.get(*t).copied())
+                .min()
+        };
+        for (slot, texts) in [
+            (&mut self.eot, EOT_TEXTS),
+            (&mut self.eom, EOM_TEXTS),
+            (&mut self.fim_pre, FIM_PRE_TEXTS),
+            (&mut self.fim_suf, FIM_SUF_TEXTS),
+            (&mut self.fim_mid, FIM_MID_TEXTS),
+            (&mut self.fim_pad, FIM_PAD_TEXTS),
+            (&mut self.fim_rep, FIM_REP_TEXTS),
+            (&mut self.fim_sep, FIM_SEP_TEXTS),
+        ] {
+            if slot.is_none() {
+                *slot = find(texts);
+                if let Some(id) = *slot {
+                    attrs[id as usize] |= attr::CONTROL;
+                }
+            }
         }
-        let id = meta.get_u32(key)?;
-        if id as usize >= n_tokens {
-            return Err(TokenizerError::invalid(
-                key,
-                format!("token id {id} is outside the vocabulary of {n_tokens} tokens"),
-            ));
+        for (id, text) in tokens.iter().enumerate() {
+            if attrs[id] & attr::CONTROL != 0 && text.contains("unused") {
+                attrs[id] |= attr::UNUSED;
+            }
         }
-        Ok(Some(id))
-    };
-    Ok((
-        resolve("tokenizer.ggml.bos_token_id", bos)?,
-        resolve("tokenizer.ggml.eos_token_id", eos)?,
-    ))
+
+        // FIM pad/repo/separator, every token with an end-of-something text, eos/eot/eom.
+        let mut eog: Vec<u32> = [self.fim_pad, self.fim_rep, self.fim_sep]
+            .into_iter()
+            .flatten()
+            .collect();
+        for text in EOG_TEXTS {
+            if let Some(&id) = token_to_id.get(*text) {
+                eog.push(id);
+                attrs[id as usize] |= attr::CONTROL;
+            }
+        }
+        // gpt-oss: always rendered.
+        for text in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
+            if let Some(&id) = token_to_id.get(text) {
+                attrs[id as usize] = attr::USER_DEFINED;
+            }
+        }
+        eog.extend([self.eos, self.eot, self.eom].into_iter().flatten());
+        eog.sort_unstable();
+        eog.dedup();
+        let has = |eog: &[u32], text: &str| eog.iter().any(|&id| tokens[id as usize] == text);
+        // gpt-oss and solar-open: `<|end|>` ends a message, not the generation.
+        if (has(&eog, "<|return|>") && has(&eog, "<|call|>")
+            || has(&eog, "<|calls|>") && has(&eog, "<|flush|>"))
+            && has(&eog, "<|end|>")
+        {
+            let end = token_to_id["<|end|>"];
+            eog.retain(|&id| id != end);
+            attrs[end as usize] = attr::USER_DEFINED;
+        }
+        // Gemma 4 and PLaMo-2: `</s>` is an ordinary token.
+        if (has(&eog, "<|tool_response>") || has(&eog, "<|plamo:eos|>")) && has(&eog, "</s>") {
+            let s = token_to_id["</s>"];
+            eog.retain(|&id| id != s);
+            attrs[s as usize] = attr::NORMAL;
+        }
+        eog
+    }
 }
 
 impl std::fmt::Debug for Tokenizer {
