@@ -29,6 +29,7 @@ use rayon::prelude::*;
 pub use gguf::{GgmlType, QK_K};
 pub use kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 pub use legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, QK_LEGACY};
+pub use matmul::{matmul, matmul_input, Activations, MatmulInput, TOKEN_TILE};
 
 /// Types this crate can both dequantize and quantize.
 pub const SUPPORTED_TYPES: [GgmlType; 15] = [
@@ -61,6 +62,7 @@ const QUANTIZE_TASK_VALUES: usize = 1 << 12;
 pub enum Op {
     Dequantize,
     Quantize,
+    Matmul,
 }
 
 impl fmt::Display for Op {
@@ -68,6 +70,7 @@ impl fmt::Display for Op {
         f.write_str(match self {
             Op::Dequantize => "dequantize",
             Op::Quantize => "quantize",
+            Op::Matmul => "multiply",
         })
     }
 }
@@ -99,6 +102,15 @@ pub enum QuantError {
         values: usize,
         output_len: usize,
     },
+    #[error("{ty} matrix of {rows}×{cols}: {problem}")]
+    MatmulShape {
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        problem: String,
+    },
+    #[error("activations of {len} values are not {n} tokens × {cols}")]
+    Activations { len: usize, n: usize, cols: usize },
 }
 
 struct SupportedList;
@@ -194,6 +206,9 @@ macro_rules! with_kernel {
         }
     };
 }
+
+// after with_kernel!, which it uses
+mod matmul;
 
 /// Number of values in `src`, which must be whole blocks of `ty`.
 fn values_in(ty: GgmlType, src: &[u8]) -> Result<usize, QuantError> {

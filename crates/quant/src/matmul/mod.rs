@@ -1,0 +1,414 @@
+//! Matrix products straight from the blocks: `y = x·Wᵀ` without
+//! dequantizing `W` to memory first (llama.cpp's `vec_dot_*` and
+//! `ggml_compute_forward_mul_mat` on the CPU).
+//!
+//! Two ways for the activations to meet the weights ([`Activations`]):
+//!
+//! * **F32** — each weight block is decoded in registers and multiplied into
+//!   the f32 activations with fused multiply-adds. Block scales are factored
+//!   out of the inner sums (`d·Σq·x`), and for the formats with a min,
+//!   `Σ(d·q + m)·x = d·Σq·x + m·Σx` with `Σx` taken once per 32 activations.
+//!   Not bit-exact with [`crate::dequantize`] followed by a dot product (the
+//!   summation order differs and FMA rounds once), but f32 accumulation
+//!   throughout: this is the reference mode.
+//! * **Q8** — the activations are quantized once per call to 8 bits per
+//!   block, like llama.cpp's `vec_dot_type` (32-value blocks for the legacy
+//!   formats, 256-value blocks with 16-value sums for the K-quants, scales in
+//!   f32), and each block product is an integer dot product
+//!   (`vpmaddubsw`/`vpmaddwd`), scaled once per block. Faster, with the error
+//!   of 8-bit activations (what llama.cpp computes). The float weight formats,
+//!   and the formats without an integer kernel (Q2_K, Q3_K) or a CPU without
+//!   AVX2, compute the F32 result instead.
+//!
+//! Work is split over the rayon pool by rows of `W`; with several tokens
+//! each weight block is decoded once for a tile of up to [`TOKEN_TILE`]
+//! tokens. The fast kernels are hand-written AVX2+FMA+F16C, picked at run
+//! time; every format also has a portable kernel (decode a run of blocks
+//! with the crate's dequantizer, then a dot product).
+
+mod portable;
+#[cfg(test)]
+mod tests;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::{can_dequantize, GgmlType, Op, QuantError, QK_K, QK_LEGACY};
+
+/// How the activations meet the weights; see the [module docs](self).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Activations {
+    /// f32 activations, f32 products and sums (the reference).
+    F32,
+    /// Activations quantized per block to 8 bits, integer block products.
+    Q8,
+}
+
+/// Tokens whose products share one decode of each weight block.
+pub const TOKEN_TILE: usize = 4;
+
+/// Below this many multiply-adds a product runs on the calling thread
+/// (waking the pool costs more than it saves).
+const PARALLEL_MIN_WORK: usize = 1 << 16;
+/// Weight bytes a task works through before moving to the next token tile,
+/// so that the rows stay in the L1/L2 cache across tiles.
+const ROW_BLOCK_BYTES: usize = 1 << 15;
+
+/// 8-bit activations for the legacy (32-value) formats: `x ≈ d·q`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Q8Block {
+    pub qs: [i8; QK_LEGACY],
+    pub d: f32,
+    /// `d·Σq`: the block's sum, for the formats with an offset.
+    pub s: f32,
+}
+
+/// 8-bit activations for the K-quants: `x ≈ d·q`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Q8KBlock {
+    pub qs: [i8; QK_K],
+    /// Σq of each 16 values.
+    pub bsums: [i16; QK_K / 16],
+    pub d: f32,
+}
+
+/// The activations of one product, `n × cols` f32 values (token-major),
+/// with the derived forms the kernels want computed once, on first use.
+///
+/// Make one for activations that several matrices multiply (the Q, K and V
+/// projections, the FFN gate and up) so they are quantized only once.
+pub struct MatmulInput<'a> {
+    x: &'a [f32],
+    n: usize,
+    cols: usize,
+    /// Σx of each 32 values, n × cols/32.
+    sums: OnceLock<Vec<f32>>,
+    /// n × cols/32
+    q8: OnceLock<Vec<Q8Block>>,
+    /// n × cols/256
+    q8k: OnceLock<Vec<Q8KBlock>>,
+}
+
+impl<'a> MatmulInput<'a> {
+    /// `x` is `n` rows of `cols` values.
+    pub fn new(x: &'a [f32], n: usize, cols: usize) -> Result<Self, QuantError> {
+        if n.checked_mul(cols) != Some(x.len()) {
+            return Err(QuantError::Activations {
+                len: x.len(),
+                n,
+                cols,
+            });
+        }
+        Ok(MatmulInput {
+            x,
+            n,
+            cols,
+            sums: OnceLock::new(),
+            q8: OnceLock::new(),
+            q8k: OnceLock::new(),
+        })
+    }
+
+    /// Number of tokens (rows of `x`).
+    pub fn tokens(&self) -> usize {
+        self.n
+    }
+
+    /// Values per token.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn sums(&self) -> &[f32] {
+        self.sums.get_or_init(|| {
+            let groups = self.cols / QK_LEGACY;
+            let mut sums = vec![0f32; self.n * groups];
+            for (x, sums) in self
+                .x
+                .chunks_exact(self.cols)
+                .zip(sums.chunks_exact_mut(groups))
+            {
+                for (x, sum) in x.chunks_exact(QK_LEGACY).zip(sums) {
+                    *sum = portable::sum32(x.try_into().expect("32 values"));
+                }
+            }
+            sums
+        })
+    }
+
+    fn q8(&self) -> &[Q8Block] {
+        self.q8.get_or_init(|| {
+            let empty = Q8Block {
+                qs: [0; QK_LEGACY],
+                d: 0.0,
+                s: 0.0,
+            };
+            let mut blocks = vec![empty; self.x.len() / QK_LEGACY];
+            quantize_q8(self.x, &mut blocks);
+            blocks
+        })
+    }
+
+    fn q8k(&self) -> &[Q8KBlock] {
+        self.q8k.get_or_init(|| {
+            let empty = Q8KBlock {
+                qs: [0; QK_K],
+                bsums: [0; QK_K / 16],
+                d: 0.0,
+            };
+            let mut blocks = vec![empty; self.x.len() / QK_K];
+            quantize_q8k(self.x, &mut blocks);
+            blocks
+        })
+    }
+}
+
+/// Quantizes `x` (whole 32-value blocks) to [`Q8Block`]s.
+fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        x86::quantize_q8(x, out);
+        return;
+    }
+    for (x, out) in x.chunks_exact(QK_LEGACY).zip(out) {
+        *out = portable::quantize_q8_block(x.try_into().expect("32 values"));
+    }
+}
+
+/// Quantizes `x` (whole 256-value blocks) to [`Q8KBlock`]s.
+fn quantize_q8k(x: &[f32], out: &mut [Q8KBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        x86::quantize_q8k(x, out);
+        return;
+    }
+    for (x, out) in x.chunks_exact(QK_K).zip(out) {
+        *out = portable::quantize_q8k_block(x.try_into().expect("256 values"));
+    }
+}
+
+/// The weight matrix as the kernels see it: `rows` rows of `row_bytes`.
+#[derive(Clone, Copy)]
+pub(crate) struct Weights<'a> {
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+    pub row_bytes: usize,
+}
+
+impl<'a> Weights<'a> {
+    #[inline(always)]
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+}
+
+/// The activations in the form a kernel asked for (the others empty).
+#[derive(Clone, Copy)]
+pub(crate) struct Prepared<'a> {
+    pub cols: usize,
+    pub x: &'a [f32],
+    pub sums: &'a [f32],
+    pub q8: &'a [Q8Block],
+    pub q8k: &'a [Q8KBlock],
+}
+
+impl<'a> Prepared<'a> {
+    #[inline(always)]
+    pub fn x(&self, t: usize) -> &'a [f32] {
+        &self.x[t * self.cols..(t + 1) * self.cols]
+    }
+    #[inline(always)]
+    pub fn sums(&self, t: usize) -> &'a [f32] {
+        let groups = self.cols / QK_LEGACY;
+        &self.sums[t * groups..(t + 1) * groups]
+    }
+    #[inline(always)]
+    pub fn q8(&self, t: usize) -> &'a [Q8Block] {
+        let blocks = self.cols / QK_LEGACY;
+        &self.q8[t * blocks..(t + 1) * blocks]
+    }
+    #[inline(always)]
+    pub fn q8k(&self, t: usize) -> &'a [Q8KBlock] {
+        let blocks = self.cols / QK_K;
+        &self.q8k[t * blocks..(t + 1) * blocks]
+    }
+}
+
+/// Which derived activations a kernel reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Needs {
+    X,
+    XAndSums,
+    Q8,
+    Q8K,
+}
+
+/// Computes `out[t][i] = Σ_c W[rows.start + i][c] · x[t][c]` for every token `t`.
+pub(crate) type Kernel =
+    fn(w: Weights<'_>, input: &Prepared<'_>, rows: Range<usize>, out: &mut [&mut [f32]]);
+
+/// The best kernel for `ty` and `act` on this CPU.
+fn select(ty: GgmlType, act: Activations) -> (Kernel, Needs) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(selected) = x86::select(ty, act) {
+        return selected;
+    }
+    let _ = act;
+    portable::select(ty)
+}
+
+/// `y[t][r] = Σ_c W[r][c] · x[t][c]` for `t` in `0..n`: `W` is `rows` rows of
+/// `cols` values of type `ty` (whole blocks, row-major as in a GGUF file),
+/// `x` is `n × cols` and `y` is `n × rows`. Runs on the rayon pool. Slices
+/// may have any alignment.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    act: Activations,
+) -> Result<(), QuantError> {
+    let input = MatmulInput::new(x, n, cols)?;
+    matmul_input(ty, w, rows, &input, y, act)
+}
+
+/// [`matmul`] with activations shared between products (see [`MatmulInput`]).
+pub fn matmul_input(
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    input: &MatmulInput<'_>,
+    y: &mut [f32],
+    act: Activations,
+) -> Result<(), QuantError> {
+    matmul_using(ty, w, rows, input, y, || select(ty, act))
+}
+
+/// [`matmul_input`] with the kernel chosen by `pick` (once the shapes are checked).
+fn matmul_using(
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    input: &MatmulInput<'_>,
+    y: &mut [f32],
+    pick: impl FnOnce() -> (Kernel, Needs),
+) -> Result<(), QuantError> {
+    let (n, cols) = (input.n, input.cols);
+    if !can_dequantize(ty) {
+        return Err(QuantError::Unsupported { ty, op: Op::Matmul });
+    }
+    let shape_error = |problem| QuantError::MatmulShape {
+        ty,
+        rows,
+        cols,
+        problem,
+    };
+    if !cols.is_multiple_of(ty.block_size()) {
+        return Err(shape_error(format!(
+            "the row length is not a multiple of the block size {}",
+            ty.block_size()
+        )));
+    }
+    let row_bytes = cols / ty.block_size() * ty.type_size();
+    if rows.checked_mul(row_bytes) != Some(w.len()) {
+        return Err(shape_error(format!(
+            "expected {} bytes of weights, found {}",
+            rows.saturating_mul(row_bytes),
+            w.len()
+        )));
+    }
+    if n.checked_mul(rows) != Some(y.len()) {
+        return Err(shape_error(format!(
+            "the output for {n} tokens needs {} values, found {}",
+            n.saturating_mul(rows),
+            y.len()
+        )));
+    }
+    if n == 0 || rows == 0 {
+        return Ok(());
+    }
+    if cols == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+
+    let (kernel, needs) = pick();
+    let prepared = Prepared {
+        cols,
+        x: input.x,
+        sums: if needs == Needs::XAndSums {
+            input.sums()
+        } else {
+            &[]
+        },
+        q8: if needs == Needs::Q8 { input.q8() } else { &[] },
+        q8k: if needs == Needs::Q8K {
+            input.q8k()
+        } else {
+            &[]
+        },
+    };
+    let weights = Weights {
+        ty,
+        data: w,
+        row_bytes,
+    };
+    let run = |rows: Range<usize>, out: &mut [&mut [f32]]| {
+        // Row blocks small enough to stay cached while every token tile passes over them.
+        let block = (ROW_BLOCK_BYTES / row_bytes).max(1);
+        let mut start = rows.start;
+        while start < rows.end {
+            let end = (start + block).min(rows.end);
+            let mut sub: Vec<&mut [f32]> = out
+                .iter_mut()
+                .map(|o| &mut o[start - rows.start..end - rows.start])
+                .collect();
+            kernel(weights, &prepared, start..end, &mut sub);
+            start = end;
+        }
+    };
+    par_rows(rows, n, cols, y, run);
+    Ok(())
+}
+
+/// Splits rows `0..rows` into tasks on the rayon pool and calls `run` on each
+/// with that range and the matching part of every token's output row.
+fn par_rows(
+    rows: usize,
+    n: usize,
+    cols: usize,
+    y: &mut [f32],
+    run: impl Fn(Range<usize>, &mut [&mut [f32]]) + Sync,
+) {
+    let threads = rayon::current_num_threads();
+    if threads == 1 || rows * cols * n < PARALLEL_MIN_WORK || rows < 2 {
+        let mut out: Vec<&mut [f32]> = y.chunks_exact_mut(rows).collect();
+        run(0..rows, &mut out);
+        return;
+    }
+    // A few tasks per thread even out threads that start late.
+    let tasks = threads * 4;
+    let chunk = rows.div_ceil(tasks);
+    let n_chunks = rows.div_ceil(chunk);
+    let mut parts: Vec<Vec<&mut [f32]>> = (0..n_chunks).map(|_| Vec::with_capacity(n)).collect();
+    for token_row in y.chunks_exact_mut(rows) {
+        for (part, piece) in parts.iter_mut().zip(token_row.chunks_mut(chunk)) {
+            part.push(piece);
+        }
+    }
+    parts.into_par_iter().enumerate().for_each(|(c, mut out)| {
+        let start = c * chunk;
+        let end = (start + chunk).min(rows);
+        run(start..end, &mut out);
+    });
+}

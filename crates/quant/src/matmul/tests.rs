@@ -1,0 +1,338 @@
+//! The products against dequantize-then-f64-dot on random matrices of every
+//! type, in both modes, for the selected (AVX2) and the portable kernels.
+
+use half::f16;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::*;
+use crate::{dequantize_to_vec, SUPPORTED_TYPES};
+
+/// Byte offsets of the f16 scale fields in a block of `ty`.
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q8_1 | GgmlType::Q4_K | GgmlType::Q5_K => {
+            &[0, 2]
+        }
+        GgmlType::Q2_K => &[80, 82],
+        GgmlType::Q3_K => &[108],
+        GgmlType::Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+/// `rows × cols` random weights of `ty`: random quant bits (every pattern,
+/// extremes included) under scales of a realistic size, or random values
+/// for the float types.
+fn random_weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let values = rows * cols;
+    match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            let x: Vec<f32> = (0..values).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+            crate::quantize(ty, &x).unwrap()
+        }
+        _ => {
+            let mut bytes = vec![0u8; values / ty.block_size() * ty.type_size()];
+            rng.fill(&mut bytes[..]);
+            for block in bytes.chunks_exact_mut(ty.type_size()) {
+                if ty == GgmlType::Q8_K {
+                    block[..4].copy_from_slice(&rng.gen_range(-1e-2f32..1e-2).to_le_bytes());
+                }
+                for &offset in f16_fields(ty) {
+                    let scale = f16::from_f32(rng.gen_range(-1e-2f32..1e-2));
+                    block[offset..offset + 2].copy_from_slice(&scale.to_le_bytes());
+                }
+            }
+            bytes
+        }
+    }
+}
+
+/// Activations with varied magnitudes (a few large values, as real ones have).
+fn random_activations(len: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    (0..len)
+        .map(|_| {
+            let v = rng.gen_range(-1.0f32..1.0);
+            if rng.gen_bool(0.02) {
+                v * 20.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// `(Σ w·x, Σ |w·x|)` in f64 for every token and row: the reference and the
+/// scale its rounding error is measured against.
+fn reference(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<(f64, f64)> {
+    let mut out = Vec::with_capacity(n * rows);
+    for t in 0..n {
+        let x = &x[t * cols..(t + 1) * cols];
+        for r in 0..rows {
+            let w = &w[r * cols..(r + 1) * cols];
+            let (sum, abs) = w.iter().zip(x).fold((0f64, 0f64), |(s, a), (&w, &x)| {
+                let p = f64::from(w) * f64::from(x);
+                (s + p, a + p.abs())
+            });
+            out.push((sum, abs));
+        }
+    }
+    out
+}
+
+/// The activations the Q8 kernel of `ty` actually multiplies (dequantized),
+/// or `x` where Q8 mode computes in f32.
+fn q8_effective(ty: GgmlType, input: &MatmulInput<'_>) -> Vec<f32> {
+    match select(ty, Activations::Q8).1 {
+        Needs::Q8 => input
+            .q8()
+            .iter()
+            .flat_map(|b| b.qs.map(|q| b.d * f32::from(q)))
+            .collect(),
+        Needs::Q8K => input
+            .q8k()
+            .iter()
+            .flat_map(|b| b.qs.map(|q| b.d * f32::from(q)))
+            .collect(),
+        Needs::X | Needs::XAndSums => input.x.to_vec(),
+    }
+}
+
+const TOLERANCE: f64 = 1e-5;
+
+/// Checks `y` against the reference: within [`TOLERANCE`] of Σ|w·x| (f32
+/// rounding of a sum), plus `slack[t][r]` (quantization of the activations).
+fn check(what: &str, y: &[f32], reference: &[(f64, f64)], slack: &[f64]) {
+    for (i, (&y, &(expected, abs))) in y.iter().zip(reference).enumerate() {
+        let allowed = TOLERANCE * abs + slack[i] + 1e-30;
+        let error = (f64::from(y) - expected).abs();
+        assert!(
+            error <= allowed,
+            "{what}: output {i}: {y:e} vs {expected:e} (error {error:e}, allowed {allowed:e})"
+        );
+    }
+}
+
+/// The column counts a type is tested with (whole blocks; odd lengths for floats).
+fn col_counts(ty: GgmlType) -> Vec<usize> {
+    match ty.block_size() {
+        1 => vec![1, 15, 16, 37, 256, 583],
+        32 => vec![32, 96, 576],
+        _ => vec![256, 768],
+    }
+}
+
+fn run(
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    input: &MatmulInput<'_>,
+    pick: impl FnOnce() -> (Kernel, Needs),
+) -> Vec<f32> {
+    let mut y = vec![f32::NAN; input.n * rows];
+    matmul_using(ty, w, rows, input, &mut y, pick).unwrap();
+    y
+}
+
+#[test]
+fn every_type_matches_the_reference_in_both_modes() {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for ty in SUPPORTED_TYPES {
+        for cols in col_counts(ty) {
+            for (rows, n) in [(1, 1), (7, 1), (33, 2), (5, 3), (9, 4), (13, 9)] {
+                let w = random_weights(ty, rows, cols, &mut rng);
+                let w_values = dequantize_to_vec(ty, &w).unwrap();
+                let x = random_activations(n * cols, &mut rng);
+                let input = MatmulInput::new(&x, n, cols).unwrap();
+                let exact = reference(&w_values, rows, cols, &x, n);
+                let what = format!("{ty} {rows}×{cols}, {n} tokens");
+                let no_slack = vec![0.0; n * rows];
+
+                let y = run(ty, &w, rows, &input, || select(ty, Activations::F32));
+                check(&format!("{what}, F32"), &y, &exact, &no_slack);
+                let y = run(ty, &w, rows, &input, || portable::select(ty));
+                check(&format!("{what}, portable"), &y, &exact, &no_slack);
+
+                // Q8: exact against the quantized activations it multiplies,
+                // and within the quantization error of the true ones: each
+                // activation moves by at most half its block's step.
+                let y = run(ty, &w, rows, &input, || select(ty, Activations::Q8));
+                let x_q8 = q8_effective(ty, &input);
+                let against_q8 = reference(&w_values, rows, cols, &x_q8, n);
+                check(
+                    &format!("{what}, Q8 vs its activations"),
+                    &y,
+                    &against_q8,
+                    &no_slack,
+                );
+                let steps: Vec<f64> = x
+                    .iter()
+                    .zip(&x_q8)
+                    .map(|(a, b)| f64::from((a - b).abs()))
+                    .collect();
+                let mut slack = Vec::with_capacity(n * rows);
+                for t in 0..n {
+                    for r in 0..rows {
+                        let moved: f64 = w_values[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(&steps[t * cols..(t + 1) * cols])
+                            .map(|(&w, &s)| f64::from(w).abs() * s)
+                            .sum();
+                        slack.push(moved * (1.0 + 1e-3));
+                    }
+                }
+                check(&format!("{what}, Q8"), &y, &exact, &slack);
+            }
+        }
+    }
+}
+
+/// The Q8 activations are within half a step of the input, and the AVX2
+/// quantizers give exactly the scalar ones' blocks.
+#[test]
+fn q8_activations_round_to_nearest() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut x = random_activations(4 * QK_K, &mut rng);
+    x[QK_K..2 * QK_K].fill(0.0); // an all-zero block
+    x[2 * QK_K] = -1e3; // a block dominated by one value
+    let input = MatmulInput::new(&x, 1, x.len()).unwrap();
+    for (b, (block, x)) in input.q8().iter().zip(x.chunks_exact(QK_LEGACY)).enumerate() {
+        let scalar = portable::quantize_q8_block(x.try_into().unwrap());
+        assert_eq!(
+            (block.qs, block.d.to_bits(), block.s.to_bits()),
+            (scalar.qs, scalar.d.to_bits(), scalar.s.to_bits()),
+            "block {b}"
+        );
+        for (&q, &v) in block.qs.iter().zip(x) {
+            assert!(
+                (block.d * f32::from(q) - v).abs() <= block.d * 0.5001,
+                "block {b}"
+            );
+        }
+    }
+    for (b, (block, x)) in input.q8k().iter().zip(x.chunks_exact(QK_K)).enumerate() {
+        let scalar = portable::quantize_q8k_block(x.try_into().unwrap());
+        assert_eq!(block.qs, scalar.qs, "block {b}");
+        assert_eq!(block.bsums, scalar.bsums, "block {b}");
+        assert_eq!(block.d.to_bits(), scalar.d.to_bits(), "block {b}");
+    }
+}
+
+/// Large enough to be split over the pool; weights, activations and output
+/// at odd addresses; results equal to a single-threaded run.
+#[test]
+fn parallel_and_unaligned_runs_agree() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    let single = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::F16,
+    ] {
+        let (rows, cols, n) = (131, 1024, 6);
+        let w = random_weights(ty, rows, cols, &mut rng);
+        let mut w_shifted = vec![0u8; w.len() + 1];
+        w_shifted[1..].copy_from_slice(&w);
+        let x = random_activations(n * cols + 1, &mut rng);
+        for act in [Activations::F32, Activations::Q8] {
+            let mut y = vec![0f32; n * rows + 1];
+            pool.install(|| {
+                matmul(
+                    ty,
+                    &w_shifted[1..],
+                    rows,
+                    cols,
+                    &x[1..],
+                    n,
+                    &mut y[1..],
+                    act,
+                )
+            })
+            .unwrap();
+            let mut expected = vec![0f32; n * rows];
+            single
+                .install(|| matmul(ty, &w, rows, cols, &x[1..], n, &mut expected, act))
+                .unwrap();
+            assert_eq!(&y[1..], &expected[..], "{ty} {act:?}");
+        }
+    }
+}
+
+#[test]
+fn shapes_are_checked() {
+    let w = vec![0u8; 2 * 18];
+    let x = vec![0f32; 32];
+    let mut y = vec![0f32; 2];
+    let act = Activations::F32;
+    assert!(matmul(GgmlType::Q4_0, &w, 2, 32, &x, 1, &mut y, act).is_ok());
+    assert!(matches!(
+        matmul(GgmlType::Q4_0, &w, 3, 32, &x, 1, &mut [0.0; 3], act),
+        Err(QuantError::MatmulShape { .. })
+    ));
+    assert!(matches!(
+        matmul(
+            GgmlType::Q4_0,
+            &w[..18],
+            1,
+            16,
+            &x[..16],
+            1,
+            &mut y[..1],
+            act
+        ),
+        Err(QuantError::MatmulShape { .. })
+    ));
+    assert!(matches!(
+        matmul(GgmlType::Q4_0, &w, 2, 32, &x, 2, &mut y, act),
+        Err(QuantError::Activations { .. })
+    ));
+    assert!(matches!(
+        matmul(GgmlType::Q4_0, &w, 2, 32, &x, 1, &mut [0.0; 3], act),
+        Err(QuantError::MatmulShape { .. })
+    ));
+    assert!(matches!(
+        matmul(GgmlType::IQ4_NL, &w, 2, 32, &x, 1, &mut y, act),
+        Err(QuantError::Unsupported { .. })
+    ));
+    let message = matmul(GgmlType::Q4_0, &w, 3, 32, &x, 1, &mut [0.0; 3], act)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        message,
+        "Q4_0 matrix of 3×32: expected 54 bytes of weights, found 36"
+    );
+}
+
+/// One input, several matrices: the quantized forms are made once and reused.
+#[test]
+fn an_input_serves_several_matrices() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let (cols, n) = (512, 2);
+    let x = random_activations(n * cols, &mut rng);
+    let input = MatmulInput::new(&x, n, cols).unwrap();
+    for ty in [
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let w = random_weights(ty, 3, cols, &mut rng);
+        for act in [Activations::F32, Activations::Q8] {
+            let mut shared = vec![0f32; n * 3];
+            matmul_input(ty, &w, 3, &input, &mut shared, act).unwrap();
+            let mut fresh = vec![0f32; n * 3];
+            matmul(ty, &w, 3, cols, &x, n, &mut fresh, act).unwrap();
+            assert_eq!(shared, fresh, "{ty} {act:?}");
+        }
+    }
+}
