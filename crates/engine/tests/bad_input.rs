@@ -1,0 +1,175 @@
+//! Bad models and bad requests are clear errors, never panics: an unknown
+//! architecture, a missing tensor, a tensor of the wrong shape, a prompt
+//! longer than the context.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use engine::convert::FileType;
+use engine::cpu::CpuModel;
+use engine::generate::{generate_blocking, GenerateParams};
+use engine::scheduler::{self, Event, Job, SchedulerConfig};
+use engine::synth::{synthesize, Preset, SynthOptions};
+use gguf::{GgufFile, GgufWriter, Value};
+use tokenizer::Tokenizer;
+
+fn smollm_path() -> PathBuf {
+    let dir = match std::env::var_os("WORKER_ORCD_MODELS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
+            .join(".cache/worker-orcd/models"),
+    };
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        path.display()
+    );
+    path
+}
+
+/// A tiny-llama model re-written through `edit`, which copies (or drops,
+/// or reshapes) tensors and may change metadata; then parsed back.
+fn tiny_model(edit: impl FnOnce(&GgufFile, &mut GgufWriter<'_>)) -> GgufFile {
+    let tokenizer_source = GgufFile::open(smollm_path()).unwrap();
+    let base = synthesize(&SynthOptions {
+        preset: Preset::by_name("tiny-llama").unwrap(),
+        file_type: FileType::Q8_0,
+        seed: 1,
+        tokenizer_from: &tokenizer_source,
+    })
+    .unwrap();
+    let mut bytes = Vec::new();
+    base.write(&mut bytes).unwrap();
+    let original = GgufFile::from_bytes(bytes).unwrap();
+    let mut out = GgufWriter::with_metadata(original.metadata().clone());
+    edit(&original, &mut out);
+    let mut bytes = Vec::new();
+    out.write(&mut bytes).unwrap();
+    GgufFile::from_bytes(bytes).unwrap()
+}
+
+fn load_err(file: GgufFile) -> String {
+    match CpuModel::load(Arc::new(file)) {
+        Ok(_) => panic!("a broken model loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Copy every tensor except those `skip` rejects; `reshape` may give a tensor new dims.
+fn copy_tensors(
+    original: &GgufFile,
+    out: &mut GgufWriter<'_>,
+    skip: &str,
+    reshape: Option<(&str, Vec<u64>)>,
+) {
+    for t in original.tensors() {
+        if t.name == skip {
+            continue;
+        }
+        match &reshape {
+            Some((name, dims)) if *name == t.name => {
+                let n: u64 = dims.iter().product();
+                let bytes = t.ty.row_bytes(n).unwrap() as usize;
+                out.add_tensor(t.name.clone(), t.ty, dims, vec![0u8; bytes])
+                    .unwrap();
+            }
+            _ => out
+                .add_tensor(
+                    t.name.clone(),
+                    t.ty,
+                    &t.dims,
+                    original.tensor_data(t).to_vec(),
+                )
+                .unwrap(),
+        }
+    }
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let file = tiny_model(|original, out| {
+        out.set("general.architecture", Value::String("mamba".into()));
+        copy_tensors(original, out, "", None);
+    });
+    let msg = load_err(file);
+    assert!(msg.contains("unsupported architecture \"mamba\""), "{msg}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let file = tiny_model(|original, out| {
+        copy_tensors(original, out, "blk.1.ffn_up.weight", None);
+    });
+    let msg = load_err(file);
+    assert_eq!(msg, "tensor blk.1.ffn_up.weight: missing from the file");
+}
+
+#[test]
+fn wrong_shape_is_named_with_both_shapes() {
+    let file = tiny_model(|original, out| {
+        copy_tensors(
+            original,
+            out,
+            "",
+            Some(("blk.0.ffn_up.weight", vec![256, 736])),
+        );
+    });
+    let msg = load_err(file);
+    assert_eq!(
+        msg,
+        "tensor blk.0.ffn_up.weight: expected 256×768, found 256×736"
+    );
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_an_error_and_the_scheduler_goes_on() {
+    let file = Arc::new(GgufFile::open(smollm_path()).unwrap());
+    let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata()).unwrap());
+    let model = Arc::new(CpuModel::load(file).unwrap());
+    let (handle, _thread) = scheduler::spawn(
+        model,
+        tokenizer,
+        SchedulerConfig {
+            context: 64,
+            max_running: 2,
+            max_queued: 4,
+            step_tokens: 64,
+            kv_pages: 8,
+        },
+    );
+    let params = GenerateParams {
+        max_tokens: 4,
+        sampling: Default::default(),
+        stop: vec![],
+    };
+    let err = generate_blocking(&handle, vec![1; 100], params.clone(), |_| true).unwrap_err();
+    assert!(
+        err.to_string().contains("the prompt has 100 tokens"),
+        "{err}"
+    );
+
+    // The scheduler still serves a prompt that fits, and its pages come back.
+    let finish = generate_blocking(&handle, vec![1, 504, 3458], params.clone(), |_| true).unwrap();
+    assert_eq!(finish.tokens_out, 4);
+    assert_eq!(handle.pool().used_pages(), 0);
+
+    // Bad sampling settings are an error event naming the field.
+    let (tx, rx) = mpsc::channel();
+    let mut bad = params;
+    bad.sampling.top_p = f32::NAN;
+    handle
+        .submit(Job {
+            prompt: vec![1, 2],
+            params: bad,
+            cancel: Arc::new(AtomicBool::new(false)),
+            sink: Box::new(move |e| tx.send(e).is_ok()),
+        })
+        .unwrap();
+    match rx.recv().unwrap() {
+        Event::Error { message } => assert!(message.contains("top_p"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
