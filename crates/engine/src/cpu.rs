@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use gguf::GgufFile;
+use quant::{Activations, MatmulInput};
 use rayon::prelude::*;
 
 use crate::kv::{KvCache, KvPool};
@@ -34,6 +35,7 @@ pub struct CpuModel {
     file: Arc<GgufFile>,
     spec: ModelSpec,
     weights: ModelWeights,
+    activations: Activations,
 }
 
 impl CpuModel {
@@ -44,7 +46,20 @@ impl CpuModel {
             file,
             spec,
             weights,
+            activations: Activations::F32,
         })
+    }
+
+    /// Use `activations` for every matrix product: `F32` (the default) is
+    /// the reference; `Q8` quantizes activations to 8 bits per block, as
+    /// llama.cpp's CPU backend does, and is faster.
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
+    }
+
+    pub fn activations(&self) -> Activations {
+        self.activations
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -115,9 +130,11 @@ impl CpuModel {
         for (layer, lw) in w.layers.iter().enumerate() {
             // Attention block.
             rms_norm_rows(&x, &lw.attn_norm, spec.rms_eps, &mut normed);
-            let mut q = self.matmul(&lw.wq, &normed, n)?; // n × q_dim
-            let mut k = self.matmul(&lw.wk, &normed, n)?; // n × kv_dim
-            let mut v = self.matmul(&lw.wv, &normed, n)?; // n × kv_dim
+            let input = MatmulInput::new(&normed, n, embd)?;
+            let mut q = self.matmul_input(&lw.wq, &input)?; // n × q_dim
+            let mut k = self.matmul_input(&lw.wk, &input)?; // n × kv_dim
+            let mut v = self.matmul_input(&lw.wv, &input)?; // n × kv_dim
+            drop(input);
             if let (Some(bq), Some(bk), Some(bv)) = (&lw.bq, &lw.bk, &lw.bv) {
                 add_bias_rows(&mut q, bq);
                 add_bias_rows(&mut k, bk);
@@ -171,8 +188,10 @@ impl CpuModel {
 
             // Feed-forward block.
             rms_norm_rows(&x, &lw.ffn_norm, spec.rms_eps, &mut normed);
-            let mut gate = self.matmul(&lw.gate, &normed, n)?; // n × n_ff
-            let up = self.matmul(&lw.up, &normed, n)?; // n × n_ff
+            let input = MatmulInput::new(&normed, n, embd)?;
+            let mut gate = self.matmul_input(&lw.gate, &input)?; // n × n_ff
+            let up = self.matmul_input(&lw.up, &input)?; // n × n_ff
+            drop(input);
             gated_activation(&mut gate, &up, spec.activation);
             let mut down = self.matmul(&lw.down, &gate, n)?; // n × n_embd
             if let Some(post) = &lw.post_ffn_norm {
@@ -266,35 +285,25 @@ impl CpuModel {
 
     /// `y = x·Wᵀ` for `n` input rows: x is n × cols, y is n × rows.
     fn matmul(&self, w: &Matrix, x: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
-        debug_assert_eq!(x.len(), n * w.cols);
-        let data = w.data(&self.file);
-        let row_bytes = w.row_bytes();
-        // Rows per task: enough work to amortize scheduling, enough tasks to balance.
-        let chunk = (w.rows / (rayon::current_num_threads() * 8)).clamp(16, 1024);
-        // yᵀ, rows × n, so each task writes a contiguous slice.
-        let mut yt = vec![0f32; w.rows * n];
-        yt.par_chunks_mut(chunk * n).enumerate().try_for_each(
-            |(c, out)| -> Result<(), quant::QuantError> {
-                let mut row = vec![0f32; w.cols];
-                for (i, out_row) in out.chunks_exact_mut(n).enumerate() {
-                    let r = c * chunk + i;
-                    quant::dequantize(w.ty, &data[r * row_bytes..(r + 1) * row_bytes], &mut row)?;
-                    for (t, o) in out_row.iter_mut().enumerate() {
-                        *o = dot(&row, &x[t * w.cols..(t + 1) * w.cols]);
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        if n == 1 {
-            return Ok(yt);
-        }
-        let mut y = vec![0f32; n * w.rows];
-        for r in 0..w.rows {
-            for t in 0..n {
-                y[t * w.rows + r] = yt[r * n + t];
-            }
-        }
+        let input = MatmulInput::new(x, n, w.cols)?;
+        self.matmul_input(w, &input)
+    }
+
+    /// [`Self::matmul`] with activations shared by several matrices.
+    fn matmul_input(&self, w: &Matrix, input: &MatmulInput<'_>) -> Result<Vec<f32>, EngineError> {
+        let mut y = vec![0f32; input.tokens() * w.rows];
+        quant::matmul_input(
+            w.ty,
+            w.data(&self.file),
+            w.rows,
+            input,
+            &mut y,
+            self.activations,
+        )
+        .map_err(|e| EngineError::Tensor {
+            name: w.name.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(y)
     }
 }
