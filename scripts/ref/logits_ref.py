@@ -18,9 +18,12 @@ model's own add_bos):
    the teacher-forced sequence; the 32 steps are its positions
    prompt_len-1 .. prompt_len+30.
 2. The same sequence, fed in the same chunks, runs on the file dequantized
-   to F32 (`worker-orcd quantize --type F32`), which removes the weight
-   quantization from the comparison; llama.cpp's CPU path still rounds
-   activations to 8 bits for quantized weights only.
+   to F32 (`worker-orcd quantize --type F32`, bit-exact with ggml's own
+   dequantization), which takes llama.cpp's 8-bit rounding of activations
+   (done for quantized weights only) out of the comparison. llama.cpp also
+   generates 32 greedy tokens of its own on the F32 file (header
+   `f32_greedy`, with each step's top-1 margin), since on real models the
+   two llama.cpp runs part ways within 32 steps.
 For each step and each of the two references we keep the argmax and the
 top-1 margin over the full vocabulary, and the logits at a subset: the
 quantized reference's top 64 of that step plus 448 seeded random ids fixed
@@ -103,6 +106,17 @@ def sha256(path):
     return h.hexdigest()
 
 
+def dumps(value, indent=""):
+    """JSON with one line per key and arrays of numbers on one line each."""
+    inner = indent + " "
+    if isinstance(value, dict):
+        items = [f"{inner}{json.dumps(k)}: {dumps(v, inner)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + dumps(v, inner) for v in value) + "\n" + indent + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
 def run(cmd):
     print("+", " ".join(map(str, cmd)), file=sys.stderr)
     subprocess.run([str(c) for c in cmd], check=True)
@@ -138,6 +152,11 @@ def generate(llm, prompt):
         if step + 1 < STEPS:
             llm.eval([token])
     return greedy
+
+
+def greedy_margins(llm, prompt_len):
+    """Top-1 margins of the steps `generate` just took."""
+    return argmax_margin(step_rows(llm, prompt_len))[1]
 
 
 def teacher_force(llm, prompt, greedy):
@@ -191,6 +210,8 @@ def make_fixture(name, bin_path, work):
 
     f32_llm = load(f32_path)
     for r in runs:
+        r["f32_greedy"] = generate(f32_llm, r["prompt"])
+        r["f32_greedy_margin"] = greedy_margins(f32_llm, len(r["prompt"]))
         teacher_force(f32_llm, r["prompt"], r["greedy"])
         r["f32"] = step_rows(f32_llm, len(r["prompt"]))
     del f32_llm
@@ -219,6 +240,8 @@ def make_fixture(name, bin_path, work):
                 "greedy": r["greedy"],
                 "quant": refs["quant"],
                 "f32": refs["f32"],
+                "f32_greedy": r["f32_greedy"],
+                "f32_greedy_margin": [round(float(m), 6) for m in r["f32_greedy_margin"]],
                 "llama_quant_vs_f32_rel_l2_max": round(max(quant_vs_f32), 6),
             })
             print(f"{name}: {r['text'][:40]!r}: {len(r['prompt'])} prompt tokens, "
@@ -239,7 +262,7 @@ def make_fixture(name, bin_path, work):
         "random_ids": random_ids.tolist(),
         "prompts": header_prompts,
     }
-    (out / "header.json").write_text(json.dumps(header, ensure_ascii=False, indent=1) + "\n")
+    (out / "header.json").write_text(dumps(header) + "\n")
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"{name}: wrote {out} ({size / 1024:.0f} KiB)", file=sys.stderr)
 

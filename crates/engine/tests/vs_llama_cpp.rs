@@ -1,0 +1,541 @@
+//! The CPU forward pass against llama.cpp on the same files.
+//!
+//! The fixtures under `tests/fixtures/logits/<config>/` are llama.cpp's
+//! outputs, written by `scripts/ref/logits_ref.py` (see there for the layout):
+//! for five prompts, llama.cpp's 32 greedy tokens, and for each of the 32
+//! teacher-forced steps its argmax and top-1 margin over the full vocabulary
+//! and its logits at a subset of ids (that step's top 64 and 448 fixed random
+//! ids), once on the model file ("quant") and once on the file dequantized to
+//! F32 ("F32"), plus llama.cpp's own greedy tokens on the F32 file. No
+//! llama.cpp is needed here.
+//!
+//! Against the F32 reference (the same weights; only the order of f32
+//! arithmetic differs) every step must have relative L2 error ≤ 5e-3 over
+//! the subset and the same argmax wherever llama.cpp's top-1 margin ≥ 0.05,
+//! and our greedy loop (one token per forward pass through the cache) must
+//! reproduce llama.cpp's F32 greedy tokens up to its first near-tie.
+//!
+//! Against the quantized file, llama.cpp rounds activations to 8 bits before
+//! every quantized matrix product and we do not. The bound there is relative
+//! L2 ≤ 6e-2, the same argmax where the margin ≥ 0.05, and our greedy tokens
+//! equal llama.cpp's up to its first near-tie, except at steps where
+//! llama.cpp's own F32 run already breaks that bound against its quantized
+//! run (this happens on the real models: 8-bit activations through 18–30
+//! layers). There we may be no farther from the quantized run than
+//! llama.cpp's F32 run is, plus the F32 tolerance, and the argmax and greedy
+//! checks fall to the F32 reference. The table counts those steps.
+//!
+//! The real models come from `$WORKER_ORCD_MODELS` (default
+//! `~/.cache/worker-orcd/models`, filled by `scripts/fetch-models.sh`); the
+//! synthetic ones are rebuilt with `engine::synth` and must hash to what the
+//! fixtures were made from, so a change to the synthesizer shows up here as
+//! stale fixtures rather than as a numerical mismatch.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use engine::convert::FileType;
+use engine::cpu::{CpuModel, Logits};
+use engine::synth::{synthesize, Preset, SynthOptions};
+use gguf::GgufFile;
+use serde_json::Value;
+
+const REL_L2_VS_F32: f64 = 5e-3;
+const REL_L2_VS_QUANT: f64 = 6e-2;
+/// Steps whose reference top-1 margin is below this are near-ties: either
+/// answer is right.
+const MIN_MARGIN: f32 = 0.05;
+
+#[test]
+fn smollm2_135m_q4_1() {
+    check("smollm2-135m-q4_1");
+}
+
+#[test]
+fn gemma3_270m_q4_k_m() {
+    check("gemma3-270m-q4_k_m");
+}
+
+#[test]
+fn tiny_qwen2_f16() {
+    check("tiny-qwen2-f16");
+}
+
+#[test]
+fn tiny_qwen2_q4_k_m() {
+    check("tiny-qwen2-q4_k_m");
+}
+
+/// One llama.cpp reference (the model file, or its F32 dequantization) at one step.
+struct RefStep<'a> {
+    argmax: usize,
+    margin: f32,
+    /// Logits at the step's top ids, then at the config's random ids.
+    values: &'a [f32],
+}
+
+/// Running totals of the comparison with one reference, over all prompts and steps.
+#[derive(Default)]
+struct Agreement {
+    max_rel_l2: f64,
+    sum_rel_l2: f64,
+    steps: usize,
+    /// Steps over the plain bound (allowed only where llama.cpp's F32 run is too).
+    over_bound: usize,
+    /// Steps where the reference's margin ≥ MIN_MARGIN, and of those, how
+    /// many have our argmax.
+    decided: usize,
+    argmax_equal: usize,
+}
+
+impl Agreement {
+    fn add(&mut self, err: f64, bound: f64, reference: &RefStep, ours_argmax: usize) {
+        self.max_rel_l2 = self.max_rel_l2.max(err);
+        self.sum_rel_l2 += err;
+        self.steps += 1;
+        self.over_bound += usize::from(err > bound);
+        if reference.margin >= MIN_MARGIN {
+            self.decided += 1;
+            self.argmax_equal += usize::from(ours_argmax == reference.argmax);
+        }
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "rel-L2 max {:.2e} mean {:.2e} (>bound {}), argmax {}/{}",
+            self.max_rel_l2,
+            self.sum_rel_l2 / self.steps as f64,
+            self.over_bound,
+            self.argmax_equal,
+            self.decided
+        )
+    }
+}
+
+fn check(config: &str) {
+    let started = Instant::now();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/logits")
+        .join(config);
+    let header: Value = serde_json::from_slice(&read(&dir.join("header.json"))).unwrap();
+    let bin = read(&dir.join("logits.bin"));
+
+    let (_tempdir, model_path) = model_file(&header);
+    let model = CpuModel::load(Arc::new(GgufFile::open(&model_path).unwrap())).unwrap();
+    let vocab = model.spec().vocab_size;
+    assert_eq!(
+        vocab,
+        header["vocab"].as_u64().unwrap() as usize,
+        "{config}: vocabulary size"
+    );
+
+    let steps = header["steps"].as_u64().unwrap() as usize;
+    let n_top = header["n_top"].as_u64().unwrap() as usize;
+    let random_ids = ids(&header["random_ids"]);
+    let per_ref = n_top + random_ids.len();
+    let step_words = n_top + 2 * per_ref;
+    let prompts = header["prompts"].as_array().unwrap();
+    let words = le_u32(&bin);
+    let floats: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+    assert_eq!(
+        words.len(),
+        prompts.len() * steps * step_words,
+        "{config}: logits.bin size"
+    );
+
+    let mut vs_quant = Agreement::default();
+    let mut vs_f32 = Agreement::default();
+    // Steps where llama.cpp's F32 run is over the quantized-reference bound
+    // (rel-L2) or has another argmax at a decided step.
+    let (mut llama_over_bound, mut llama_argmax_differs) = (0, 0);
+    let mut failures = Vec::new();
+    let (mut greedy_quant, mut greedy_f32) = (Vec::new(), Vec::new());
+    for (p, prompt_json) in prompts.iter().enumerate() {
+        let prompt: Vec<u32> = ids(&prompt_json["prompt"])
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let greedy: Vec<u32> = ids(&prompt_json["greedy"])
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let f32_greedy: Vec<u32> = ids(&prompt_json["f32_greedy"])
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        assert_eq!((greedy.len(), f32_greedy.len()), (steps, steps));
+        let label = format!("{config} prompt {p}");
+        let reference = |name: &str, step: usize, at: usize| RefStep {
+            argmax: prompt_json[name]["argmax"][step].as_u64().unwrap() as usize,
+            margin: prompt_json[name]["margin"][step].as_f64().unwrap() as f32,
+            values: &floats[at..at + per_ref],
+        };
+
+        // Teacher forcing: the prompt and llama.cpp's first 31 greedy tokens in one pass.
+        let sequence: Vec<u32> = prompt.iter().chain(&greedy[..steps - 1]).copied().collect();
+        let mut kv = model.new_cache(sequence.len());
+        // seq × vocab
+        let all = model.forward(&mut kv, &sequence, Logits::All).unwrap();
+        // Steps at which llama.cpp's greedy run on the quantized file does
+        // not bind us: near-ties, and llama.cpp's F32 run choosing another token.
+        let mut quant_free = vec![false; steps];
+        for step in 0..steps {
+            let pos = prompt.len() - 1 + step;
+            let ours = &all[pos * vocab..(pos + 1) * vocab];
+            let at = (p * steps + step) * step_words;
+            let top_ids: Vec<usize> = words[at..at + n_top].iter().map(|&w| w as usize).collect();
+            let subset = Subset::new(&top_ids, &random_ids);
+            let quant = reference("quant", step, at + n_top);
+            let f32_ref = reference("f32", step, at + n_top + per_ref);
+            let ours_argmax = argmax(ours);
+            let ours_subset = subset.gather(ours);
+
+            let err = rel_l2(&ours_subset, &subset.pick(f32_ref.values));
+            vs_f32.add(err, REL_L2_VS_F32, &f32_ref, ours_argmax);
+            if !(err <= REL_L2_VS_F32) {
+                failures.push(format!(
+                    "{label} step {step}: relative L2 {err:.3e} vs llama.cpp F32 (limit {REL_L2_VS_F32:.0e})"
+                ));
+            }
+            if f32_ref.margin >= MIN_MARGIN && ours_argmax != f32_ref.argmax {
+                failures.push(argmax_failure(
+                    &label,
+                    step,
+                    "F32",
+                    ours,
+                    ours_argmax,
+                    &f32_ref,
+                ));
+            }
+
+            let quant_subset = subset.pick(quant.values);
+            let llama_gap = rel_l2(&subset.pick(f32_ref.values), &quant_subset);
+            let bound = REL_L2_VS_QUANT.max(llama_gap + REL_L2_VS_F32);
+            let err = rel_l2(&ours_subset, &quant_subset);
+            vs_quant.add(err, REL_L2_VS_QUANT, &quant, ours_argmax);
+            llama_over_bound += usize::from(llama_gap > REL_L2_VS_QUANT);
+            if !(err <= bound) {
+                failures.push(format!(
+                    "{label} step {step}: relative L2 {err:.3e} vs llama.cpp quant (limit {bound:.3e}; \
+                     llama.cpp F32 vs quant {llama_gap:.3e})"
+                ));
+            }
+            let llama_agrees = f32_ref.argmax == quant.argmax;
+            if quant.margin >= MIN_MARGIN {
+                llama_argmax_differs += usize::from(!llama_agrees);
+                if llama_agrees && ours_argmax != quant.argmax {
+                    failures.push(argmax_failure(
+                        &label,
+                        step,
+                        "quant",
+                        ours,
+                        ours_argmax,
+                        &quant,
+                    ));
+                }
+            }
+            quant_free[step] = quant.margin < MIN_MARGIN || !llama_agrees;
+        }
+
+        // Free-running greedy against both of llama.cpp's greedy runs: the
+        // first token that differs must be at a step where that run does not
+        // bind us (the tokens before it agree, so the step's margin is that
+        // of our own context).
+        let f32_margins: Vec<f32> = prompt_json["f32_greedy_margin"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap() as f32)
+            .collect();
+        let ours = generate(&model, &prompt, steps);
+        for (name, theirs, free, lengths) in [
+            ("quant", &greedy, &quant_free, &mut greedy_quant),
+            (
+                "F32",
+                &f32_greedy,
+                &f32_margins.iter().map(|&m| m < MIN_MARGIN).collect(),
+                &mut greedy_f32,
+            ),
+        ] {
+            let matched = ours.iter().zip(theirs).take_while(|(a, b)| a == b).count();
+            if matched == steps {
+                lengths.push(format!("{matched}"));
+            } else if free[matched] {
+                lengths.push(format!("{matched}*"));
+            } else {
+                failures.push(format!(
+                    "{label}: greedy token {matched} is {}, llama.cpp {name}'s is {} (not a near-tie)",
+                    ours[matched], theirs[matched]
+                ));
+                lengths.push(format!("{matched}!"));
+            }
+        }
+    }
+
+    eprintln!(
+        "{config}: vs llama.cpp F32: {} | vs llama.cpp quant: {} | llama.cpp F32 vs quant: \
+         over 6e-2 at {llama_over_bound} steps, other argmax at {llama_argmax_differs} | \
+         greedy tokens matched (*: then a near-tie) vs quant {} vs F32 {} | {:.1} s",
+        vs_f32.summary(),
+        vs_quant.summary(),
+        greedy_quant.join(" "),
+        greedy_f32.join(" "),
+        started.elapsed().as_secs_f64(),
+    );
+    assert!(
+        failures.is_empty(),
+        "{config}: {} disagreements with llama.cpp:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+fn argmax_failure(
+    label: &str,
+    step: usize,
+    name: &str,
+    ours: &[f32],
+    ours_argmax: usize,
+    reference: &RefStep,
+) -> String {
+    format!(
+        "{label} step {step}: argmax {ours_argmax} (logit {:.4}), llama.cpp {name}'s {} \
+         (margin {:.4}, our logit there {:.4})",
+        ours[ours_argmax], reference.argmax, reference.margin, ours[reference.argmax]
+    )
+}
+
+/// The comparison ids of one step: its top ids, then the random ids not among them.
+struct Subset {
+    ids: Vec<usize>,
+    /// Where each id's logit sits in a reference's stored values (top, then random).
+    slots: Vec<usize>,
+}
+
+impl Subset {
+    fn new(top_ids: &[usize], random_ids: &[usize]) -> Self {
+        let mut ids = top_ids.to_vec();
+        let mut slots: Vec<usize> = (0..top_ids.len()).collect();
+        for (i, id) in random_ids.iter().enumerate() {
+            if !top_ids.contains(id) {
+                ids.push(*id);
+                slots.push(top_ids.len() + i);
+            }
+        }
+        Subset { ids, slots }
+    }
+
+    /// Our logits at the subset.
+    fn gather(&self, logits: &[f32]) -> Vec<f32> {
+        self.ids.iter().map(|&id| logits[id]).collect()
+    }
+
+    /// A reference's logits at the subset.
+    fn pick(&self, values: &[f32]) -> Vec<f32> {
+        self.slots.iter().map(|&slot| values[slot]).collect()
+    }
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        diff += (x as f64 - y as f64).powi(2);
+        norm += (y as f64).powi(2);
+    }
+    (diff / norm).sqrt()
+}
+
+/// `count` greedy tokens: the prompt in one pass, then one token per pass.
+fn generate(model: &CpuModel, prompt: &[u32], count: usize) -> Vec<u32> {
+    let mut kv = model.new_cache(prompt.len() + count);
+    let mut tokens = Vec::with_capacity(count);
+    let mut input = prompt.to_vec();
+    while tokens.len() < count {
+        let logits = model.forward(&mut kv, &input, Logits::Last).unwrap();
+        let next = argmax(&logits) as u32;
+        tokens.push(next);
+        input = vec![next];
+    }
+    tokens
+}
+
+/// The first index of the largest value (as numpy's argmax).
+fn argmax(values: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in values.iter().enumerate() {
+        if v > values[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// The model file the fixture was made from: the real one from the models
+/// folder, or the synthetic one rebuilt into a temporary folder. Its hash
+/// must match the fixture's.
+fn model_file(header: &Value) -> (Option<tempfile::TempDir>, PathBuf) {
+    let source = &header["source"];
+    let expected = header["model_sha256"].as_str().unwrap();
+    let (tempdir, path) = if let Some(file) = source["file"].as_str() {
+        (None, models_dir().join(file))
+    } else {
+        let synth = &source["synth"];
+        let tokenizer_path = models_dir().join(synth["tokenizer_from"].as_str().unwrap());
+        let tokenizer_hash = sha256_file(&tokenizer_path);
+        assert_eq!(
+            tokenizer_hash,
+            synth["tokenizer_sha256"].as_str().unwrap(),
+            "{} is not the tokenizer source the fixture was made with",
+            tokenizer_path.display()
+        );
+        let tokenizer = GgufFile::open(&tokenizer_path).unwrap();
+        let preset_name = synth["preset"].as_str().unwrap();
+        let quant = synth["quant"].as_str().unwrap();
+        let writer = synthesize(&SynthOptions {
+            preset: Preset::by_name(preset_name).unwrap(),
+            file_type: FileType::from_name(quant).unwrap(),
+            seed: synth["seed"].as_u64().unwrap(),
+            tokenizer_from: &tokenizer,
+        })
+        .unwrap();
+        let tempdir = tempfile::tempdir().unwrap();
+        let path = tempdir.path().join(format!("{preset_name}-{quant}.gguf"));
+        writer.write_to_path(&path).unwrap();
+        (Some(tempdir), path)
+    };
+    let actual = sha256_file(&path);
+    assert_eq!(
+        actual,
+        expected,
+        "{} is not the file the fixture was made from (a changed model file or synthesizer): \
+         regenerate with scripts/ref/logits_ref.py {}",
+        path.display(),
+        header["config"].as_str().unwrap()
+    );
+    (tempdir, path)
+}
+
+fn models_dir() -> PathBuf {
+    match std::env::var_os("WORKER_ORCD_MODELS") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME or WORKER_ORCD_MODELS"))
+            .join(".cache/worker-orcd/models"),
+    }
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (models: scripts/fetch-models.sh; fixtures: scripts/ref/logits_ref.py)",
+            path.display()
+        )
+    })
+}
+
+fn ids(json: &Value) -> Vec<usize> {
+    json.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// logits.bin as little-endian 32-bit words (u32 ids and f32 logits).
+fn le_u32(bytes: &[u8]) -> Vec<u32> {
+    assert_eq!(bytes.len() % 4, 0);
+    bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+fn sha256_file(path: &Path) -> String {
+    sha256(&read(path))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// SHA-256 (FIPS 180-4); engine has no hashing dependency and this is all it needs.
+fn sha256(data: &[u8]) -> [u8; 32] {
+    const K: [u32; 64] = [
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
+    ];
+    let mut h: [u32; 8] = [
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
+    ];
+    let mut tail = data[data.len() / 64 * 64..].to_vec();
+    tail.push(0x80);
+    while tail.len() % 64 != 56 {
+        tail.push(0);
+    }
+    tail.extend_from_slice(&(data.len() as u64 * 8).to_be_bytes());
+    for block in data.chunks_exact(64).chain(tail.chunks_exact(64)) {
+        let mut w = [0u32; 64];
+        for (i, word) in block.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes(word.try_into().unwrap());
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
+        for i in 0..64 {
+            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
+            let ch = (e & f) ^ (!e & g);
+            let t1 = hh
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
+            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
+            let maj = (a & b) ^ (a & c) ^ (b & c);
+            let t2 = s0.wrapping_add(maj);
+            (hh, g, f, e, d, c, b, a) = (g, f, e, d.wrapping_add(t1), c, b, a, t1.wrapping_add(t2));
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e, f, g, hh]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    let mut out = [0u8; 32];
+    for (o, x) in out.chunks_exact_mut(4).zip(h) {
+        o.copy_from_slice(&x.to_be_bytes());
+    }
+    out
+}
+
+#[test]
+fn sha256_known_answers() {
+    let hex = |d: [u8; 32]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(
+        hex(sha256(b"")),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    assert_eq!(
+        hex(sha256(b"abc")),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
+    // Two blocks of padding (the message fills 56..64 bytes of its last block).
+    assert_eq!(
+        hex(sha256(
+            b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"
+        )),
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
+    );
+}
