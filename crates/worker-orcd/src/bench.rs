@@ -43,7 +43,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
     let load_start = Instant::now();
     let file =
         Arc::new(GgufFile::open(&path).with_context(|| format!("reading {}", path.display()))?);
-    let model = CpuModel::load(file)?;
+    let model = CpuModel::load(file)?.with_activations(args.model.activations());
     let load_secs = load_start.elapsed().as_secs_f64();
     let spec = model.spec().clone();
     let context = args.prompt_tokens + args.gen_tokens + 1;
@@ -82,6 +82,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
             serde_json::to_string_pretty(&json!({
                 "model": path.display().to_string(),
                 "device": "cpu",
+                "activations": args.model.cpu_activations,
                 "threads": threads,
                 "load_seconds": load_secs,
                 "prompt_tokens": args.prompt_tokens,
@@ -93,7 +94,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         );
     } else {
         println!("model      {}", path.display());
-        println!("device     cpu, {threads} threads");
+        println!("device     cpu, {threads} threads, {} activations", args.model.cpu_activations);
         println!("load       {load_secs:.3} s");
         println!(
             "pp{:<8} {pp:.1} tok/s (median of {})",

@@ -33,6 +33,19 @@ pub struct ModelArgs {
     /// Worker threads for the CPU backend [default: all cores].
     #[arg(short, long)]
     pub threads: Option<usize>,
+    /// CPU matrix products: f32 activations (exact, the reference) or q8
+    /// (activations quantized to 8 bits per block as llama.cpp does; faster).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "q8"])]
+    pub cpu_activations: String,
+}
+
+impl ModelArgs {
+    pub fn activations(&self) -> quant::Activations {
+        match self.cpu_activations.as_str() {
+            "q8" => quant::Activations::Q8,
+            _ => quant::Activations::F32,
+        }
+    }
 }
 
 #[derive(Args, Clone, Debug)]
@@ -132,7 +145,9 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
         Arc::new(GgufFile::open(&path).with_context(|| format!("reading {}", path.display()))?);
     let tokenizer = Tokenizer::from_gguf(file.metadata()).context("loading the tokenizer")?;
     let template = ChatTemplate::from_gguf(file.metadata()).ok();
-    let model = CpuModel::load(file).with_context(|| format!("loading {}", path.display()))?;
+    let model = CpuModel::load(file)
+        .with_context(|| format!("loading {}", path.display()))?
+        .with_activations(args.activations());
     let context = args
         .ctx_size
         .unwrap_or_else(|| model.spec().context_length.min(4096));
