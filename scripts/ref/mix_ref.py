@@ -8,10 +8,11 @@ scripts/setup-llama-cpp.sh makes, after building the binary,
     ~/.cache/worker-orcd/llama-venv/bin/python scripts/ref/mix_ref.py \
         --worker target/release/worker-orcd \
         --tokenizer-from ~/.cache/worker-orcd/models/SmolLM2-135M-Instruct.Q4_1.gguf \
-        qwen2.5-0.5b gemma3-270m smollm2-135m
+        qwen2.5-0.5b qwen2.5-1.5b gemma3-270m smollm2-135m tiny-llama tiny-qwen2 tiny-phi3
 
 For each preset it writes an all-F32 model with `worker-orcd synth --quant
-F32` into a temporary folder ($TMPDIR; the Qwen2.5-0.5B one is 2 GB),
+F32` (`tiny-phi3`, a fused-QKV model synth has no preset for, with gguf-py)
+into a temporary folder ($TMPDIR; the Qwen2.5-0.5B one is 2 GB),
 quantizes it with llama.cpp's `llama_model_quantize` (the mixes, not
 `pure`) to every file type below, reads back the type llama.cpp gave each
 tensor, deletes the files, and writes
@@ -33,6 +34,7 @@ import tempfile
 
 import gguf
 import llama_cpp
+import numpy as np
 
 FILE_TYPES = {
     "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
@@ -46,6 +48,46 @@ FILE_TYPES = {
     "Q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
     "Q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1,
 }
+
+
+# Not a synth preset: a fused-QKV model (`attn_qkv`, as phi3 has), written
+# here with gguf-py; 8 layers so that the every-third-layer rules show.
+TINY_PHI3 = "tiny-phi3"
+
+
+def write_tiny_phi3(path: str) -> None:
+    n_embd, n_ff, n_layer, n_vocab = 256, 512, 8, 256
+    writer = gguf.GGUFWriter(path, "phi3")
+    writer.add_context_length(512)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_rope_dimension_count(64)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(0)
+    rng = np.random.default_rng(0)
+
+    def weight(rows, cols):
+        return rng.normal(0.0, 0.02, (rows, cols)).astype(np.float32)
+
+    norm = np.ones(n_embd, dtype=np.float32)
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm)
+        writer.add_tensor(f"blk.{i}.attn_qkv.weight", weight(3 * n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm)
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(2 * n_ff, n_embd))  # gate and up, fused
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(n_embd, n_ff))
+    writer.add_tensor("output_norm.weight", norm)
+    writer.add_tensor("output.weight", weight(n_vocab, n_embd))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def quantize(src: str, dst: str, ftype: int) -> None:
@@ -84,10 +126,13 @@ def write_fixture(path, preset, version, tensors, mixes) -> None:
 
 def record(preset: str, worker: str, tokenizer_from: str, out_dir: str, tmp: str) -> None:
     src = os.path.join(tmp, f"{preset}-F32.gguf")
-    subprocess.run(
-        [worker, "synth", "--preset", preset, "--quant", "F32", "--tokenizer-from", tokenizer_from, "-o", src],
-        check=True,
-    )
+    if preset == TINY_PHI3:
+        write_tiny_phi3(src)
+    else:
+        subprocess.run(
+            [worker, "synth", "--preset", preset, "--quant", "F32", "--tokenizer-from", tokenizer_from, "-o", src],
+            check=True,
+        )
     try:
         reader = gguf.GGUFReader(src)
         # GGUFReader gives dims in ggml order (row length first), as the gguf crate does

@@ -215,16 +215,11 @@ impl TypePlanner {
                 default
             };
         }
+        // A fused QKV tensor (phi3) follows the attn_v rules, as llama.cpp's
+        // `category_is_attn_v` has it (older llama.cpp gave it Q5_K in Q4_K_M).
         if name.contains("attn_v.weight") || name.contains("attn_qkv.weight") {
             let i = self.i_attention_wv;
             self.i_attention_wv += 1;
-            if name.contains("attn_qkv.weight") {
-                return match ft {
-                    Q4_K_M => GgmlType::Q5_K,
-                    Q5_K_M => GgmlType::Q6_K,
-                    _ => default,
-                };
-            }
             return match ft {
                 Q4_K_M | Q5_K_M if use_more_bits(i, self.n_attention_wv) => GgmlType::Q6_K,
                 Q4_K_S if i < 4 => GgmlType::Q5_K,

@@ -2,8 +2,9 @@
 //!
 //! `tests/fixtures/llama_mix_PRESET.json` (made by `scripts/ref/mix_ref.py`:
 //! llama.cpp's `llama_model_quantize` through llama-cpp-python 0.3.36 on an
-//! all-F32 `worker-orcd synth` model of the preset) lists every tensor with
-//! its dims and the type llama.cpp gave it under each file type. The real
+//! all-F32 `worker-orcd synth` model of the preset, or for `tiny-phi3` a
+//! fused-QKV model written by the script) lists every tensor with its dims
+//! and the type llama.cpp gave it under each file type. The real
 //! Gemma 3 file from `scripts/fetch-models.sh`, a Q4_K_M made by llama.cpp,
 //! is a second witness.
 
@@ -99,9 +100,9 @@ fn differences(fixture: &LlamaMixes) -> Vec<String> {
     out
 }
 
-fn check_preset(preset: &str) {
-    let fixture = load(preset);
-    // The fixture describes the preset as it is now (else regenerate it).
+/// The fixture describes the preset as it is now (else it must be regenerated).
+fn check_fixture_is_preset(fixture: &LlamaMixes) {
+    let preset = &fixture.preset;
     let spec = Preset::by_name(preset).unwrap_or_else(|| panic!("no preset {preset}"));
     // tiny presets take the vocabulary of the tokenizer they were made with
     let vocab = spec.vocab_size.unwrap_or_else(|| {
@@ -124,8 +125,10 @@ fn check_preset(preset: &str) {
         ours, theirs,
         "{preset}: the fixture's tensors are not the preset's; rerun scripts/ref/mix_ref.py"
     );
+}
 
-    let diffs = differences(&fixture);
+fn check_mixes(fixture: &LlamaMixes) {
+    let diffs = differences(fixture);
     assert!(
         diffs.is_empty(),
         "{} of {} tensor types differ from llama.cpp's:\n{}",
@@ -134,11 +137,18 @@ fn check_preset(preset: &str) {
         diffs.join("\n")
     );
     println!(
-        "{preset}: {} tensors × {} mixes ({}) all as llama.cpp",
+        "{}: {} tensors × {} mixes ({}) all as llama.cpp",
+        fixture.preset,
         fixture.tensors.len(),
         fixture.mixes.len(),
         fixture.mixes.join(", ")
     );
+}
+
+fn check_preset(preset: &str) {
+    let fixture = load(preset);
+    check_fixture_is_preset(&fixture);
+    check_mixes(&fixture);
 }
 
 #[test]
@@ -156,6 +166,14 @@ fn smollm2_135m_mixes_match_llama_cpp() {
     check_preset("smollm2-135m");
 }
 
+/// The only real-size preset whose rows are all whole K-quant super-blocks
+/// (1536 = 6×256), so the `_M`/`_S` bumps show as K-quant types, not as
+/// their 32-value fallbacks.
+#[test]
+fn qwen25_15b_mixes_match_llama_cpp() {
+    check_preset("qwen2.5-1.5b");
+}
+
 /// Untied embeddings: a separate `output.weight`, 256-wide rows.
 #[test]
 fn tiny_llama_mixes_match_llama_cpp() {
@@ -165,6 +183,13 @@ fn tiny_llama_mixes_match_llama_cpp() {
 #[test]
 fn tiny_qwen2_mixes_match_llama_cpp() {
     check_preset("tiny-qwen2");
+}
+
+/// A fused `attn_qkv` (phi3; no synth preset, the script writes it with
+/// gguf-py): llama.cpp gives it the attn_v rules.
+#[test]
+fn tiny_phi3_fused_qkv_mixes_match_llama_cpp() {
+    check_mixes(&load("tiny-phi3"));
 }
 
 fn model_path(file: &str) -> PathBuf {
