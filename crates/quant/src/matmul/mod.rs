@@ -58,14 +58,68 @@ const PARALLEL_MIN_WORK: usize = 1 << 16;
 /// so that the rows stay in the L1/L2 cache across tiles.
 const ROW_BLOCK_BYTES: usize = 1 << 15;
 
-/// 8-bit activations for the legacy (32-value) formats: `x ≈ d·q`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
+/// One 32-value block of 8-bit activations: `x ≈ d·q`.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Q8Block {
     pub qs: [i8; QK_LEGACY],
     pub d: f32,
     /// `d·Σq`: the block's sum, for the formats with an offset.
     pub s: f32,
+}
+
+/// The activations of the legacy formats as stored: two [`Q8Block`]s
+/// interleaved by halves, the order in which the kernels unpack two weight
+/// blocks' nibbles into one register (low nibbles of both, then high
+/// nibbles of both). A row with an odd number of blocks ends with a zero block.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Q8Pair {
+    /// `a.qs[..16]`, `b.qs[..16]`, `a.qs[16..]`, `b.qs[16..]`
+    pub qs: [i8; 2 * QK_LEGACY],
+    /// `a.d`, `a.s`, `b.d`, `b.s`
+    pub ds: [f32; 4],
+}
+
+const HALF: usize = QK_LEGACY / 2;
+
+impl Q8Block {
+    pub const ZERO: Q8Block = Q8Block {
+        qs: [0; QK_LEGACY],
+        d: 0.0,
+        s: 0.0,
+    };
+}
+
+impl Q8Pair {
+    pub const ZERO: Q8Pair = Q8Pair {
+        qs: [0; 2 * QK_LEGACY],
+        ds: [0.0; 4],
+    };
+
+    pub fn new(a: &Q8Block, b: &Q8Block) -> Self {
+        let mut qs = [0; 2 * QK_LEGACY];
+        qs[..HALF].copy_from_slice(&a.qs[..HALF]);
+        qs[HALF..2 * HALF].copy_from_slice(&b.qs[..HALF]);
+        qs[2 * HALF..3 * HALF].copy_from_slice(&a.qs[HALF..]);
+        qs[3 * HALF..].copy_from_slice(&b.qs[HALF..]);
+        Q8Pair {
+            qs,
+            ds: [a.d, a.s, b.d, b.s],
+        }
+    }
+
+    /// Block `k` (0 or 1) of the pair.
+    #[cfg(test)]
+    pub fn block(&self, k: usize) -> Q8Block {
+        let mut qs = [0; QK_LEGACY];
+        qs[..HALF].copy_from_slice(&self.qs[k * HALF..(k + 1) * HALF]);
+        qs[HALF..].copy_from_slice(&self.qs[(2 + k) * HALF..(3 + k) * HALF]);
+        Q8Block {
+            qs,
+            d: self.ds[2 * k],
+            s: self.ds[2 * k + 1],
+        }
+    }
 }
 
 /// 8-bit activations for the K-quants: `x ≈ d·q`.
@@ -89,8 +143,8 @@ pub struct MatmulInput<'a> {
     cols: usize,
     /// Σx of each 32 values, n × cols/32.
     sums: OnceLock<Vec<f32>>,
-    /// n × cols/32
-    q8: OnceLock<Vec<Q8Block>>,
+    /// n × ⌈cols/64⌉
+    q8: OnceLock<Vec<Q8Pair>>,
     /// n × cols/256
     q8k: OnceLock<Vec<Q8KBlock>>,
 }
@@ -142,16 +196,18 @@ impl<'a> MatmulInput<'a> {
         })
     }
 
-    fn q8(&self) -> &[Q8Block] {
+    fn q8(&self) -> &[Q8Pair] {
         self.q8.get_or_init(|| {
-            let empty = Q8Block {
-                qs: [0; QK_LEGACY],
-                d: 0.0,
-                s: 0.0,
-            };
-            let mut blocks = vec![empty; self.x.len() / QK_LEGACY];
-            quantize_q8(self.x, &mut blocks);
-            blocks
+            let pairs = pairs_per_row(self.cols);
+            let mut out = vec![Q8Pair::ZERO; self.n * pairs];
+            for (x, out) in self
+                .x
+                .chunks_exact(self.cols)
+                .zip(out.chunks_exact_mut(pairs))
+            {
+                quantize_q8(x, out);
+            }
+            out
         })
     }
 
@@ -169,15 +225,26 @@ impl<'a> MatmulInput<'a> {
     }
 }
 
-/// Quantizes `x` (whole 32-value blocks) to [`Q8Block`]s.
-fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
+/// [`Q8Pair`]s in a row of `cols` values.
+fn pairs_per_row(cols: usize) -> usize {
+    (cols / QK_LEGACY).div_ceil(2)
+}
+
+/// Quantizes one row `x` (whole 32-value blocks) to [`Q8Pair`]s.
+fn quantize_q8(x: &[f32], out: &mut [Q8Pair]) {
     #[cfg(target_arch = "x86_64")]
     if x86::available() {
         x86::quantize_q8(x, out);
         return;
     }
-    for (x, out) in x.chunks_exact(QK_LEGACY).zip(out) {
-        *out = portable::quantize_q8_block(x.try_into().expect("32 values"));
+    for (x, out) in x.chunks(2 * QK_LEGACY).zip(out) {
+        let (a, b) = x.split_at(QK_LEGACY);
+        let a = portable::quantize_q8_block(a.try_into().expect("32 values"));
+        let b = match b.try_into() {
+            Ok(b) => portable::quantize_q8_block(b),
+            Err(_) => Q8Block::ZERO,
+        };
+        *out = Q8Pair::new(&a, &b);
     }
 }
 
@@ -214,7 +281,7 @@ pub(crate) struct Prepared<'a> {
     pub cols: usize,
     pub x: &'a [f32],
     pub sums: &'a [f32],
-    pub q8: &'a [Q8Block],
+    pub q8: &'a [Q8Pair],
     pub q8k: &'a [Q8KBlock],
 }
 
@@ -229,9 +296,9 @@ impl<'a> Prepared<'a> {
         &self.sums[t * groups..(t + 1) * groups]
     }
     #[inline(always)]
-    pub fn q8(&self, t: usize) -> &'a [Q8Block] {
-        let blocks = self.cols / QK_LEGACY;
-        &self.q8[t * blocks..(t + 1) * blocks]
+    pub fn q8(&self, t: usize) -> &'a [Q8Pair] {
+        let pairs = pairs_per_row(self.cols);
+        &self.q8[t * pairs..(t + 1) * pairs]
     }
     #[inline(always)]
     pub fn q8k(&self, t: usize) -> &'a [Q8KBlock] {

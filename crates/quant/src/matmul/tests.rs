@@ -85,11 +85,19 @@ fn reference(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<(f
 /// or `x` where Q8 mode computes in f32.
 fn q8_effective(ty: GgmlType, input: &MatmulInput<'_>) -> Vec<f32> {
     match select(ty, Activations::Q8).1 {
-        Needs::Q8 => input
-            .q8()
-            .iter()
-            .flat_map(|b| b.qs.map(|q| b.d * f32::from(q)))
-            .collect(),
+        Needs::Q8 => {
+            let blocks = input.cols / QK_LEGACY;
+            input
+                .q8()
+                .chunks_exact(pairs_per_row(input.cols))
+                .flat_map(|row| {
+                    row.iter()
+                        .flat_map(|p| [p.block(0), p.block(1)])
+                        .take(blocks)
+                        .flat_map(|b| b.qs.map(|q| b.d * f32::from(q)))
+                })
+                .collect()
+        }
         Needs::Q8K => input
             .q8k()
             .iter()
@@ -197,7 +205,8 @@ fn q8_activations_round_to_nearest() {
     x[QK_K..2 * QK_K].fill(0.0); // an all-zero block
     x[2 * QK_K] = -1e3; // a block dominated by one value
     let input = MatmulInput::new(&x, 1, x.len()).unwrap();
-    for (b, (block, x)) in input.q8().iter().zip(x.chunks_exact(QK_LEGACY)).enumerate() {
+    let q8_blocks = input.q8().iter().flat_map(|p| [p.block(0), p.block(1)]);
+    for (b, (block, x)) in q8_blocks.zip(x.chunks_exact(QK_LEGACY)).enumerate() {
         let scalar = portable::quantize_q8_block(x.try_into().unwrap());
         assert_eq!(
             (block.qs, block.d.to_bits(), block.s.to_bits()),

@@ -10,7 +10,8 @@ macro_rules! dot_float {
     ($marker:ty, $size:expr, |$p:ident| $load8:expr, |$bytes:ident| $load1:expr) => {
         impl DotF32 for $marker {
             const NEEDS_SUMS: bool = false;
-            #[inline(always)]
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn dot<const T: usize>(
                 row: &[u8],
                 x: &[&[f32]; T],
@@ -60,7 +61,7 @@ dot_float!(
     F16,
     2,
     |p| _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-    |b| f16(b)
+    |b| crate::float::f16_to_f32(u16::from_le_bytes(b))
 );
 dot_float!(
     BF16,

@@ -24,16 +24,6 @@ unsafe fn bit_as_16(bits: __m256i, bit: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// The low and high nibbles of 32 bytes.
-#[inline(always)]
-unsafe fn split_nibbles(v: __m256i) -> (__m256i, __m256i) {
-    let m4 = _mm256_set1_epi8(0x0f);
-    (
-        _mm256_and_si256(v, m4),
-        _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
-    )
-}
-
 /// The quants of chunk `c` (values `64c..64c+32` and `64c+32..64c+64`) of a
 /// Q4_K block, or of a Q5_K block when `qh` is given.
 #[inline(always)]
@@ -53,7 +43,8 @@ macro_rules! dot_f32_q45k {
     ($block:ty, |$b:ident| $qh:expr) => {
         impl DotF32 for $block {
             const NEEDS_SUMS: bool = true;
-            #[inline(always)]
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn dot<const T: usize>(
                 row: &[u8],
                 x: &[&[f32]; T],
@@ -66,7 +57,8 @@ macro_rules! dot_f32_q45k {
                 let mut acc = [_mm256_setzero_ps(); T];
                 let mut mins = [_mm256_setzero_ps(); T];
                 for (i, $b) in blocks.iter().enumerate() {
-                    let d = f16($b.d);
+                    let d_dmin = f16x2(head($b));
+                    let d = _mm_cvtss_f32(d_dmin);
                     let (sc, mn) = scales_and_mins(&$b.scales);
                     let qh: Option<__m256i> = $qh;
                     for c in 0..4 {
@@ -82,7 +74,7 @@ macro_rules! dot_f32_q45k {
                     }
                     // dmin·m_j for the 8 sub-blocks, against their Σx
                     let m = _mm256_mul_ps(
-                        _mm256_set1_ps(f16($b.dmin)),
+                        _mm256_broadcastss_ps(_mm_movehdup_ps(d_dmin)),
                         _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
                             mn.as_ptr().cast(),
                         ))),
@@ -111,7 +103,8 @@ macro_rules! dot_q8_q45k {
             fn acts<'a>(input: &Prepared<'a>, t: usize) -> &'a [Q8KBlock] {
                 input.q8k(t)
             }
-            #[inline(always)]
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Q8KBlock]; T]) -> [f32; T] {
                 let blocks: &[$block] = blocks_for(row, 1, y);
                 let mut acc = [_mm256_setzero_ps(); T];
@@ -136,8 +129,11 @@ macro_rules! dot_q8_q45k {
                             sumi[t] = _mm256_add_epi32(sumi[t], p);
                         }
                     }
-                    let d = f16($b.d);
-                    let dmin = f16($b.dmin);
+                    let d_dmin = f16x2(head($b));
+                    let (d, dmin) = (
+                        _mm_cvtss_f32(d_dmin),
+                        _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)),
+                    );
                     let mins16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr().cast()));
                     for t in 0..T {
                         let a = y[t].get_unchecked(i);
@@ -188,12 +184,14 @@ unsafe fn q6_half(b: &BlockQ6K, h: usize) -> [__m256i; 4] {
 
 impl DotF32 for BlockQ6K {
     const NEEDS_SUMS: bool = false;
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot<const T: usize>(row: &[u8], x: &[&[f32]; T], _sums: &[&[f32]; T]) -> [f32; T] {
         let blocks: &[BlockQ6K] = blocks_for(row, QK_K, x);
         let mut acc = [_mm256_setzero_ps(); T];
         for (i, b) in blocks.iter().enumerate() {
-            let d = f16(b.d);
+            // `d` is the block's last field
+            let d = _mm_cvtss_f32(_mm_movehdup_ps(f16x2(tail(b))));
             for h in 0..2 {
                 let q = q6_half(b, h);
                 for (k, q) in q.into_iter().enumerate() {
@@ -220,7 +218,8 @@ impl DotQ8 for BlockQ6K {
     fn acts<'a>(input: &Prepared<'a>, t: usize) -> &'a [Q8KBlock] {
         input.q8k(t)
     }
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Q8KBlock]; T]) -> [f32; T] {
         let blocks: &[BlockQ6K] = blocks_for(row, 1, y);
         let mut acc = [_mm256_setzero_ps(); T];
@@ -244,7 +243,8 @@ impl DotQ8 for BlockQ6K {
             }
             // the quants above are q + 32: take 32·Σ_g sc_g·Σy_g back out
             let sc16 = _mm256_cvtepi8_epi16(scales);
-            let d = f16(b.d);
+            // `d` is the block's last field
+            let d = _mm_cvtss_f32(_mm_movehdup_ps(f16x2(tail(b))));
             for t in 0..T {
                 let a = y[t].get_unchecked(i);
                 let offset = _mm256_madd_epi16(sc16, _mm256_loadu_si256(a.bsums.as_ptr().cast()));
@@ -264,7 +264,8 @@ impl DotQ8 for BlockQ8K {
     fn acts<'a>(input: &Prepared<'a>, t: usize) -> &'a [Q8KBlock] {
         input.q8k(t)
     }
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Q8KBlock]; T]) -> [f32; T] {
         let blocks: &[BlockQ8K] = blocks_for(row, 1, y);
         let mut acc = [_mm256_setzero_ps(); T];

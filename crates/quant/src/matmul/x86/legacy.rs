@@ -1,4 +1,4 @@
-//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q8_1 against f32 or [`Q8Block`] activations.
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q8_1 against f32 or [`Q8Pair`] activations.
 //!
 //! The quants are kept unsigned where the format has an offset (`q - 8`,
 //! `q - 16`), which `vpmaddubsw` wants, and the offset is taken out
@@ -18,26 +18,21 @@ unsafe fn q5(qh: [u8; 4], qs: &[u8; 16]) -> __m256i {
     _mm256_or_si256(nibbles(qs.as_ptr()), fifth_bits(qh))
 }
 
-/// `d` and `s` of an activation block as the low two lanes.
-#[inline(always)]
-unsafe fn d_and_s(a: &Q8Block) -> __m128 {
-    // `d` and `s` are adjacent f32 fields
-    _mm_castsi128_ps(_mm_loadl_epi64((&a.d as *const f32).cast()))
-}
-
 /// The second lane.
 #[inline(always)]
 unsafe fn lane1(v: __m128) -> f32 {
     _mm_cvtss_f32(_mm_movehdup_ps(v))
 }
 
-/// The F32 kernel of a format whose block is `d·(q - offset)` (or `d·q + m`
-/// with `$min`): `$quants` gives the block's quants as 32 bytes.
+/// The F32 kernel of a format whose block is `d·(q - offset)` (the offset
+/// folded into `$quants`) or `d·q + m` (`mins: true`): `$quants` gives the
+/// block's quants as 32 bytes.
 macro_rules! dot_f32 {
-    ($block:ty, signed: $signed:expr, mins: $mins:expr, |$b:ident| $quants:expr, $scale:expr, $min:expr) => {
+    ($block:ty, signed: $signed:expr, mins: $mins:expr, |$b:ident| $quants:expr) => {
         impl DotF32 for $block {
             const NEEDS_SUMS: bool = $mins;
-            #[inline(always)]
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn dot<const T: usize>(
                 row: &[u8],
                 x: &[&[f32]; T],
@@ -49,118 +44,231 @@ macro_rules! dot_f32 {
                         assert_eq!(s.len(), blocks.len());
                     }
                 }
-                let mut acc = [_mm256_setzero_ps(); T];
+                let mut acc = [[_mm256_setzero_ps(); 2]; T];
                 let mut mins = [0f32; T];
-                for (i, $b) in blocks.iter().enumerate() {
+                each_block_2(blocks, |i, $b, k| {
                     let w = bytes_to_f32::<$signed>($quants);
-                    let d = _mm256_set1_ps($scale);
+                    let dm = f16x2(head($b));
+                    let d = _mm256_broadcastss_ps(dm);
                     for t in 0..T {
                         let s = dot32(&w, x[t].as_ptr().add(QK_LEGACY * i));
-                        acc[t] = _mm256_fmadd_ps(d, s, acc[t]);
+                        acc[t][k] = _mm256_fmadd_ps(d, s, acc[t][k]);
                         if $mins {
-                            mins[t] += $min * *sums[t].get_unchecked(i);
+                            mins[t] += lane1(dm) * *sums[t].get_unchecked(i);
                         }
                     }
-                }
-                std::array::from_fn(|t| hsum(acc[t]) + mins[t])
+                });
+                std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + mins[t])
             }
         }
     };
 }
 
 dot_f32!(BlockQ4_0, signed: true, mins: false,
-    |b| _mm256_sub_epi8(q4(&b.qs), _mm256_set1_epi8(8)), f16(b.d), 0.0);
-dot_f32!(BlockQ4_1, signed: false, mins: true, |b| q4(&b.qs), f16(b.d), f16(b.m));
+    |b| _mm256_sub_epi8(q4(&b.qs), _mm256_set1_epi8(8)));
+dot_f32!(BlockQ4_1, signed: false, mins: true, |b| q4(&b.qs));
 dot_f32!(BlockQ5_0, signed: true, mins: false,
-    |b| _mm256_sub_epi8(q5(b.qh, &b.qs), _mm256_set1_epi8(16)), f16(b.d), 0.0);
-dot_f32!(BlockQ5_1, signed: false, mins: true, |b| q5(b.qh, &b.qs), f16(b.d), f16(b.m));
-dot_f32!(BlockQ8_0, signed: true, mins: false,
-    |b| _mm256_loadu_si256(b.qs.as_ptr().cast()), f16(b.d), 0.0);
-dot_f32!(BlockQ8_1, signed: true, mins: false,
-    |b| _mm256_loadu_si256(b.qs.as_ptr().cast()), f16(b.d), 0.0);
+    |b| _mm256_sub_epi8(q5(b.qh, &b.qs), _mm256_set1_epi8(16)));
+dot_f32!(BlockQ5_1, signed: false, mins: true, |b| q5(b.qh, &b.qs));
+dot_f32!(BlockQ8_0, signed: true, mins: false, |b| _mm256_loadu_si256(b.qs.as_ptr().cast()));
+dot_f32!(BlockQ8_1, signed: true, mins: false, |b| _mm256_loadu_si256(b.qs.as_ptr().cast()));
+
+/// The quants of blocks `a` and `b` in [`Q8Pair`] order: values 0..16 of
+/// `a` then of `b`, and values 16..32 of `a` then of `b`.
+#[inline(always)]
+unsafe fn q4_pair(a: &[u8; 16], b: &[u8; 16]) -> (__m256i, __m256i) {
+    split_nibbles(_mm256_loadu2_m128i(b.as_ptr().cast(), a.as_ptr().cast()))
+}
+
+/// [`q4_pair`] with the fifth bits.
+#[inline(always)]
+unsafe fn q5_pair(a_qh: [u8; 4], a: &[u8; 16], b_qh: [u8; 4], b: &[u8; 16]) -> (__m256i, __m256i) {
+    let (lo, hi) = q4_pair(a, b);
+    // both qh words in every 128-bit lane: bytes 0..4 are a's, 4..8 b's
+    let bits = _mm256_set1_epi64x(
+        i64::from(u32::from_le_bytes(a_qh)) | (i64::from(u32::from_le_bytes(b_qh)) << 32),
+    );
+    let byte = |k: i64| k * 0x0101_0101_0101_0101;
+    let lo_pick = _mm256_set_epi64x(byte(5), byte(4), byte(1), byte(0));
+    let hi_pick = _mm256_set_epi64x(byte(7), byte(6), byte(3), byte(2));
+    (
+        _mm256_or_si256(lo, spread_bits(bits, lo_pick)),
+        _mm256_or_si256(hi, spread_bits(bits, hi_pick)),
+    )
+}
+
+/// The f16 pairs at the heads of blocks `a` and `b` as `(a0, a1, b0, b1)`.
+#[inline(always)]
+unsafe fn f16x4(a: [u8; 4], b: [u8; 4]) -> __m128 {
+    _mm_cvtph_ps(_mm_set_epi32(
+        0,
+        0,
+        i32::from_le_bytes(b),
+        i32::from_le_bytes(a),
+    ))
+}
+
+/// `(d, m)` of two blocks that start with them, or `(d, -offset·d)` of
+/// two that start with `d` (`offset` > 0): `(d_a, m_a, d_b, m_b)`.
+#[inline(always)]
+unsafe fn d_and_m_pair<B: bytemuck::Pod>(a: &B, b: &B, offset: f32) -> __m128 {
+    let v = f16x4(head(a), head(b));
+    if offset == 0.0 {
+        v
+    } else {
+        _mm_mul_ps(_mm_moveldup_ps(v), _mm_setr_ps(1.0, -offset, 1.0, -offset))
+    }
+}
+
+/// Lanes 0 and 2 of `v`, each spread over one 128-bit half: the scales of
+/// the two blocks whose i32 sums sit in the low and high half.
+#[inline(always)]
+unsafe fn pair_scales(v: __m128) -> __m256 {
+    _mm256_permutevar8x32_ps(
+        _mm256_castps128_ps256(v),
+        _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2),
+    )
+}
+
+/// Lane 1 plus lane 3.
+#[inline(always)]
+unsafe fn lanes13(v: __m128) -> f32 {
+    lane1(_mm_add_ps(v, _mm_movehl_ps(v, v)))
+}
+
+/// Calls `step(p, a, b, k)` for the blocks in pairs (`p` the pair, `b` a
+/// zero block after an odd last one), `k` alternating between two
+/// accumulator chains as in [`each_block_2`].
+#[inline(always)]
+fn each_pair<B: bytemuck::Pod>(blocks: &[B], mut step: impl FnMut(usize, &B, &B, usize)) {
+    // two pairs per iteration, so that `k` is a constant in each call
+    let mut quads = blocks.chunks_exact(4);
+    for (q, quad) in quads.by_ref().enumerate() {
+        step(2 * q, &quad[0], &quad[1], 0);
+        step(2 * q + 1, &quad[2], &quad[3], 1);
+    }
+    let rest = quads.remainder();
+    let p = blocks.len() / 4 * 2;
+    let zero = B::zeroed();
+    match rest {
+        [] => {}
+        [a] => step(p, a, &zero, 0),
+        [a, b] => step(p, a, b, 0),
+        [a, b, c] => {
+            step(p, a, b, 0);
+            step(p + 1, c, &zero, 1);
+        }
+        _ => unreachable!("chunks of 4 leave at most 3"),
+    }
+}
 
 /// The Q8 kernel of a format with unsigned quants `q`: the block is
-/// `d·q + m` (`$dm` gives `(d, m)` as two lanes) or `d·(q - offset)`
-/// (`$dm` gives `(d, -offset·d)`), so `Σ w·y = d·dy·Σq·y + m·sy` either way.
+/// `d·q + m` (offset 0) or `d·(q - offset)`, so with `(d, m)` or
+/// `(d, -offset·d)` from [`d_and_m_pair`], `Σ w·y = d·dy·Σq·y + m·sy`
+/// either way. Two blocks at a time, their i32 sums in one register.
 macro_rules! dot_q8_unsigned {
-    ($block:ty, |$b:ident| $quants:expr, $dm:expr) => {
+    ($block:ty, offset: $offset:expr, |$a:ident, $b:ident| $quants:expr) => {
         impl DotQ8 for $block {
-            type Act = Q8Block;
+            type Act = Q8Pair;
             const NEEDS: Needs = Needs::Q8;
             #[inline(always)]
-            fn acts<'a>(input: &Prepared<'a>, t: usize) -> &'a [Q8Block] {
+            fn acts<'a>(input: &Prepared<'a>, t: usize) -> &'a [Q8Pair] {
                 input.q8(t)
             }
-            #[inline(always)]
-            unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Q8Block]; T]) -> [f32; T] {
-                let blocks: &[$block] = blocks_for(row, 1, y);
-                let mut acc = [_mm256_setzero_ps(); T];
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Q8Pair]; T]) -> [f32; T] {
+                let blocks: &[$block] = bytemuck::cast_slice(row);
+                for y in y {
+                    assert_eq!(
+                        y.len(),
+                        blocks.len().div_ceil(2),
+                        "activations do not match the row"
+                    );
+                }
+                let mut acc = [[_mm256_setzero_ps(); 2]; T];
                 let mut mins = [_mm_setzero_ps(); T];
-                for (i, $b) in blocks.iter().enumerate() {
-                    let q = $quants;
-                    let dm = $dm;
+                each_pair(blocks, |p, $a, $b, k| {
+                    let (lo, hi) = $quants;
+                    let dm = d_and_m_pair($a, $b, $offset);
                     for t in 0..T {
-                        let a = y[t].get_unchecked(i);
-                        let p = dot_u8_i8(q, _mm256_loadu_si256(a.qs.as_ptr().cast()));
-                        // (d·dy, m·sy)
-                        let scales = _mm_mul_ps(dm, d_and_s(a));
-                        acc[t] = _mm256_fmadd_ps(
-                            _mm256_broadcastss_ps(scales),
-                            _mm256_cvtepi32_ps(p),
-                            acc[t],
+                        let y = y[t].get_unchecked(p);
+                        let q8 = y.qs.as_ptr();
+                        // pair sums of both blocks stay within i16 (at most 2·2·31·127)
+                        let p16 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q8.cast())),
+                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(q8.add(32).cast())),
+                        );
+                        let sums = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+                        // (d_a·dy_a, m_a·sy_a, d_b·dy_b, m_b·sy_b)
+                        let scales = _mm_mul_ps(dm, _mm_loadu_ps(y.ds.as_ptr()));
+                        acc[t][k] = _mm256_fmadd_ps(
+                            pair_scales(scales),
+                            _mm256_cvtepi32_ps(sums),
+                            acc[t][k],
                         );
                         mins[t] = _mm_add_ps(mins[t], scales);
                     }
-                }
-                std::array::from_fn(|t| hsum(acc[t]) + lane1(mins[t]))
+                });
+                std::array::from_fn(|t| {
+                    hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + lanes13(mins[t])
+                })
             }
         }
     };
 }
 
-/// `(d, -offset·d)` from an f16 scale.
-#[inline(always)]
-unsafe fn d_and_offset(d: [u8; 2], offset: f32) -> __m128 {
-    let d = f16(d);
-    _mm_setr_ps(d, -offset * d, 0.0, 0.0)
-}
-
-/// `(d, m)` from adjacent f16 fields.
-#[inline(always)]
-unsafe fn d_and_m(d: [u8; 2], m: [u8; 2]) -> __m128 {
-    f16_pair([d[0], d[1], m[0], m[1]])
-}
-
-dot_q8_unsigned!(BlockQ4_0, |b| q4(&b.qs), d_and_offset(b.d, 8.0));
-dot_q8_unsigned!(BlockQ4_1, |b| q4(&b.qs), d_and_m(b.d, b.m));
-dot_q8_unsigned!(BlockQ5_0, |b| q5(b.qh, &b.qs), d_and_offset(b.d, 16.0));
-dot_q8_unsigned!(BlockQ5_1, |b| q5(b.qh, &b.qs), d_and_m(b.d, b.m));
+dot_q8_unsigned!(BlockQ4_0, offset: 8.0, |a, b| q4_pair(&a.qs, &b.qs));
+dot_q8_unsigned!(BlockQ4_1, offset: 0.0, |a, b| q4_pair(&a.qs, &b.qs));
+dot_q8_unsigned!(BlockQ5_0, offset: 16.0, |a, b| q5_pair(a.qh, &a.qs, b.qh, &b.qs));
+dot_q8_unsigned!(BlockQ5_1, offset: 0.0, |a, b| q5_pair(a.qh, &a.qs, b.qh, &b.qs));
 
 /// The Q8 kernel of Q8_0 and Q8_1 weights: signed quants, `d·dy·Σq·y`.
 macro_rules! dot_q8_signed {
     ($block:ty) => {
         impl DotQ8 for $block {
-            type Act = Q8Block;
+            type Act = Q8Pair;
             const NEEDS: Needs = Needs::Q8;
             #[inline(always)]
-            fn acts<'a>(input: &Prepared<'a>, t: usize) -> &'a [Q8Block] {
+            fn acts<'a>(input: &Prepared<'a>, t: usize) -> &'a [Q8Pair] {
                 input.q8(t)
             }
-            #[inline(always)]
-            unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Q8Block]; T]) -> [f32; T] {
-                let blocks: &[$block] = blocks_for(row, 1, y);
-                let mut acc = [_mm256_setzero_ps(); T];
-                for (i, b) in blocks.iter().enumerate() {
-                    let q = _mm256_loadu_si256(b.qs.as_ptr().cast());
-                    let d = f16(b.d);
-                    for t in 0..T {
-                        let a = y[t].get_unchecked(i);
-                        let p = dot_i8_i8(q, _mm256_loadu_si256(a.qs.as_ptr().cast()));
-                        acc[t] =
-                            _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p), acc[t]);
-                    }
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Q8Pair]; T]) -> [f32; T] {
+                let blocks: &[$block] = bytemuck::cast_slice(row);
+                for y in y {
+                    assert_eq!(
+                        y.len(),
+                        blocks.len().div_ceil(2),
+                        "activations do not match the row"
+                    );
                 }
-                std::array::from_fn(|t| hsum(acc[t]))
+                let mut acc = [[_mm256_setzero_ps(); 2]; T];
+                each_pair(blocks, |p, a, b, k| {
+                    let lo = _mm256_loadu2_m128i(b.qs.as_ptr().cast(), a.qs.as_ptr().cast());
+                    let hi = _mm256_loadu2_m128i(
+                        b.qs.as_ptr().add(16).cast(),
+                        a.qs.as_ptr().add(16).cast(),
+                    );
+                    // (d_a, d_a, d_b, d_b)
+                    let d = _mm_moveldup_ps(f16x4(head(a), head(b)));
+                    for t in 0..T {
+                        let y = y[t].get_unchecked(p);
+                        let q8 = y.qs.as_ptr();
+                        let sums = _mm256_add_epi32(
+                            dot_i8_i8(lo, _mm256_loadu_si256(q8.cast())),
+                            dot_i8_i8(hi, _mm256_loadu_si256(q8.add(32).cast())),
+                        );
+                        let scales = _mm_mul_ps(d, _mm_loadu_ps(y.ds.as_ptr()));
+                        acc[t][k] = _mm256_fmadd_ps(
+                            pair_scales(scales),
+                            _mm256_cvtepi32_ps(sums),
+                            acc[t][k],
+                        );
+                    }
+                });
+                std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])))
             }
         }
     };

@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::portable::{self, q8_scale};
-use super::{Activations, Kernel, Needs, Prepared, Q8Block, Q8KBlock, Weights, TOKEN_TILE};
+use super::{Activations, Kernel, Needs, Prepared, Q8Block, Q8KBlock, Q8Pair, Weights, TOKEN_TILE};
 use crate::float::{BF16, F16, F32};
 use crate::kernel::Dequantize;
 use crate::{
@@ -84,12 +84,12 @@ pub(super) trait DotF32 {
 
 /// One format's Q8-mode row kernel.
 pub(super) trait DotQ8 {
-    /// The activation blocks it reads ([`Q8Block`] or [`Q8KBlock`]).
+    /// The activation blocks it reads ([`Q8Pair`] or [`Q8KBlock`]).
     type Act: 'static;
     const NEEDS: Needs;
     fn acts<'a>(input: &Prepared<'a>, t: usize) -> &'a [Self::Act];
     /// `Σ_c row[c] · y[t][c]` for each of the `T` tokens; `row` is whole
-    /// blocks, every `y[t]` holds exactly the row's values.
+    /// blocks, every `y[t]` holds the row's values (padded to whole pairs).
     ///
     /// # Safety
     /// Only call with AVX2, FMA and F16C present.
@@ -219,8 +219,9 @@ unsafe fn generic_rows<K: Dequantize>(
     });
 }
 
-/// Quantizes `x` to [`Q8Block`]s exactly as [`portable::quantize_q8_block`] does.
-pub(super) fn quantize_q8(x: &[f32], out: &mut [Q8Block]) {
+/// Quantizes one row `x` to [`Q8Pair`]s; each block exactly as
+/// [`portable::quantize_q8_block`] does it.
+pub(super) fn quantize_q8(x: &[f32], out: &mut [Q8Pair]) {
     assert!(available());
     // SAFETY: AVX2, FMA and F16C are present (asserted above).
     unsafe { quantize_q8_avx2(x, out) }
@@ -234,14 +235,25 @@ pub(super) fn quantize_q8k(x: &[f32], out: &mut [Q8KBlock]) {
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn quantize_q8_avx2(x: &[f32], out: &mut [Q8Block]) {
-    for (x, out) in x.chunks_exact(QK_LEGACY).zip(out) {
+fn quantize_q8_avx2(x: &[f32], out: &mut [Q8Pair]) {
+    let block = |x: &[f32]| {
         let x: &[f32; QK_LEGACY] = x.try_into().expect("32 values");
         let (d, id) = q8_scale(abs_max32(x));
         let (qs, sum) = round32(x, id);
-        out.qs = qs;
-        out.d = d;
-        out.s = d * sum as f32;
+        Q8Block {
+            qs,
+            d,
+            s: d * sum as f32,
+        }
+    };
+    for (x, out) in x.chunks(2 * QK_LEGACY).zip(out) {
+        let (a, b) = x.split_at(QK_LEGACY);
+        let b = if b.is_empty() {
+            Q8Block::ZERO
+        } else {
+            block(b)
+        };
+        *out = Q8Pair::new(&block(a), &b);
     }
 }
 
@@ -356,19 +368,47 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(v)
 }
 
-/// A little-endian f16 field as f32 (F16C: a signalling NaN comes out quiet,
-/// which no product can tell).
+/// The two little-endian f16 values in `bytes` as lanes 0 and 1 (lanes 2
+/// and 3 zero). F16C quiets a signalling NaN, which no product can tell.
+///
+/// Scales are read 4 bytes at a time on purpose: a 2-byte read becomes
+/// `vpinsrw` into whatever register is free, often the accumulator, and
+/// chains every block to the previous block's FMA; `vmovd` zeroes the rest.
 #[inline(always)]
-unsafe fn f16(bits: [u8; 2]) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-        u16::from_le_bytes(bits),
-    ))))
+unsafe fn f16x2(bytes: [u8; 4]) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(bytes)))
 }
 
-/// Two adjacent little-endian f16 fields (`d` and `m`) as the low two f32 lanes.
+/// The first 4 bytes of a block (which starts with an f16 scale).
 #[inline(always)]
-unsafe fn f16_pair(bits: [u8; 4]) -> __m128 {
-    _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(bits)))
+fn head<B: bytemuck::Pod>(block: &B) -> [u8; 4] {
+    bytemuck::bytes_of(block)[..4]
+        .try_into()
+        .expect("blocks are longer than 4 bytes")
+}
+
+/// The last 4 bytes of a block (which ends with an f16 scale).
+#[inline(always)]
+fn tail<B: bytemuck::Pod>(block: &B) -> [u8; 4] {
+    let bytes = bytemuck::bytes_of(block);
+    bytes[bytes.len() - 4..]
+        .try_into()
+        .expect("blocks are longer than 4 bytes")
+}
+
+/// Calls `step(i, block, k)` for every block, `k` alternating between 0 and
+/// 1: two accumulator chains, so that one block's FMA need not wait for the
+/// previous one's.
+#[inline(always)]
+fn each_block_2<B>(blocks: &[B], mut step: impl FnMut(usize, &B, usize)) {
+    let pairs = blocks.len() / 2;
+    for p in 0..pairs {
+        step(2 * p, &blocks[2 * p], 0);
+        step(2 * p + 1, &blocks[2 * p + 1], 1);
+    }
+    if blocks.len() % 2 == 1 {
+        step(blocks.len() - 1, &blocks[blocks.len() - 1], 0);
+    }
 }
 
 /// 16 bytes of packed nibbles as 32 bytes: the low nibbles first (values
@@ -380,22 +420,38 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
 }
 
-/// Bit `j` of the little-endian u32 `bits` as byte `j`: 0x10 where set, 0 elsewhere.
+/// The low and high nibbles of 32 bytes.
 #[inline(always)]
-unsafe fn fifth_bits(bits: [u8; 4]) -> __m256i {
-    let spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32(i32::from_le_bytes(bits)),
-        _mm256_set_epi64x(
-            0x0303_0303_0303_0303,
-            0x0202_0202_0202_0202,
-            0x0101_0101_0101_0101,
-            0,
-        ),
-    );
+unsafe fn split_nibbles(v: __m256i) -> (__m256i, __m256i) {
+    let m4 = _mm256_set1_epi8(0x0f);
+    (
+        _mm256_and_si256(v, m4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+    )
+}
+
+/// Fifth bits as 0x10 bytes: each 8-byte group of the result takes the byte
+/// of `bits` that `pick` names (per 128-bit lane) and turns its bit `j` into
+/// byte `j` of the group.
+#[inline(always)]
+unsafe fn spread_bits(bits: __m256i, pick: __m256i) -> __m256i {
+    let spread = _mm256_shuffle_epi8(bits, pick);
     // every bit but bit j of byte j set: the byte is all ones iff bit j was set
     let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
     let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1));
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// Bit `j` of the little-endian u32 `bits` as byte `j`: 0x10 where set, 0 elsewhere.
+#[inline(always)]
+unsafe fn fifth_bits(bits: [u8; 4]) -> __m256i {
+    let pick = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    spread_bits(_mm256_set1_epi32(i32::from_le_bytes(bits)), pick)
 }
 
 /// Σ u·s over groups of 4 bytes, as 8 i32 lanes: `u` unsigned, `s` signed,
