@@ -4,6 +4,7 @@
 mod bench;
 mod inspect;
 mod run;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over HTTP: the worker API and an OpenAI-compatible API.
+    Serve(serve::ServeArgs),
     /// Generate text from a prompt, streaming it to stdout (speed goes to stderr).
     Generate {
         #[command(flatten)]
@@ -102,6 +105,7 @@ fn open(path: &PathBuf) -> Result<GgufFile> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve::run_serve(&args)?,
         Command::Generate {
             model,
             sampling,

@@ -1,0 +1,78 @@
+//! The ready callback: once the worker serves, it tells the orchestrator
+//! where it is and what it runs. A refused or failed callback is logged
+//! and retried with exponential backoff until it is accepted or the worker
+//! stops; it never stops the worker.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+/// First delay between attempts; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// One attempt's limit, connection included.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Body of the ready callback.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReadyPayload {
+    pub worker_id: String,
+    /// The model file as given to `--model`.
+    pub model_ref: String,
+    /// Memory the model holds on its device: the weights plus the whole KV
+    /// budget (host memory on the CPU).
+    pub vram_bytes: u64,
+    /// Where the worker listens, e.g. `http://127.0.0.1:8080`.
+    pub uri: String,
+    pub capabilities: Capabilities,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Capabilities {
+    pub model: String,
+    pub architecture: String,
+    pub quant: String,
+    pub device: String,
+    pub context_length: usize,
+    pub max_concurrent: usize,
+    /// Routes served besides the worker API's `/execute`, `/cancel`, `/health`, `/metrics`.
+    pub openai_compatible: bool,
+    pub streaming: bool,
+}
+
+/// POST `payload` to `url` until it is accepted (2xx), backing off between attempts.
+pub async fn announce(url: String, payload: ReadyPayload) {
+    let client = match reqwest::Client::builder().timeout(ATTEMPT_TIMEOUT).build() {
+        Ok(client) => client,
+        Err(e) => {
+            warn!(url, error = %e, "cannot build the HTTP client for the ready callback");
+            return;
+        }
+    };
+    let mut backoff = FIRST_BACKOFF;
+    for attempt in 1u32.. {
+        match client.post(&url).json(&payload).send().await {
+            Ok(response) if response.status().is_success() => {
+                info!(url, attempt, "ready callback accepted");
+                return;
+            }
+            Ok(response) => warn!(
+                url,
+                attempt,
+                status = response.status().as_u16(),
+                retry_in_ms = backoff.as_millis() as u64,
+                "ready callback refused"
+            ),
+            Err(e) => warn!(
+                url,
+                attempt,
+                error = %e,
+                retry_in_ms = backoff.as_millis() as u64,
+                "ready callback failed"
+            ),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}

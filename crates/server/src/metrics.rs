@@ -1,0 +1,143 @@
+//! Prometheus metrics. Counters and histograms are updated as events
+//! happen (token latencies on the scheduler thread, through the job's
+//! sink, so a slow client does not skew them); gauges are read from the
+//! scheduler when `/metrics` is scraped.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::model::Model;
+
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests by route template and status code.
+    pub http_requests: IntCounterVec,
+    /// Jobs finished, by API (`worker`, `openai`) and how they ended (`MAX_TOKENS`, …, `ERROR`).
+    pub jobs: IntCounterVec,
+    pub prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    queue_depth: IntGauge,
+    running: IntGauge,
+    kv_pages_used: IntGauge,
+    kv_pages_total: IntGauge,
+    uptime: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new("worker_http_requests_total", "HTTP requests by route and status"),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let jobs = IntCounterVec::new(
+            Opts::new(
+                "worker_jobs_total",
+                "Generation jobs finished, by API and stop reason (ERROR for failures)",
+            ),
+            &["api", "stop_reason"],
+        )
+        .expect("valid metric");
+        let prompt_tokens = IntCounter::new(
+            "worker_prompt_tokens_total",
+            "Prompt tokens of finished jobs",
+        )
+        .expect("valid metric");
+        let generated_tokens =
+            IntCounter::new("worker_generated_tokens_total", "Tokens generated")
+                .expect("valid metric");
+        let time_to_first_token = Histogram::with_opts(
+            HistogramOpts::new(
+                "worker_time_to_first_token_seconds",
+                "From submission (queueing and prefill included) to the first generated token",
+            )
+            .buckets(vec![
+                0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+        )
+        .expect("valid metric");
+        let inter_token_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "worker_inter_token_latency_seconds",
+                "Time between successive generated tokens of one job",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("valid metric");
+        let queue_depth = IntGauge::new("worker_queue_depth", "Jobs waiting for a slot")
+            .expect("valid metric");
+        let running =
+            IntGauge::new("worker_running_jobs", "Jobs decoding now").expect("valid metric");
+        let kv_pages_used =
+            IntGauge::new("worker_kv_pages_used", "KV-cache pages held by sequences")
+                .expect("valid metric");
+        let kv_pages_total = IntGauge::new("worker_kv_pages_total", "KV-cache pages in the pool")
+            .expect("valid metric");
+        let uptime =
+            Gauge::new("worker_uptime_seconds", "Seconds since the worker started")
+                .expect("valid metric");
+        for collector in [
+            Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(jobs.clone()),
+            Box::new(prompt_tokens.clone()),
+            Box::new(generated_tokens.clone()),
+            Box::new(time_to_first_token.clone()),
+            Box::new(inter_token_latency.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(running.clone()),
+            Box::new(kv_pages_used.clone()),
+            Box::new(kv_pages_total.clone()),
+            Box::new(uptime.clone()),
+        ] {
+            registry.register(collector).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            http_requests,
+            jobs,
+            prompt_tokens,
+            generated_tokens,
+            time_to_first_token,
+            inter_token_latency,
+            queue_depth,
+            running,
+            kv_pages_used,
+            kv_pages_total,
+            uptime,
+        }
+    }
+
+    /// The text exposition, with the gauges read now.
+    pub fn render(&self, model: &Model, uptime: Duration) -> String {
+        let stats = model.scheduler.stats();
+        let load = |a: &std::sync::atomic::AtomicUsize| {
+            a.load(std::sync::atomic::Ordering::Acquire) as i64
+        };
+        self.queue_depth.set(load(&stats.queued));
+        self.running.set(load(&stats.running));
+        let pool = model.scheduler.pool();
+        self.kv_pages_used.set(pool.used_pages() as i64);
+        self.kv_pages_total.set(pool.total_pages() as i64);
+        self.uptime.set(uptime.as_secs_f64());
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,822 @@
+//! The OpenAI-compatible API: `/v1/chat/completions` (through the model's
+//! chat template), `/v1/completions` and `/v1/models`, streamed (SSE
+//! `data:` chunks ending with `data: [DONE]`) or not, with `usage`.
+//! Fields the worker cannot honour (`n` > 1, logprobs, presence and
+//! frequency penalties, …) are refused with 400 rather than ignored.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use engine::generate::StopReason;
+use engine::scheduler::{Event, Finish};
+use serde::{Deserialize, Serialize};
+use tokenizer::Message;
+use tracing::{info, warn, Span};
+use utoipa::openapi::schema::{ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
+
+use crate::error::{ApiError, OpenAiError, OpenAiErrorBody, OpenAiJson};
+use crate::jobs::{self, RunningJob};
+use crate::validate::{self, Defaults, Errors, SamplingFields, ValidRequest, OPENAI_DEFAULTS};
+use crate::worker_api::KEEP_ALIVE;
+use crate::AppState;
+
+/// `/v1/completions` generates 16 tokens unless told otherwise, as OpenAI's does.
+const COMPLETIONS_DEFAULTS: Defaults = Defaults {
+    max_tokens: Some(16),
+    ..OPENAI_DEFAULTS
+};
+
+/// `stop`: one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl PartialSchema for Stop {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(crate::validate::stop_string_schema())
+            .item(crate::validate::stop_list_schema())
+            .into()
+    }
+}
+
+impl ToSchema for Stop {}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Send a last chunk with `usage` (and no choices) before `[DONE]`.
+    pub include_usage: Option<bool>,
+}
+
+/// Declares a request struct with the fields both generation routes share
+/// (serde cannot deny unknown fields through `#[serde(flatten)]`), and a
+/// method taking those fields out as [`CommonFields`].
+macro_rules! with_common_fields {
+    ($(#[$meta:meta])* pub struct $name:ident { $($own:tt)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($own)*
+            /// Accepted and ignored: the worker serves one model.
+            pub model: Option<String>,
+            /// In [0, 100]; 0 is greedy [1].
+            #[schema(minimum = 0.0, maximum = 100.0)]
+            pub temperature: Option<f64>,
+            /// In (0, 1] [1].
+            #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+            pub top_p: Option<f64>,
+            /// Extension (llama.cpp, vLLM): 0 disables [0].
+            pub top_k: Option<u32>,
+            /// Extension: in [0, 1] [0].
+            #[schema(minimum = 0.0, maximum = 1.0)]
+            pub min_p: Option<f64>,
+            /// Extension: in (0, 10]; 1 disables [1].
+            #[schema(exclusive_minimum = 0.0, maximum = 10.0)]
+            pub repetition_penalty: Option<f64>,
+            pub seed: Option<u64>,
+            /// At most 16 strings of 1 to 256 bytes.
+            pub stop: Option<Stop>,
+            pub stream: Option<bool>,
+            pub stream_options: Option<StreamOptions>,
+            /// Only 1.
+            #[schema(minimum = 1, maximum = 1)]
+            pub n: Option<u32>,
+            /// Only 0 (use `repetition_penalty`).
+            #[schema(minimum = 0.0, maximum = 0.0)]
+            pub presence_penalty: Option<f64>,
+            /// Only 0 (use `repetition_penalty`).
+            #[schema(minimum = 0.0, maximum = 0.0)]
+            pub frequency_penalty: Option<f64>,
+            /// Only empty.
+            #[schema(schema_with = empty_object_schema)]
+            pub logit_bias: Option<HashMap<String, f64>>,
+            /// Accepted and ignored.
+            pub user: Option<String>,
+        }
+
+        impl $name {
+            fn take_common(&mut self) -> CommonFields {
+                CommonFields {
+                    temperature: self.temperature.take(),
+                    top_p: self.top_p.take(),
+                    top_k: self.top_k.take(),
+                    min_p: self.min_p.take(),
+                    repetition_penalty: self.repetition_penalty.take(),
+                    seed: self.seed.take(),
+                    stop: self.stop.take(),
+                    stream: self.stream.take(),
+                    stream_options: self.stream_options.take(),
+                    n: self.n.take(),
+                    presence_penalty: self.presence_penalty.take(),
+                    frequency_penalty: self.frequency_penalty.take(),
+                    logit_bias: self.logit_bias.take(),
+                }
+            }
+        }
+    };
+}
+
+/// `{}`: the only `logit_bias` accepted.
+fn empty_object_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .max_properties(Some(0))
+        .build()
+}
+
+/// The fields both generation routes share, as given.
+struct CommonFields {
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<u32>,
+    min_p: Option<f64>,
+    repetition_penalty: Option<f64>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    n: Option<u32>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logit_bias: Option<HashMap<String, f64>>,
+}
+
+impl CommonFields {
+    /// Check the fields the worker cannot honour; build the sampling fields.
+    fn check(self, max_tokens: Option<u32>, errors: &mut Errors) -> (SamplingFields, StreamMode) {
+        if self.n.is_some_and(|n| n != 1) {
+            errors.add("n", "range", "only n = 1 is supported");
+        }
+        for (field, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                errors.add(field, "unsupported", "only 0 is supported; use repetition_penalty");
+            }
+        }
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            errors.add("logit_bias", "unsupported", "logit_bias is not supported");
+        }
+        let stream = StreamMode {
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+        };
+        let fields = SamplingFields {
+            max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop: self.stop.map(Stop::into_vec).unwrap_or_default(),
+        };
+        (fields, stream)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct StreamMode {
+    stream: bool,
+    include_usage: bool,
+}
+
+with_common_fields! {
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatCompletionRequest {
+    #[schema(min_items = 1)]
+    pub messages: Vec<ChatMessage>,
+    /// Tokens to generate at most [to the end of the context].
+    #[schema(minimum = 1)]
+    pub max_tokens: Option<u32>,
+    /// The newer name of `max_tokens`; wins when both are given.
+    #[schema(minimum = 1)]
+    pub max_completion_tokens: Option<u32>,
+    /// Only `false`.
+    pub logprobs: Option<bool>,
+    /// Only 0.
+    #[schema(minimum = 0, maximum = 0)]
+    pub top_logprobs: Option<u32>,
+}
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    /// `system`, `developer` (treated as `system`), `user`, `assistant` or `tool`.
+    pub role: String,
+    pub content: Option<MessageContent>,
+    pub name: Option<String>,
+}
+
+/// Text, or a list of parts of which only `text` parts are supported.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContentPart {
+    /// Only `text`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+impl ChatCompletionRequest {
+    fn validate(mut self, state: &AppState) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
+        let mut errors = Errors::default();
+        if self.logprobs == Some(true) {
+            errors.add("logprobs", "unsupported", "logprobs are not supported");
+        }
+        if self.top_logprobs.is_some_and(|n| n > 0) {
+            errors.add("top_logprobs", "unsupported", "logprobs are not supported");
+        }
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        let (fields, stream) = self.take_common().check(max_tokens, &mut errors);
+        let params = validate::check_sampling(&fields, &OPENAI_DEFAULTS, &mut errors);
+        if self.messages.is_empty() {
+            errors.add("messages", "min_items", "at least one message is needed");
+        }
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            if !ROLES.contains(&m.role.as_str()) {
+                errors.add(
+                    &format!("messages[{i}].role"),
+                    "enum",
+                    format!("must be one of {}", ROLES.join(", ")),
+                );
+            }
+            let role = if m.role == "developer" { "system".to_string() } else { m.role };
+            let content = match m.content {
+                None => String::new(),
+                Some(MessageContent::Text(text)) => text,
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, part) in parts.into_iter().enumerate() {
+                        match (part.kind.as_str(), part.text) {
+                            ("text", Some(t)) => text.push_str(&t),
+                            _ => errors.add(
+                                &format!("messages[{i}].content[{j}]"),
+                                "unsupported",
+                                "only parts of type \"text\" with a \"text\" field are supported",
+                            ),
+                        }
+                    }
+                    text
+                }
+            };
+            messages.push(Message::new(role, content));
+        }
+        if !errors.0.is_empty() {
+            return Err(errors.0);
+        }
+        let Some(template) = &state.model.template else {
+            errors.add(
+                "messages",
+                "unsupported",
+                "the model has no chat template; use /v1/completions",
+            );
+            return Err(errors.0);
+        };
+        let prompt = match template.render(&messages, true) {
+            Ok(text) => validate::check_prompt(&state.model, "messages", &text, &mut errors),
+            Err(e) => {
+                errors.add("messages", "template", e.to_string());
+                Vec::new()
+            }
+        };
+        validate::finish(errors, prompt, params).map(|v| (v, stream))
+    }
+}
+
+with_common_fields! {
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    /// The text to continue: a string, or a list holding one string.
+    pub prompt: PromptInput,
+    /// Tokens to generate at most [16].
+    #[schema(minimum = 1)]
+    pub max_tokens: Option<u32>,
+    /// Only `false`.
+    pub echo: Option<bool>,
+    /// Only absent.
+    pub suffix: Option<String>,
+    /// Only 1.
+    #[schema(minimum = 1, maximum = 1)]
+    pub best_of: Option<u32>,
+    /// Only 0.
+    #[schema(minimum = 0, maximum = 0)]
+    pub logprobs: Option<u32>,
+}
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+}
+
+impl PartialSchema for PromptInput {
+    fn schema() -> RefOr<Schema> {
+        let text = || ObjectBuilder::new().schema_type(Type::String).min_length(Some(1));
+        OneOfBuilder::new()
+            .item(text())
+            .item(
+                ArrayBuilder::new()
+                    .items(text())
+                    .min_items(Some(1))
+                    .max_items(Some(1)),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for PromptInput {}
+
+impl CompletionRequest {
+    fn validate(mut self, state: &AppState) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
+        let mut errors = Errors::default();
+        if self.echo == Some(true) {
+            errors.add("echo", "unsupported", "echo is not supported");
+        }
+        if self.suffix.is_some() {
+            errors.add("suffix", "unsupported", "suffix is not supported");
+        }
+        if self.best_of.is_some_and(|n| n != 1) {
+            errors.add("best_of", "range", "only best_of = 1 is supported");
+        }
+        if self.logprobs.is_some_and(|n| n > 0) {
+            errors.add("logprobs", "unsupported", "logprobs are not supported");
+        }
+        let (fields, stream) = self.take_common().check(self.max_tokens, &mut errors);
+        let params = validate::check_sampling(&fields, &COMPLETIONS_DEFAULTS, &mut errors);
+        let text = match self.prompt {
+            PromptInput::Text(text) => text,
+            PromptInput::Texts(mut texts) if texts.len() == 1 => texts.pop().expect("one"),
+            PromptInput::Texts(_) => {
+                errors.add("prompt", "max_items", "exactly one prompt per request is supported");
+                String::new()
+            }
+        };
+        let prompt = if text.is_empty() && !errors.0.is_empty() {
+            Vec::new()
+        } else {
+            validate::check_prompt(&state.model, "prompt", &text, &mut errors)
+        };
+        validate::finish(errors, prompt, params).map(|v| (v, stream))
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    fn of(finish: &Finish) -> Usage {
+        Usage {
+            prompt_tokens: finish.prompt_tokens,
+            completion_tokens: finish.tokens_out,
+            total_tokens: finish.prompt_tokens + finish.tokens_out,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// `chat.completion`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    /// `stop`, `length`, or `cancelled`.
+    pub finish_reason: String,
+    /// Always null.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<()>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    /// `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChunkChoice>,
+    /// Only in the last chunk, with `stream_options.include_usage`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: Delta,
+    pub finish_reason: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<()>,
+}
+
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    /// `text_completion`, streamed or not.
+    pub object: String,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    /// Always present when not streaming; when streaming, only in the last chunk with `stream_options.include_usage`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    /// `stop`, `length` or `cancelled`; null in chunks before the last.
+    pub finish_reason: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<()>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    /// `list`.
+    pub object: String,
+    pub data: Vec<ModelCard>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelCard {
+    pub id: String,
+    /// `model`.
+    pub object: String,
+    pub created: u64,
+    pub owned_by: String,
+}
+
+fn finish_reason(reason: StopReason) -> &'static str {
+    match reason {
+        StopReason::MaxTokens => "length",
+        StopReason::Eos | StopReason::StopSequence => "stop",
+        StopReason::Cancelled => "cancelled",
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>())
+}
+
+fn data<T: Serialize>(value: &T) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default()
+        .json_data(value)
+        .expect("chunk serializes"))
+}
+
+fn done() -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data("[DONE]"))
+}
+
+/// The error object a stream ends with when the job fails after it started.
+fn stream_error(message: String) -> Result<SseEvent, Infallible> {
+    data(&OpenAiErrorBody {
+        error: crate::error::OpenAiErrorDetail {
+            message,
+            kind: "server_error".into(),
+            param: None,
+            code: Some("inference_failed".into()),
+        },
+    })
+}
+
+/// How a job's events end, for both routes.
+enum Outcome {
+    Finished(Finish),
+    Failed(String),
+}
+
+/// Wait for the job's end, dropping its tokens (the final text is in `Finish`).
+async fn wait(job: &mut RunningJob) -> Outcome {
+    loop {
+        match job.events.recv().await {
+            Some(Event::End(finish)) => return Outcome::Finished(finish),
+            Some(Event::Error { message }) => return Outcome::Failed(message),
+            Some(_) => {}
+            None => return Outcome::Failed("the scheduler stopped before the job ended".into()),
+        }
+    }
+}
+
+fn log_outcome(span: &Span, id: &str, outcome: &Outcome) {
+    span.in_scope(|| match outcome {
+        Outcome::Finished(f) => info!(
+            job_id = id,
+            stop_reason = f.stop_reason.as_str(),
+            tokens_out = f.tokens_out,
+            decode_ms = f.decode_time.as_millis() as u64,
+            "job finished"
+        ),
+        Outcome::Failed(message) => warn!(job_id = id, message, "job failed"),
+    });
+}
+
+/// Chat completion through the model's chat template.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = ChatCompletionRequest,
+    params(("X-Correlation-Id" = Option<String>, Header, description = "Echoed back and attached to the job's log lines")),
+    responses(
+        (status = 200, description = "The completion; with `stream: true`, `text/event-stream` of ChatCompletionChunk `data:` lines ending with `data: [DONE]`",
+            content(
+                (ChatCompletion = "application/json"),
+                (ChatCompletionChunk = "text/event-stream"),
+            )),
+        (status = 400, description = "Invalid request (`param` names the field)", body = OpenAiErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with --api-key)", body = OpenAiErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = OpenAiErrorBody),
+        (status = 500, description = "Generation failed", body = OpenAiErrorBody),
+        (status = 503, description = "Queue full (see Retry-After) or shutting down", body = OpenAiErrorBody),
+    )
+)]
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    OpenAiJson(request): OpenAiJson<ChatCompletionRequest>,
+) -> Result<Response, OpenAiError> {
+    let (valid, mode) = state
+        .validate_off_thread(move |s| request.validate(s))
+        .await?;
+    let id = new_id("chatcmpl");
+    let job = jobs::submit(&state, &id, "openai", valid)?;
+    info!(job_id = id, prompt_tokens = job.prompt_tokens, seed = job.seed, "chat completion accepted");
+    let model = state.model.info.id.clone();
+    let created = unix_now();
+    let span = Span::current();
+    if !mode.stream {
+        let mut job = job;
+        let outcome = wait(&mut job).await;
+        log_outcome(&span, &id, &outcome);
+        return match outcome {
+            Outcome::Finished(finish) => Ok(Json(ChatCompletion {
+                id,
+                object: "chat.completion".into(),
+                created,
+                model,
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: "assistant".into(),
+                        content: finish.text.clone(),
+                    },
+                    finish_reason: finish_reason(finish.stop_reason).into(),
+                    logprobs: None,
+                }],
+                usage: Usage::of(&finish),
+            })
+            .into_response()),
+            Outcome::Failed(message) => Err(ApiError::Internal(message).into()),
+        };
+    }
+    let chunk = move |delta: Delta, finish_reason: Option<String>, usage: Option<Usage>| ChatCompletionChunk {
+        id: id.clone(),
+        object: "chat.completion.chunk".into(),
+        created,
+        model: model.clone(),
+        choices: if usage.is_some() {
+            Vec::new()
+        } else {
+            vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason,
+                logprobs: None,
+            }]
+        },
+        usage,
+    };
+    let job_id = chunk(Delta::default(), None, None).id;
+    let stream = async_stream::stream! {
+        // Move the whole job in (not just its receiver): its guard must live as long as the stream.
+        let mut job = job;
+        yield data(&chunk(Delta { role: Some("assistant".into()), content: Some(String::new()) }, None, None));
+        loop {
+            match job.events.recv().await {
+                Some(Event::Token { text, .. }) if !text.is_empty() => {
+                    yield data(&chunk(Delta { role: None, content: Some(text) }, None, None));
+                }
+                Some(Event::End(finish)) => {
+                    log_outcome(&span, &job_id, &Outcome::Finished(finish.clone()));
+                    yield data(&chunk(Delta::default(), Some(finish_reason(finish.stop_reason).into()), None));
+                    if mode.include_usage {
+                        yield data(&chunk(Delta::default(), None, Some(Usage::of(&finish))));
+                    }
+                    break;
+                }
+                Some(Event::Error { message }) => {
+                    log_outcome(&span, &job_id, &Outcome::Failed(message.clone()));
+                    yield stream_error(message);
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    yield stream_error("the scheduler stopped before the job ended".into());
+                    break;
+                }
+            }
+        }
+        yield done();
+    };
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
+
+/// Text completion of a raw prompt.
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    tag = "openai",
+    request_body = CompletionRequest,
+    params(("X-Correlation-Id" = Option<String>, Header, description = "Echoed back and attached to the job's log lines")),
+    responses(
+        (status = 200, description = "The completion; with `stream: true`, `text/event-stream` of Completion `data:` lines ending with `data: [DONE]`",
+            content(
+                (Completion = "application/json"),
+                (Completion = "text/event-stream"),
+            )),
+        (status = 400, description = "Invalid request (`param` names the field)", body = OpenAiErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with --api-key)", body = OpenAiErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = OpenAiErrorBody),
+        (status = 500, description = "Generation failed", body = OpenAiErrorBody),
+        (status = 503, description = "Queue full (see Retry-After) or shutting down", body = OpenAiErrorBody),
+    )
+)]
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    OpenAiJson(request): OpenAiJson<CompletionRequest>,
+) -> Result<Response, OpenAiError> {
+    let (valid, mode) = state
+        .validate_off_thread(move |s| request.validate(s))
+        .await?;
+    let id = new_id("cmpl");
+    let job = jobs::submit(&state, &id, "openai", valid)?;
+    info!(job_id = id, prompt_tokens = job.prompt_tokens, seed = job.seed, "completion accepted");
+    let model = state.model.info.id.clone();
+    let created = unix_now();
+    let span = Span::current();
+    let completion = move |text: String, finish_reason: Option<String>, usage: Option<Usage>| Completion {
+        id: id.clone(),
+        object: "text_completion".into(),
+        created,
+        model: model.clone(),
+        choices: if usage.is_some() && mode.stream {
+            Vec::new()
+        } else {
+            vec![CompletionChoice {
+                index: 0,
+                text,
+                finish_reason,
+                logprobs: None,
+            }]
+        },
+        usage,
+    };
+    let job_id = completion(String::new(), None, None).id;
+    if !mode.stream {
+        let mut job = job;
+        let outcome = wait(&mut job).await;
+        log_outcome(&span, &job_id, &outcome);
+        return match outcome {
+            Outcome::Finished(finish) => Ok(Json(completion(
+                finish.text.clone(),
+                Some(finish_reason(finish.stop_reason).into()),
+                Some(Usage::of(&finish)),
+            ))
+            .into_response()),
+            Outcome::Failed(message) => Err(ApiError::Internal(message).into()),
+        };
+    }
+    let stream = async_stream::stream! {
+        // Move the whole job in (not just its receiver): its guard must live as long as the stream.
+        let mut job = job;
+        loop {
+            match job.events.recv().await {
+                Some(Event::Token { text, .. }) if !text.is_empty() => {
+                    yield data(&completion(text, None, None));
+                }
+                Some(Event::End(finish)) => {
+                    log_outcome(&span, &job_id, &Outcome::Finished(finish.clone()));
+                    yield data(&completion(String::new(), Some(finish_reason(finish.stop_reason).into()), None));
+                    if mode.include_usage {
+                        yield data(&completion(String::new(), None, Some(Usage::of(&finish))));
+                    }
+                    break;
+                }
+                Some(Event::Error { message }) => {
+                    log_outcome(&span, &job_id, &Outcome::Failed(message.clone()));
+                    yield stream_error(message);
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    yield stream_error("the scheduler stopped before the job ended".into());
+                    break;
+                }
+            }
+        }
+        yield done();
+    };
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
+
+/// The one model this worker serves.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "openai",
+    responses(
+        (status = 200, description = "The served model", body = ModelList),
+        (status = 401, description = "Missing or wrong bearer token (with --api-key)", body = OpenAiErrorBody),
+    )
+)]
+pub async fn models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list".into(),
+        data: vec![ModelCard {
+            id: state.model.info.id.clone(),
+            object: "model".into(),
+            created: state.created_unix,
+            owned_by: "worker-orcd".into(),
+        }],
+    })
+}

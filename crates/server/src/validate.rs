@@ -1,0 +1,290 @@
+//! Validation: a request's fields become a [`ValidRequest`] (token ids and
+//! generation parameters the scheduler can run as they are), or a list of
+//! every field that is wrong. Both APIs share the limits here.
+
+use engine::generate::GenerateParams;
+use engine::sampler::SamplingParams;
+
+use utoipa::openapi::schema::{Array, ArrayBuilder, Object, ObjectBuilder, Type};
+
+use crate::error::FieldError;
+use crate::model::Model;
+
+/// Most stop strings one request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Longest `job_id`.
+pub const MAX_JOB_ID_CHARS: usize = 128;
+/// Highest temperature accepted (higher is noise).
+pub const MAX_TEMPERATURE: f64 = 100.0;
+/// Highest repetition penalty accepted.
+pub const MAX_REPETITION_PENALTY: f64 = 10.0;
+/// Recent tokens the repetition penalty looks at (llama.cpp's default).
+const PENALTY_LAST_N: usize = 64;
+
+/// Schema of one stop string (for the OpenAPI description).
+pub fn stop_string_schema() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+        .max_length(Some(MAX_STOP_BYTES))
+        .build()
+}
+
+/// Schema of a list of stop strings.
+pub fn stop_list_schema() -> Array {
+    ArrayBuilder::new()
+        .items(stop_string_schema())
+        .max_items(Some(MAX_STOP_STRINGS))
+        .build()
+}
+
+/// A request the scheduler can run as it is.
+#[derive(Clone, Debug)]
+pub struct ValidRequest {
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+}
+
+/// Sampling and length fields as a request gives them (absent = the API's default).
+#[derive(Clone, Debug, Default)]
+pub struct SamplingFields {
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u32>,
+    pub min_p: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+/// What an API uses for fields a request leaves out.
+#[derive(Clone, Copy, Debug)]
+pub struct Defaults {
+    /// `None`: up to the end of the context.
+    pub max_tokens: Option<u32>,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: u32,
+    pub min_p: f64,
+}
+
+/// The worker API's defaults (those of the CLI and llama.cpp).
+pub const WORKER_DEFAULTS: Defaults = Defaults {
+    max_tokens: Some(256),
+    temperature: 0.8,
+    top_p: 0.95,
+    top_k: 40,
+    min_p: 0.05,
+};
+
+/// The OpenAI API's defaults: plain sampling at temperature 1, as far as the context allows.
+pub const OPENAI_DEFAULTS: Defaults = Defaults {
+    max_tokens: None,
+    temperature: 1.0,
+    top_p: 1.0,
+    top_k: 0,
+    min_p: 0.0,
+};
+
+/// Collects field errors, so that a request hears about all of them at once.
+#[derive(Default)]
+pub struct Errors(pub Vec<FieldError>);
+
+impl Errors {
+    pub fn add(&mut self, field: &str, constraint: &str, message: impl Into<String>) {
+        self.0.push(FieldError::new(field, constraint, message));
+    }
+
+    /// Check that `value` is finite and within `[min, max]` (an open end where `*_open`).
+    fn range(&mut self, field: &str, value: f64, min: (f64, bool), max: f64) {
+        let (lo, lo_open) = min;
+        let ok = value.is_finite() && (if lo_open { value > lo } else { value >= lo }) && value <= max;
+        if !ok {
+            let bracket = if lo_open { '(' } else { '[' };
+            self.add(
+                field,
+                "range",
+                format!("must be a number in {bracket}{lo}, {max}], got {value}"),
+            );
+        }
+    }
+}
+
+/// `job_id`: 1 to 128 characters of `A-Z a-z 0-9 . _ : -`, so that it can appear in logs and URLs as is.
+pub fn check_job_id(job_id: &str, errors: &mut Errors) {
+    let valid_chars = job_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
+    if job_id.is_empty() || job_id.chars().count() > MAX_JOB_ID_CHARS || !valid_chars {
+        errors.add(
+            "job_id",
+            "pattern",
+            format!("must be 1 to {MAX_JOB_ID_CHARS} characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"),
+        );
+    }
+}
+
+/// Check the sampling fields and build the scheduler's parameters; `seed`
+/// is drawn here when the request gave none, so it can be reported.
+pub fn check_sampling(
+    fields: &SamplingFields,
+    defaults: &Defaults,
+    errors: &mut Errors,
+) -> GenerateParams {
+    let temperature = fields.temperature.unwrap_or(defaults.temperature);
+    let top_p = fields.top_p.unwrap_or(defaults.top_p);
+    let min_p = fields.min_p.unwrap_or(defaults.min_p);
+    let repetition_penalty = fields.repetition_penalty.unwrap_or(1.0);
+    errors.range("temperature", temperature, (0.0, false), MAX_TEMPERATURE);
+    errors.range("top_p", top_p, (0.0, true), 1.0);
+    errors.range("min_p", min_p, (0.0, false), 1.0);
+    errors.range(
+        "repetition_penalty",
+        repetition_penalty,
+        (0.0, true),
+        MAX_REPETITION_PENALTY,
+    );
+    if fields.max_tokens == Some(0) {
+        errors.add("max_tokens", "range", "must be at least 1");
+    }
+    if fields.stop.len() > MAX_STOP_STRINGS {
+        errors.add(
+            "stop",
+            "max_items",
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings, got {}",
+                fields.stop.len()
+            ),
+        );
+    } else {
+        for (i, stop) in fields.stop.iter().enumerate() {
+            if stop.is_empty() || stop.len() > MAX_STOP_BYTES {
+                errors.add(
+                    &format!("stop[{i}]"),
+                    "length",
+                    format!("must be 1 to {MAX_STOP_BYTES} bytes, got {}", stop.len()),
+                );
+            }
+        }
+    }
+    GenerateParams {
+        max_tokens: fields
+            .max_tokens
+            .or(defaults.max_tokens)
+            .map_or(usize::MAX, |n| n as usize),
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_k: fields.top_k.unwrap_or(defaults.top_k) as usize,
+            top_p: top_p as f32,
+            min_p: min_p as f32,
+            repetition_penalty: repetition_penalty as f32,
+            penalty_last_n: PENALTY_LAST_N,
+            seed: fields.seed.unwrap_or_else(rand::random),
+        },
+        stop: fields.stop.clone(),
+    }
+}
+
+/// Tokenize `text` (special tokens in it are parsed, as llama.cpp's server
+/// does) and check that it leaves room in the context for one generated token.
+pub fn check_prompt(model: &Model, field: &str, text: &str, errors: &mut Errors) -> Vec<u32> {
+    if text.is_empty() {
+        errors.add(field, "length", "must not be empty");
+        return Vec::new();
+    }
+    let tokens = model.tokenizer.encode(text, true, true);
+    let context = model.info.context_length;
+    if tokens.is_empty() {
+        errors.add(field, "length", "has no tokens");
+    } else if tokens.len() >= context {
+        errors.add(
+            field,
+            "context",
+            format!(
+                "is {} tokens; the context holds {context}, so it may have at most {}",
+                tokens.len(),
+                context - 1
+            ),
+        );
+    }
+    tokens
+}
+
+/// Finish: the request, or every error found.
+pub fn finish(
+    errors: Errors,
+    prompt: Vec<u32>,
+    params: GenerateParams,
+) -> Result<ValidRequest, Vec<FieldError>> {
+    if errors.0.is_empty() {
+        Ok(ValidRequest { prompt, params })
+    } else {
+        Err(errors.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(fields: SamplingFields) -> Vec<FieldError> {
+        let mut errors = Errors::default();
+        check_sampling(&fields, &WORKER_DEFAULTS, &mut errors);
+        errors.0
+    }
+
+    #[test]
+    fn defaults_are_valid_and_a_seed_is_drawn() {
+        let mut errors = Errors::default();
+        let a = check_sampling(&SamplingFields::default(), &WORKER_DEFAULTS, &mut errors);
+        assert!(errors.0.is_empty());
+        assert_eq!(a.max_tokens, 256);
+        assert!(a.sampling.validate().is_ok());
+        let b = check_sampling(&SamplingFields::default(), &OPENAI_DEFAULTS, &mut errors);
+        assert_eq!(b.max_tokens, usize::MAX);
+        assert_ne!(a.sampling.seed, b.sampling.seed);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let errors = check(SamplingFields {
+            max_tokens: Some(0),
+            temperature: Some(-1.0),
+            top_p: Some(0.0),
+            min_p: Some(f64::NAN),
+            repetition_penalty: Some(f64::INFINITY),
+            stop: vec!["ok".into(), String::new()],
+            ..Default::default()
+        });
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["temperature", "top_p", "min_p", "repetition_penalty", "max_tokens", "stop[1]"]
+        );
+        let errors = check(SamplingFields {
+            stop: vec!["x".into(); 1000],
+            ..Default::default()
+        });
+        assert_eq!(errors.len(), 1);
+        assert_eq!((errors[0].field.as_str(), errors[0].constraint.as_str()), ("stop", "max_items"));
+    }
+
+    #[test]
+    fn job_ids() {
+        for (id, ok) in [
+            ("job-1", true),
+            ("a.b_c:d", true),
+            ("", false),
+            ("has space", false),
+            ("ünïcode", false),
+            (&"x".repeat(129), false),
+        ] {
+            let mut errors = Errors::default();
+            check_job_id(id, &mut errors);
+            assert_eq!(errors.0.is_empty(), ok, "{id:?}");
+        }
+    }
+}

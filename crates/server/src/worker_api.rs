@@ -1,0 +1,432 @@
+//! The worker API the orchestrator drives: `/execute` (a job as a stream of
+//! server-sent events), `/cancel`, `/health` and `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use engine::scheduler::Event;
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn, Span};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorBody, WorkerJson};
+use crate::jobs::{self, RunningJob};
+use crate::validate::{self, Errors, SamplingFields, ValidRequest, WORKER_DEFAULTS};
+use crate::AppState;
+
+/// How often an idle stream (a job still queued) gets an SSE comment, so
+/// that a client that went away is noticed and its job dropped.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// A generation job. Absent sampling fields take llama.cpp's defaults.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteRequest {
+    /// The caller's id for the job, used by `/cancel`; unique among running jobs.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]+$", example = "job-42")]
+    pub job_id: String,
+    /// Text to continue, used as given (special tokens in it are parsed); it must leave room in the context.
+    #[schema(min_length = 1, example = "Once upon a time")]
+    pub prompt: String,
+    /// Tokens to generate at most [256]; generation also ends where the context does.
+    #[schema(minimum = 1, example = 32)]
+    pub max_tokens: Option<u32>,
+    /// 0 is greedy [0.8].
+    #[schema(minimum = 0.0, maximum = 100.0)]
+    pub temperature: Option<f64>,
+    /// In (0, 1]; 1 disables [0.95].
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub top_p: Option<f64>,
+    /// 0 disables [40].
+    pub top_k: Option<u32>,
+    /// In [0, 1]; 0 disables [0.05].
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub min_p: Option<f64>,
+    /// In (0, 10]; 1 disables [1].
+    #[schema(exclusive_minimum = 0.0, maximum = 10.0)]
+    pub repetition_penalty: Option<f64>,
+    /// Random seed; one is drawn (and reported in `started`) when absent.
+    pub seed: Option<u64>,
+    /// Generation stops before any of these (at most 16, 1 to 256 bytes each); they are not emitted.
+    #[schema(schema_with = validate::stop_list_schema, nullable = true)]
+    pub stop: Option<Vec<String>>,
+}
+
+impl ExecuteRequest {
+    /// Tokenize and check every field (run off the async threads: a long prompt takes a while).
+    pub fn validate(self, state: &AppState) -> Result<ValidRequest, Vec<crate::error::FieldError>> {
+        let mut errors = Errors::default();
+        validate::check_job_id(&self.job_id, &mut errors);
+        let fields = SamplingFields {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            stop: self.stop.unwrap_or_default(),
+        };
+        let params = validate::check_sampling(&fields, &WORKER_DEFAULTS, &mut errors);
+        let prompt = validate::check_prompt(&state.model, "prompt", &self.prompt, &mut errors);
+        validate::finish(errors, prompt, params)
+    }
+}
+
+/// The events of an `/execute` stream, in order: `started`, one `token` per
+/// generated token, an optional `metrics`, then exactly one `end` or `error`.
+/// Each is an SSE event whose `event:` is the name below and whose `data:` is the JSON object.
+#[derive(Serialize, ToSchema)]
+#[serde(tag = "event", content = "data", rename_all = "lowercase")]
+pub enum ExecuteEvent {
+    Started(StartedEvent),
+    Token(TokenEvent),
+    Metrics(MetricsEvent),
+    End(EndEvent),
+    Error(ErrorEvent),
+}
+
+/// The job was accepted and queued.
+#[derive(Serialize, ToSchema)]
+pub struct StartedEvent {
+    pub job_id: String,
+    pub model: String,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// The seed in use (drawn by the worker when the request gave none).
+    pub seed: u64,
+}
+
+/// One generated token.
+#[derive(Serialize, ToSchema)]
+pub struct TokenEvent {
+    /// The text that became final with this token, whole UTF-8 characters only; may be empty
+    /// (half a character, or text held back while it might be a stop string). Text held back
+    /// at the very end comes in one more event carrying the last token's index.
+    pub t: String,
+    /// Index of the generated token, from 0.
+    pub i: usize,
+}
+
+/// Timing of the job, sent just before `end`.
+#[derive(Serialize, ToSchema)]
+pub struct MetricsEvent {
+    pub prompt_tokens: usize,
+    /// From acceptance (queueing and prefill included) to the first token.
+    pub time_to_first_token_ms: Option<f64>,
+    /// Generated tokens per second after the first.
+    pub decode_tokens_per_second: Option<f64>,
+}
+
+/// The job ended.
+#[derive(Serialize, ToSchema)]
+pub struct EndEvent {
+    pub tokens_out: usize,
+    /// Time spent generating after the first token.
+    pub decode_time_ms: f64,
+    /// `MAX_TOKENS`, `EOS`, `STOP_SEQUENCE` or `CANCELLED`.
+    pub stop_reason: String,
+}
+
+/// The job failed.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorEvent {
+    /// `INFERENCE_FAILED` or `WORKER_STOPPED`.
+    pub code: String,
+    pub message: String,
+    /// Whether running the same job again may succeed.
+    pub retriable: bool,
+}
+
+fn sse<T: Serialize>(name: &'static str, data: &T) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default()
+        .event(name)
+        .json_data(data)
+        .expect("event data serializes"))
+}
+
+/// Run a generation job, streamed as server-sent events.
+#[utoipa::path(
+    post,
+    path = "/execute",
+    tag = "worker",
+    request_body = ExecuteRequest,
+    params(("X-Correlation-Id" = Option<String>, Header, description = "Echoed back and attached to the job's log lines")),
+    responses(
+        (status = 200, description = "The job's events (see ExecuteEvent)", content_type = "text/event-stream", body = ExecuteEvent),
+        (status = 400, description = "Invalid fields, each named", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with --api-key)", body = ErrorBody),
+        (status = 409, description = "A job with this id is running", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 503, description = "Queue full (see Retry-After) or shutting down", body = ErrorBody),
+    )
+)]
+pub async fn execute(
+    State(state): State<Arc<AppState>>,
+    WorkerJson(request): WorkerJson<ExecuteRequest>,
+) -> Result<Response, ApiError> {
+    let job_id = request.job_id.clone();
+    let valid = state.validate_off_thread(move |s| request.validate(s)).await?;
+    let max_tokens = valid.params.max_tokens;
+    let job = jobs::submit(&state, &job_id, "worker", valid)?;
+    info!(job_id, prompt_tokens = job.prompt_tokens, max_tokens, seed = job.seed, "job accepted");
+    let started = StartedEvent {
+        job_id,
+        model: state.model.info.id.clone(),
+        started_at: rfc3339(SystemTime::now()),
+        seed: job.seed,
+    };
+    let stream = execute_events(started, job, Span::current());
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
+
+/// The job's scheduler events as SSE events; logs its end inside the request's span.
+fn execute_events(
+    started: StartedEvent,
+    job: RunningJob,
+    span: Span,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    async_stream::stream! {
+        // Move the whole job in (not just its receiver): its guard must live as long as the stream.
+        let mut job = job;
+        let job_id = started.job_id.clone();
+        yield sse("started", &started);
+        loop {
+            match job.events.recv().await {
+                Some(Event::Started { .. }) => {}
+                Some(Event::Token { index, text, .. }) => {
+                    yield sse("token", &TokenEvent { t: text, i: index });
+                }
+                Some(Event::End(finish)) => {
+                    let decode_tokens = finish.tokens_out.saturating_sub(1);
+                    let decode_s = finish.decode_time.as_secs_f64();
+                    yield sse("metrics", &MetricsEvent {
+                        prompt_tokens: finish.prompt_tokens,
+                        time_to_first_token_ms: finish.time_to_first_token.map(|d| d.as_secs_f64() * 1e3),
+                        decode_tokens_per_second: (decode_tokens > 0 && decode_s > 0.0)
+                            .then(|| decode_tokens as f64 / decode_s),
+                    });
+                    span.in_scope(|| info!(
+                        job_id,
+                        stop_reason = finish.stop_reason.as_str(),
+                        tokens_out = finish.tokens_out,
+                        decode_ms = (decode_s * 1e3) as u64,
+                        "job finished"
+                    ));
+                    yield sse("end", &EndEvent {
+                        tokens_out: finish.tokens_out,
+                        decode_time_ms: decode_s * 1e3,
+                        stop_reason: finish.stop_reason.as_str().to_string(),
+                    });
+                    break;
+                }
+                Some(Event::Error { message }) => {
+                    span.in_scope(|| warn!(job_id, message, "job failed"));
+                    yield sse("error", &ErrorEvent {
+                        code: "INFERENCE_FAILED".into(),
+                        message,
+                        retriable: true,
+                    });
+                    break;
+                }
+                None => {
+                    span.in_scope(|| warn!(job_id, "the scheduler stopped before the job ended"));
+                    yield sse("error", &ErrorEvent {
+                        code: "WORKER_STOPPED".into(),
+                        message: "the scheduler stopped before the job ended".into(),
+                        retriable: true,
+                    });
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    #[schema(example = "job-42")]
+    pub job_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CancelResponse {
+    pub job_id: String,
+    /// Whether a job with this id was in flight (it now ends with `CANCELLED` within one decode step).
+    pub found: bool,
+}
+
+/// Cancel a job. Idempotent: cancelling an unknown or finished job is not an error.
+#[utoipa::path(
+    post,
+    path = "/cancel",
+    tag = "worker",
+    request_body = CancelRequest,
+    responses(
+        (status = 202, description = "Cancellation requested", body = CancelResponse),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token (with --api-key)", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+    )
+)]
+pub async fn cancel(
+    State(state): State<Arc<AppState>>,
+    WorkerJson(request): WorkerJson<CancelRequest>,
+) -> Response {
+    let found = state.jobs.cancel(&request.job_id);
+    info!(job_id = request.job_id, found, "cancel requested");
+    let body = CancelResponse {
+        job_id: request.job_id,
+        found,
+    };
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthResponse {
+    /// `ok`, or `draining` after SIGTERM.
+    pub status: String,
+    pub model: String,
+    pub architecture: String,
+    /// Quantization mix from the file (`Q4_K_M`, …).
+    pub quant: String,
+    pub device: String,
+    pub vocab_size: usize,
+    /// Positions per sequence as served.
+    pub context_length: usize,
+    pub uptime_seconds: f64,
+    pub memory: MemoryUsage,
+    pub slots: Slots,
+    pub kv_pages: KvPages,
+}
+
+/// Bytes in use; on the CPU these are host memory.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemoryUsage {
+    /// Tensor data of the model file (mapped, in its block format).
+    pub weights_bytes: u64,
+    /// KV cache held by running sequences.
+    pub kv_cache_bytes: u64,
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Slots {
+    /// Sequences decoding now.
+    pub in_use: usize,
+    /// Sequences that may decode at once (`--max-concurrent`).
+    pub total: usize,
+    /// Jobs waiting for a slot.
+    pub queued: usize,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KvPages {
+    pub used: usize,
+    pub total: usize,
+}
+
+/// Worker state, from values kept up to date by the scheduler: never waits on inference.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "worker",
+    responses((status = 200, description = "Worker state", body = HealthResponse))
+)]
+pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> {
+    use std::sync::atomic::Ordering::Acquire;
+    let info = &state.model.info;
+    let stats = state.model.scheduler.stats();
+    let pool = state.model.scheduler.pool();
+    let kv_cache_bytes = state.model.kv_bytes_used();
+    Json(HealthResponse {
+        status: if state.is_draining() { "draining" } else { "ok" }.into(),
+        model: info.id.clone(),
+        architecture: info.architecture.clone(),
+        quant: info.quant.clone(),
+        device: info.device.clone(),
+        vocab_size: info.vocab_size,
+        context_length: info.context_length,
+        uptime_seconds: state.started.elapsed().as_secs_f64(),
+        memory: MemoryUsage {
+            weights_bytes: info.weight_bytes,
+            kv_cache_bytes,
+            total_bytes: info.weight_bytes + kv_cache_bytes,
+        },
+        slots: Slots {
+            in_use: stats.running.load(Acquire),
+            total: info.max_concurrent,
+            queued: stats.queued.load(Acquire),
+        },
+        kv_pages: KvPages {
+            used: pool.used_pages(),
+            total: pool.total_pages(),
+        },
+    })
+}
+
+/// Prometheus metrics (text exposition format 0.0.4).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "worker",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
+)]
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state
+        .metrics
+        .render(&state.model, state.started.elapsed());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response()
+}
+
+/// `2025-01-02T03:04:05.678Z` (UTC) for `time`.
+pub fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        let at = |s: u64, ms: u64| rfc3339(UNIX_EPOCH + Duration::from_millis(s * 1000 + ms));
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(at(1_735_689_599, 999), "2024-12-31T23:59:59.999Z");
+        assert_eq!(at(4_102_444_800, 0), "2100-01-01T00:00:00.000Z");
+    }
+}
