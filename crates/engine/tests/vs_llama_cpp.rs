@@ -172,17 +172,21 @@ fn check(config: &str) {
             values: &floats[at..at + per_ref],
         };
 
-        // Teacher forcing: the prompt and llama.cpp's first 31 greedy tokens in one pass.
+        // Teacher forcing on the prompt and llama.cpp's first 31 greedy
+        // tokens, in two passes: all but the prompt's last token, then the 32
+        // positions whose logits we compare (a chunk on top of the cache).
         let sequence: Vec<u32> = prompt.iter().chain(&greedy[..steps - 1]).copied().collect();
+        let (head, compared) = sequence.split_at(prompt.len() - 1);
+        assert!(!head.is_empty(), "{label}: a prompt of one token");
         let mut kv = model.new_cache(sequence.len());
-        // seq × vocab
-        let all = model.forward(&mut kv, &sequence, Logits::All).unwrap();
+        model.forward(&mut kv, head, Logits::Last).unwrap();
+        // steps × vocab
+        let all = model.forward(&mut kv, compared, Logits::All).unwrap();
         // Steps at which llama.cpp's greedy run on the quantized file does
         // not bind us: near-ties, and llama.cpp's F32 run choosing another token.
         let mut quant_free = vec![false; steps];
         for step in 0..steps {
-            let pos = prompt.len() - 1 + step;
-            let ours = &all[pos * vocab..(pos + 1) * vocab];
+            let ours = &all[step * vocab..(step + 1) * vocab];
             let at = (p * steps + step) * step_words;
             let top_ids: Vec<usize> = words[at..at + n_top].iter().map(|&w| w as usize).collect();
             let subset = Subset::new(&top_ids, &random_ids);
