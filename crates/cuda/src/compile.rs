@@ -20,7 +20,11 @@ use crate::toolkit::{toolkit, Toolkit};
 
 /// Headers the kernels include by name (`#include "common.cuh"`), handed to
 /// NVRTC from memory.
-pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../kernels/common.cuh"))];
+pub const HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../kernels/common.cuh")),
+    ("formats.cuh", include_str!("../kernels/formats.cuh")),
+    ("warp.cuh", include_str!("../kernels/warp.cuh")),
+];
 
 /// One `kernels/<name>.cu` file and the NVRTC options it is built with.
 #[derive(Clone, Copy, Debug)]
@@ -44,8 +48,55 @@ pub const DEQUANTIZE: KernelModule = KernelModule {
     ],
 };
 
+/// The forward pass's kernels: ordinary float arithmetic (FMA contraction
+/// allowed), precise division, square root and transcendentals (no fast math).
+const FORWARD_OPTIONS: &[&str] = &[];
+
+/// Products straight from the GGUF blocks, and embedding rows.
+pub const MATVEC: KernelModule = KernelModule {
+    name: "matvec",
+    source: include_str!("../kernels/matvec.cu"),
+    options: FORWARD_OPTIONS,
+};
+
+/// RMSNorm of activation rows.
+pub const NORM: KernelModule = KernelModule {
+    name: "norm",
+    source: include_str!("../kernels/norm.cu"),
+    options: FORWARD_OPTIONS,
+};
+
+/// Gated activations and f32 -> f16.
+pub const ELEMENTWISE: KernelModule = KernelModule {
+    name: "elementwise",
+    source: include_str!("../kernels/elementwise.cu"),
+    options: FORWARD_OPTIONS,
+};
+
+/// Bias, QK-norm, RoPE and the KV-cache write.
+pub const ROPE: KernelModule = KernelModule {
+    name: "rope",
+    source: include_str!("../kernels/rope.cu"),
+    options: FORWARD_OPTIONS,
+};
+
+/// Attention over the paged f16 KV cache.
+pub const ATTENTION: KernelModule = KernelModule {
+    name: "attention",
+    source: include_str!("../kernels/attention.cu"),
+    options: FORWARD_OPTIONS,
+};
+
+/// Argmax over logits rows.
+pub const SAMPLE: KernelModule = KernelModule {
+    name: "sample",
+    source: include_str!("../kernels/sample.cu"),
+    options: FORWARD_OPTIONS,
+};
+
 /// Every kernel module; the NVRTC test compiles each for every architecture.
-pub const ALL_MODULES: &[KernelModule] = &[DEQUANTIZE];
+pub const ALL_MODULES: &[KernelModule] =
+    &[DEQUANTIZE, MATVEC, NORM, ELEMENTWISE, ROPE, ATTENTION, SAMPLE];
 
 /// The architectures CI compiles every module for: Ampere and Hopper.
 pub const TEST_ARCHES: &[&str] = &["sm_80", "sm_90a"];

@@ -124,6 +124,52 @@ impl Dequantizer {
         self.launch(stream, &self.to_bf16, ty, src, dst)
     }
 
+    /// Dequantizes `n_values` values of `ty` at device address `src` to f16
+    /// at device address `dst`, on `stream` (the forward pass's weight
+    /// scratch, addressed by raw pointer).
+    ///
+    /// # Safety
+    /// `src` must hold `n_values / ty.block_size()` whole blocks and `dst`
+    /// room for `n_values` f16 values, both until the work on `stream` is done.
+    pub unsafe fn dequantize_f16_raw(
+        &self,
+        stream: &CudaStream,
+        ty: GgmlType,
+        src: u64,
+        n_values: u64,
+        dst: u64,
+    ) -> Result<()> {
+        let index = TYPES
+            .iter()
+            .position(|(t, _)| *t == ty)
+            .ok_or(CudaError::UnsupportedType(ty))?;
+        if n_values % ty.block_size() as u64 != 0 {
+            return Err(CudaError::Invalid {
+                what: format!("dequantizing {ty}"),
+                reason: format!("{n_values} values are not whole blocks"),
+            });
+        }
+        if n_values == 0 {
+            return Ok(());
+        }
+        let blocks = n_values
+            .div_ceil(VALUES_PER_THREAD)
+            .div_ceil(u64::from(THREADS_PER_BLOCK))
+            .min(MAX_BLOCKS) as u32;
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (THREADS_PER_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let kernel = &self.to_f16[index];
+        let mut launch = stream.launch_builder(kernel);
+        launch.arg(&src).arg(&dst).arg(&n_values);
+        // SAFETY: the caller vouches for both ranges (see above).
+        unsafe { launch.launch(config) }
+            .context(|| format!("launching {}", kernel_name::<f16>(ty).unwrap_or_default()))?;
+        Ok(())
+    }
+
     fn launch<Out: HalfOutput>(
         &self,
         stream: &CudaStream,

@@ -57,6 +57,14 @@ pub enum CudaError {
         free_mib: f64,
         total_mib: f64,
     },
+    #[error("cuBLAS call failed while {context}: {source}")]
+    Blas {
+        context: String,
+        #[source]
+        source: cudarc::cublas::result::CublasError,
+    },
+    #[error("loading the model: {0}")]
+    Model(#[from] engine::EngineError),
     #[error("no GPU kernel dequantizes {0}")]
     UnsupportedType(GgmlType),
     #[error("{what}: {reason}")]

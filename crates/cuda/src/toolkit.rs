@@ -58,6 +58,42 @@ impl From<Missing> for CudaError {
     }
 }
 
+/// Finds and loads cuBLAS (with cuBLASLt, which it needs) once per process,
+/// from the same places as NVRTC, so that cudarc's load by file name finds
+/// it; `Err` names the places searched. A toolkit's `lib64` is often not on
+/// the loader's path, which is why this looks there first.
+pub fn cublas() -> Result<()> {
+    static CUBLAS: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    CUBLAS
+        .get_or_init(|| {
+            let roots = roots();
+            for root in &roots {
+                for dir in lib_dirs(root) {
+                    let (lt, blas) = (dir.join("libcublasLt.so.13"), dir.join("libcublas.so.13"));
+                    if lt.is_file() && blas.is_file() && keep_loaded(&lt) && keep_loaded(&blas) {
+                        return Ok(());
+                    }
+                }
+            }
+            // SAFETY: loading cuBLAS runs its initialisers, which is what using it means anyway.
+            if unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Ok(());
+            }
+            Err(roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "))
+        })
+        .clone()
+        .map_err(|searched| CudaError::Invalid {
+            what: "cuBLAS (libcublas.so.13)".into(),
+            reason: format!(
+                "not found; searched the library path and {searched}. Install the CUDA 13 toolkit (set CUDA_HOME)"
+            ),
+        })
+}
+
 /// Finds and loads NVRTC once per process; later calls return the same result.
 pub fn toolkit() -> Result<&'static Toolkit> {
     static TOOLKIT: OnceLock<std::result::Result<Toolkit, Missing>> = OnceLock::new();

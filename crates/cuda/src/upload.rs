@@ -29,7 +29,7 @@ use std::fmt;
 use std::ops::Range;
 use std::time::Instant;
 
-use cudarc::driver::{result as driver, CudaEvent, CudaSlice, CudaView, PinnedHostSlice};
+use cudarc::driver::{result as driver, CudaEvent, CudaSlice, CudaView, DevicePtr, PinnedHostSlice};
 use gguf::{GgmlType, GgufFile};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
@@ -109,6 +109,14 @@ impl DeviceWeights {
     /// The device bytes of `tensor`.
     pub fn data(&self, tensor: &DeviceTensor) -> CudaView<'_, u8> {
         self.arena().slice(tensor.range.clone())
+    }
+
+    /// Device address of `tensor`'s first byte (for kernels that take raw addresses).
+    pub fn device_ptr(&self, tensor: &DeviceTensor) -> u64 {
+        let arena = self.arena();
+        // Event tracking is off (CudaDevice), so the returned guard records nothing.
+        let (base, _guard) = arena.device_ptr(arena.stream());
+        base + tensor.range.start as u64
     }
 
     /// Bytes allocated on the device for the weights.

@@ -2,6 +2,7 @@
 //! files converted between quantization schemes, synthetic models of real
 //! shapes; the forward pass and generation build on these.
 
+pub mod backend;
 pub mod convert;
 pub mod cpu;
 pub mod generate;

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use tokenizer::{StreamDecoder, Tokenizer};
 
-use crate::cpu::{CpuModel, Logits, Segment};
+use crate::backend::{Backend, Cache, Segment};
+use crate::cpu::Logits;
 use crate::generate::{GenerateParams, StopReason};
-use crate::kv::{KvCache, KvPool};
+use crate::kv::KvPool;
 use crate::sampler::Sampler;
 use crate::stop::StopMatcher;
 
@@ -136,8 +137,8 @@ impl SchedulerHandle {
 
 /// Start the scheduler thread. It ends when every handle is dropped and the
 /// work in hand is done.
-pub fn spawn(
-    model: Arc<CpuModel>,
+pub fn spawn<B: Backend>(
+    model: Arc<B>,
     tokenizer: Arc<Tokenizer>,
     config: SchedulerConfig,
 ) -> (SchedulerHandle, JoinHandle<()>) {
@@ -169,14 +170,21 @@ pub fn spawn(
     (handle, thread)
 }
 
+/// What a step's forward pass gave one sequence.
+enum Output {
+    Logits(Vec<f32>),
+    /// The greedy choice of each row asked for.
+    Token(Vec<u32>),
+}
+
 struct Waiting {
     job: Job,
     submitted: Instant,
 }
 
-struct Sequence {
+struct Sequence<C> {
     job: Job,
-    kv: KvCache,
+    kv: C,
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
@@ -191,18 +199,18 @@ struct Sequence {
     max_tokens: usize,
 }
 
-struct Loop {
-    model: Arc<CpuModel>,
+struct Loop<B: Backend> {
+    model: Arc<B>,
     tokenizer: Arc<Tokenizer>,
     config: SchedulerConfig,
     pool: KvPool,
     stats: Arc<SchedulerStats>,
     rx: Receiver<Job>,
     waiting: VecDeque<Waiting>,
-    running: Vec<Sequence>,
+    running: Vec<Sequence<B::Cache>>,
 }
 
-impl Loop {
+impl<B: Backend> Loop<B> {
     fn run(mut self) {
         let mut open = true;
         loop {
@@ -362,9 +370,19 @@ impl Loop {
         if plan.is_empty() {
             return;
         }
+        // Greedy sequences need only the best token: when every sequence
+        // that gets one this step is greedy, the backend picks it (on the
+        // GPU, without moving the logits).
+        let greedy = plan.iter().all(|&(i, _, end)| {
+            let seq = &self.running[i];
+            let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
+            let p = &seq.job.params.sampling;
+            !wants_token || (p.temperature <= 0.0 && p.repetition_penalty == 1.0)
+        });
         let result = {
-            let mut segments: Vec<Segment<'_>> = Vec::with_capacity(plan.len());
-            let mut seqs: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
+            let mut segments: Vec<Segment<'_, B::Cache>> = Vec::with_capacity(plan.len());
+            let mut seqs: Vec<Option<&mut Sequence<B::Cache>>> =
+                self.running.iter_mut().map(Some).collect();
             for &(i, start, end) in &plan {
                 let seq = seqs[i].take().expect("each sequence appears once");
                 let (tokens, logits): (&[u32], Logits) = if seq.next.is_some() {
@@ -386,11 +404,19 @@ impl Loop {
                     logits,
                 });
             }
-            self.model.forward_batch(&mut segments)
+            if greedy {
+                self.model
+                    .forward_greedy(&mut segments)
+                    .map(|ids| ids.into_iter().map(Output::Token).collect::<Vec<_>>())
+            } else {
+                self.model
+                    .forward_logits(&mut segments)
+                    .map(|rows| rows.into_iter().map(Output::Logits).collect::<Vec<_>>())
+            }
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        let logits = match result {
-            Ok(logits) => logits,
+        let outputs = match result {
+            Ok(outputs) => outputs,
             Err(e) => {
                 // A failed step fails the sequences in it; the others go on.
                 let message = e.to_string();
@@ -410,7 +436,7 @@ impl Loop {
         };
 
         let mut done: Vec<(usize, StopReason)> = Vec::new();
-        for (&(i, start, end), mut logits) in plan.iter().zip(logits) {
+        for (&(i, start, end), output) in plan.iter().zip(outputs) {
             let seq = &mut self.running[i];
             if let Some(fed) = seq.next.take() {
                 seq.kv.record_tokens(&[fed]);
@@ -426,7 +452,7 @@ impl Loop {
                     continue;
                 }
             }
-            if let Some(reason) = Self::sample_and_emit(&self.tokenizer, seq, &mut logits) {
+            if let Some(reason) = Self::sample_and_emit(&self.tokenizer, seq, output) {
                 done.push((i, reason));
             }
         }
@@ -443,13 +469,17 @@ impl Loop {
     /// Pick the next token, stream its text; `Some(reason)` when the sequence ends.
     fn sample_and_emit(
         tokenizer: &Tokenizer,
-        seq: &mut Sequence,
-        logits: &mut [f32],
+        seq: &mut Sequence<B::Cache>,
+        output: Output,
     ) -> Option<StopReason> {
         if seq.generated >= seq.max_tokens {
             return Some(StopReason::MaxTokens);
         }
-        let token = seq.sampler.sample(logits);
+        let token = match output {
+            Output::Logits(mut logits) => seq.sampler.sample(&mut logits),
+            // One row was asked for (Logits::Last), so one id came back.
+            Output::Token(ids) => ids.first().copied().unwrap_or(0),
+        };
         if seq.first_token.is_none() {
             seq.first_token = Some(Instant::now());
         }
@@ -480,7 +510,7 @@ impl Loop {
         None
     }
 
-    fn finish(&self, mut seq: Sequence, reason: StopReason) {
+    fn finish(&self, mut seq: Sequence<B::Cache>, reason: StopReason) {
         if matches!(reason, StopReason::MaxTokens | StopReason::Eos) {
             // Text still held back (a partial character or a partial stop string) is final now.
             let rest = seq.stops.push(&seq.decoder.flush());

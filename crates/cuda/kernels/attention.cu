@@ -1,0 +1,86 @@
+// Causal attention (optionally within a sliding window) of each new token's
+// query heads over its sequence's cached keys and values (f16, in pages),
+// with grouped-query heads sharing a key/value head.
+//
+// One warp per (token, query head), streaming over the keys 32 at a time
+// with an online softmax: lane l scores key base + l (a whole dot product
+// from the f16 row, 16 bytes at a time), then each key's weight is
+// broadcast and every lane accumulates its own dimensions of the values.
+#include "common.cuh"
+#include "warp.cuh"
+
+#define PAGE_TOKENS 16
+#define MAX_HEAD_DIM 256
+#define VALUES_PER_LANE (MAX_HEAD_DIM / WARP_SIZE)
+
+// Row of position p of this sequence in a layer's cache, at kv head offset.
+__device__ __forceinline__ const __half *cache_row(const __half *cache, const u32 *table, u32 p, u32 kv_dim,
+                                                   u32 head_offset) {
+    return cache + ((u64)table[p / PAGE_TOKENS] * PAGE_TOKENS + p % PAGE_TOKENS) * kv_dim + head_offset;
+}
+
+//   q: [n][n_heads * head_dim] (after RoPE); out: same shape
+//   window: 0 for full causal attention, else keys pos - window + 1 ..= pos
+// head_dim must be a multiple of 8 and at most MAX_HEAD_DIM.
+extern "C" __global__ void __launch_bounds__(WARP_SIZE) attention(
+    const float *__restrict__ q, const __half *__restrict__ k_cache, const __half *__restrict__ v_cache,
+    const u32 *__restrict__ positions, const u32 *__restrict__ table_offsets,
+    const u32 *__restrict__ block_tables, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 window, float scale,
+    float *__restrict__ out) {
+    __shared__ float query[MAX_HEAD_DIM];
+    const u32 t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    const u32 q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+    const u32 head_offset = (h / (n_heads / n_kv_heads)) * head_dim;
+    for (u32 d = lane; d < head_dim; d += WARP_SIZE) query[d] = q[(u64)t * q_dim + h * head_dim + d];
+    __syncwarp();
+
+    const u32 pos = positions[t];
+    const u32 first = (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
+    const u32 *table = block_tables + table_offsets[t];
+    float running_max = NEG_INFINITY, denominator = 0.0f;
+    float acc[VALUES_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < VALUES_PER_LANE; ++j) acc[j] = 0.0f;
+
+    for (u32 base = first; base <= pos; base += WARP_SIZE) {
+        const u32 p = base + lane;
+        float score = NEG_INFINITY;
+        if (p <= pos) {
+            const __half *key = cache_row(k_cache, table, p, kv_dim, head_offset);
+            float dot = 0.0f;
+            for (u32 d = 0; d < head_dim; d += 8) {
+                const uint4 packed = *reinterpret_cast<const uint4 *>(key + d);
+                const __half2 *pairs = reinterpret_cast<const __half2 *>(&packed);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 f = __half22float2(pairs[e]);
+                    dot += f.x * query[d + 2 * e] + f.y * query[d + 2 * e + 1];
+                }
+            }
+            score = dot * scale;
+        }
+        const float new_max = fmaxf(running_max, warp_max(score));
+        const float correction = expf(running_max - new_max);
+        const float weight = p <= pos ? expf(score - new_max) : 0.0f;
+        denominator = denominator * correction + warp_sum(weight);
+#pragma unroll
+        for (int j = 0; j < VALUES_PER_LANE; ++j) acc[j] *= correction;
+        const u32 n_keys = min((u32)WARP_SIZE, pos + 1 - base);
+        for (u32 key = 0; key < n_keys; ++key) {
+            const float w = __shfl_sync(FULL_MASK, weight, key);
+            const __half *value = cache_row(v_cache, table, base + key, kv_dim, head_offset);
+#pragma unroll
+            for (int j = 0; j < VALUES_PER_LANE; ++j) {
+                const u32 d = lane + WARP_SIZE * j;
+                if (d < head_dim) acc[j] += w * __half2float(value[d]);
+            }
+        }
+        running_max = new_max;
+    }
+    const float inverse = 1.0f / denominator;
+#pragma unroll
+    for (int j = 0; j < VALUES_PER_LANE; ++j) {
+        const u32 d = lane + WARP_SIZE * j;
+        if (d < head_dim) out[(u64)t * q_dim + h * head_dim + d] = acc[j] * inverse;
+    }
+}

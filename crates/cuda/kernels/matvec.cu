@@ -1,0 +1,101 @@
+// The kernels that read weights in their GGUF format: matrix products with
+// a few activation rows (decode), and embedding-row lookup.
+//
+// matvec: y[t][r] (+)= sum_c W[r][c] * x[t][c] for rows r and token rows t.
+// One warp per weight row: lane l dequantizes values 8l..8l+8 of each
+// 256-value stretch of the row (for the K-quants, one super-block per warp
+// step; the block's scales are read by every lane from the same bytes) and
+// multiplies them with up to TOKENS activation rows at once, so each weight
+// is read from memory once per launch. Activations are f32, accumulation is
+// f32; the weights' values are exactly the CPU's (formats.cuh).
+#include "common.cuh"
+#include "formats.cuh"
+#include "warp.cuh"
+
+#define MATVEC_WARPS 4  // weight rows per block
+
+template <typename Format, int TOKENS>
+__device__ __forceinline__ void matvec(const u8 *__restrict__ w, u64 row_bytes, u32 rows, u32 cols,
+                                       const float *__restrict__ x, u32 n_tokens, float *__restrict__ y,
+                                       u32 ldy, u32 accumulate) {
+    const u32 lane = threadIdx.x % WARP_SIZE;
+    const u32 r = blockIdx.x * MATVEC_WARPS + threadIdx.x / WARP_SIZE;
+    if (r >= rows) return;
+    // This block's token rows: TOKENS of them from blockIdx.y * TOKENS on.
+    const u32 t0 = blockIdx.y * TOKENS;
+    const u32 nt = min((u32)TOKENS, n_tokens - t0);
+    x += (u64)t0 * cols;
+    y += (u64)t0 * ldy;
+    const u8 *row = w + (u64)r * row_bytes;
+    float acc[TOKENS];
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) acc[t] = 0.0f;
+    for (u32 first = lane * 8; first < cols; first += WARP_SIZE * 8) {
+        float v[8];
+        row_values8<Format>(row, first, v);
+#pragma unroll
+        for (int t = 0; t < TOKENS; ++t) {
+            if (t < nt) {
+                const float4 a = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first);
+                const float4 b = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first + 4);
+                acc[t] += v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w +
+                          v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) {
+        const float sum = warp_sum(acc[t]);
+        if (lane == 0 && t < nt) {
+            float *out = y + (u64)t * ldy + r;
+            *out = accumulate ? *out + sum : sum;
+        }
+    }
+}
+
+// Rows tokens[t] of the table, times `scale`, into x[t] (n_embd = cols values each).
+template <typename Format>
+__device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_bytes, u32 cols,
+                                      const u32 *__restrict__ tokens, float scale, float *__restrict__ x) {
+    const u32 t = blockIdx.x;
+    const u8 *row = table + (u64)tokens[t] * row_bytes;
+    float *out = x + (u64)t * cols;
+    for (u32 first = threadIdx.x * 8; first < cols; first += blockDim.x * 8) {
+        float v[8];
+        row_values8<Format>(row, first, v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) out[first + k] = v[k] * scale;
+    }
+}
+
+#define MATVEC_KERNELS(name, Format)                                                                          \
+    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE) matvec_##name##_1(                  \
+        const u8 *w, u64 row_bytes, u32 rows, u32 cols, const float *x, u32 n_tokens, float *y, u32 ldy,        \
+        u32 accumulate) {                                                                                     \
+        matvec<Format, 1>(w, row_bytes, rows, cols, x, n_tokens, y, ldy, accumulate);                         \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE) matvec_##name##_8(                  \
+        const u8 *w, u64 row_bytes, u32 rows, u32 cols, const float *x, u32 n_tokens, float *y, u32 ldy,        \
+        u32 accumulate) {                                                                                     \
+        matvec<Format, 8>(w, row_bytes, rows, cols, x, n_tokens, y, ldy, accumulate);                         \
+    }                                                                                                         \
+    extern "C" __global__ void embed_##name(const u8 *table, u64 row_bytes, u32 cols, const u32 *tokens,      \
+                                            float scale, float *x) {                                          \
+        embed<Format>(table, row_bytes, cols, tokens, scale, x);                                              \
+    }
+
+MATVEC_KERNELS(f32, FormatF32)
+MATVEC_KERNELS(f16, FormatF16)
+MATVEC_KERNELS(bf16, FormatBF16)
+MATVEC_KERNELS(q4_0, FormatQ4_0)
+MATVEC_KERNELS(q4_1, FormatQ4_1)
+MATVEC_KERNELS(q5_0, FormatQ5_0)
+MATVEC_KERNELS(q5_1, FormatQ5_1)
+MATVEC_KERNELS(q8_0, FormatQ8_0)
+MATVEC_KERNELS(q8_1, FormatQ8_1)
+MATVEC_KERNELS(q2_k, FormatQ2_K)
+MATVEC_KERNELS(q3_k, FormatQ3_K)
+MATVEC_KERNELS(q4_k, FormatQ4_K)
+MATVEC_KERNELS(q5_k, FormatQ5_K)
+MATVEC_KERNELS(q6_k, FormatQ6_K)
+MATVEC_KERNELS(q8_k, FormatQ8_K)

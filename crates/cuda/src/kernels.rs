@@ -1,0 +1,359 @@
+//! Typed launchers for the forward pass's kernels (`kernels/{matvec, norm,
+//! elementwise, rope, attention, sample}.cu`). Buffers are raw device
+//! addresses (see `memory.rs`); each launcher says what shapes it expects.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use gguf::GgmlType;
+
+use crate::compile::{ATTENTION, ELEMENTWISE, MATVEC, NORM, ROPE, SAMPLE};
+use crate::dequantize::{Dequantizer, TYPES};
+use crate::device::CudaDevice;
+use crate::error::{CudaError, DriverContext, Result};
+
+/// Weight rows per matvec block (MATVEC_WARPS in matvec.cu).
+const MATVEC_ROWS_PER_BLOCK: u32 = 4;
+/// Token rows per matvec launch row of blocks (the kernels' TOKENS).
+pub const MATVEC_MAX_TOKENS: usize = 8;
+/// Threads per block of the row-wise kernels.
+const ROW_THREADS: u32 = 256;
+const ELEMENTWISE_THREADS: u32 = 256;
+/// Largest head the attention and RoPE kernels handle (MAX_HEAD_DIM).
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// A weight matrix on the device: `rows` rows of `cols` values of type `ty`,
+/// `row_bytes` apart, from address `ptr`.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceMatrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+    pub ptr: u64,
+}
+
+/// The kernels of one formats' matvec and embedding.
+struct FormatKernels {
+    matvec_1: CudaFunction,
+    matvec_8: CudaFunction,
+    embed: CudaFunction,
+}
+
+pub struct Kernels {
+    stream: Arc<CudaStream>,
+    /// Indexed like `dequantize::TYPES`.
+    formats: Vec<FormatKernels>,
+    rms_norm: CudaFunction,
+    add_rms_norm: CudaFunction,
+    gated_silu: CudaFunction,
+    gated_gelu_tanh: CudaFunction,
+    f32_to_f16: CudaFunction,
+    qkv_prepare: CudaFunction,
+    attention: CudaFunction,
+    argmax_rows: CudaFunction,
+    pub dequantizer: Dequantizer,
+}
+
+fn function(module: &Arc<CudaModule>, file: &str, name: &str) -> Result<CudaFunction> {
+    module
+        .load_function(name)
+        .context(|| format!("finding kernel {name} in kernels/{file}.cu"))
+}
+
+fn grid(x: u32, y: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x, y, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn u32_of(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| CudaError::Invalid {
+        what: what.to_string(),
+        reason: format!("{v} does not fit the kernels' 32-bit sizes"),
+    })
+}
+
+/// Blocks for a grid-stride elementwise kernel over `n` values.
+fn elementwise_blocks(n: usize) -> u32 {
+    (n.div_ceil(ELEMENTWISE_THREADS as usize)).clamp(1, 65_536) as u32
+}
+
+impl Kernels {
+    pub fn load(device: &CudaDevice) -> Result<Self> {
+        let matvec = device.load_module(&MATVEC)?;
+        let formats = TYPES
+            .iter()
+            .map(|(_, stem)| {
+                Ok(FormatKernels {
+                    matvec_1: function(&matvec, "matvec", &format!("matvec_{stem}_1"))?,
+                    matvec_8: function(&matvec, "matvec", &format!("matvec_{stem}_8"))?,
+                    embed: function(&matvec, "matvec", &format!("embed_{stem}"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = device.load_module(&NORM)?;
+        let elementwise = device.load_module(&ELEMENTWISE)?;
+        let rope = device.load_module(&ROPE)?;
+        let attention = device.load_module(&ATTENTION)?;
+        let sample = device.load_module(&SAMPLE)?;
+        Ok(Self {
+            stream: device.stream().clone(),
+            formats,
+            rms_norm: function(&norm, "norm", "rms_norm")?,
+            add_rms_norm: function(&norm, "norm", "add_rms_norm")?,
+            gated_silu: function(&elementwise, "elementwise", "gated_silu")?,
+            gated_gelu_tanh: function(&elementwise, "elementwise", "gated_gelu_tanh")?,
+            f32_to_f16: function(&elementwise, "elementwise", "f32_to_f16")?,
+            qkv_prepare: function(&rope, "rope", "qkv_prepare")?,
+            attention: function(&attention, "attention", "attention")?,
+            argmax_rows: function(&sample, "sample", "argmax_rows")?,
+            dequantizer: Dequantizer::new(device)?,
+        })
+    }
+
+    fn format(&self, ty: GgmlType) -> Result<&FormatKernels> {
+        TYPES
+            .iter()
+            .position(|(t, _)| *t == ty)
+            .map(|i| &self.formats[i])
+            .ok_or(CudaError::UnsupportedType(ty))
+    }
+
+    /// `y[t][r] (+)= Σ_c w[r][c] · x[t][c]`: x is `n × w.cols` f32, y is `n`
+    /// rows of `ldy` f32.
+    ///
+    /// # Safety
+    /// The addresses must hold those shapes (x 16-byte aligned, w.cols a
+    /// multiple of 8) while the stream's work runs.
+    pub unsafe fn matvec(
+        &self,
+        w: &DeviceMatrix,
+        x: u64,
+        n: usize,
+        y: u64,
+        ldy: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let format = self.format(w.ty)?;
+        let (kernel, tokens_per_block) = if n == 1 {
+            (&format.matvec_1, 1)
+        } else {
+            (&format.matvec_8, MATVEC_MAX_TOKENS)
+        };
+        let (row_bytes, rows, cols) = (w.row_bytes as u64, u32_of("rows", w.rows)?, u32_of("cols", w.cols)?);
+        let (n_tokens, ldy, accumulate) = (u32_of("tokens", n)?, u32_of("ldy", ldy)?, u32::from(accumulate));
+        let config = grid(
+            rows.div_ceil(MATVEC_ROWS_PER_BLOCK),
+            u32_of("token blocks", n.div_ceil(tokens_per_block))?,
+            MATVEC_ROWS_PER_BLOCK * 32,
+        );
+        let mut launch = self.stream.launch_builder(kernel);
+        launch
+            .arg(&w.ptr)
+            .arg(&row_bytes)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&x)
+            .arg(&n_tokens)
+            .arg(&y)
+            .arg(&ldy)
+            .arg(&accumulate);
+        // SAFETY: the caller vouches for the buffers; the arguments match the kernel's.
+        unsafe { launch.launch(config) }.context(|| format!("launching matvec for {} {}×{}", w.ty, w.rows, w.cols))?;
+        Ok(())
+    }
+
+    /// `x[t] = table[tokens[t]] · scale` for `n` tokens (x: `n × table.cols` f32).
+    ///
+    /// # Safety
+    /// `tokens` must hold `n` ids below `table.rows`, `x` room for the rows.
+    pub unsafe fn embed(&self, table: &DeviceMatrix, tokens: u64, n: usize, scale: f32, x: u64) -> Result<()> {
+        let format = self.format(table.ty)?;
+        let (row_bytes, cols) = (table.row_bytes as u64, u32_of("cols", table.cols)?);
+        let mut launch = self.stream.launch_builder(&format.embed);
+        launch.arg(&table.ptr).arg(&row_bytes).arg(&cols).arg(&tokens).arg(&scale).arg(&x);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(grid(u32_of("tokens", n)?, 1, 128)) }.context(|| "launching embed".into())?;
+        Ok(())
+    }
+
+    /// `out[i] = RMSNorm(x[rows[i]]) · w` for `n` rows of `dim` (rows = 0: row i).
+    ///
+    /// # Safety
+    /// The addresses must hold those shapes.
+    pub unsafe fn rms_norm(&self, x: u64, rows: u64, w: u64, eps: f32, dim: usize, n: usize, out: u64) -> Result<()> {
+        let dim = u32_of("dim", dim)?;
+        let mut launch = self.stream.launch_builder(&self.rms_norm);
+        launch.arg(&x).arg(&rows).arg(&w).arg(&eps).arg(&dim).arg(&out);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(grid(u32_of("rows", n)?, 1, ROW_THREADS)) }.context(|| "launching rms_norm".into())?;
+        Ok(())
+    }
+
+    /// `x[i] += RMSNorm(y[i]) · w` for `n` rows of `dim`.
+    ///
+    /// # Safety
+    /// The addresses must hold those shapes.
+    pub unsafe fn add_rms_norm(&self, x: u64, y: u64, w: u64, eps: f32, dim: usize, n: usize) -> Result<()> {
+        let dim = u32_of("dim", dim)?;
+        let mut launch = self.stream.launch_builder(&self.add_rms_norm);
+        launch.arg(&x).arg(&y).arg(&w).arg(&eps).arg(&dim);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(grid(u32_of("rows", n)?, 1, ROW_THREADS)) }
+            .context(|| "launching add_rms_norm".into())?;
+        Ok(())
+    }
+
+    /// `gate = act(gate) · up` over `n` values; `gelu` picks GELU (tanh) over SiLU.
+    ///
+    /// # Safety
+    /// Both addresses must hold `n` f32.
+    pub unsafe fn gated_activation(&self, gate: u64, up: u64, n: usize, gelu: bool) -> Result<()> {
+        let kernel = if gelu { &self.gated_gelu_tanh } else { &self.gated_silu };
+        let count = n as u64;
+        let mut launch = self.stream.launch_builder(kernel);
+        launch.arg(&gate).arg(&up).arg(&count);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(grid(elementwise_blocks(n), 1, ELEMENTWISE_THREADS)) }
+            .context(|| "launching the gated activation".into())?;
+        Ok(())
+    }
+
+    /// `y = f16(x)` over `n` values.
+    ///
+    /// # Safety
+    /// `x` must hold `n` f32, `y` room for `n` f16.
+    pub unsafe fn f32_to_f16(&self, x: u64, y: u64, n: usize) -> Result<()> {
+        let count = n as u64;
+        let mut launch = self.stream.launch_builder(&self.f32_to_f16);
+        launch.arg(&x).arg(&y).arg(&count);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(grid(elementwise_blocks(n), 1, ELEMENTWISE_THREADS)) }
+            .context(|| "launching f32_to_f16".into())?;
+        Ok(())
+    }
+
+    /// Bias, QK-norm, RoPE and the KV-cache write of `n` tokens (see rope.cu).
+    ///
+    /// # Safety
+    /// Every address must hold what rope.cu's `qkv_prepare` documents.
+    pub unsafe fn qkv_prepare(&self, args: &QkvPrepare) -> Result<()> {
+        let a = args;
+        let (n_heads, n_kv_heads) = (u32_of("heads", a.n_heads)?, u32_of("kv heads", a.n_kv_heads)?);
+        let (head_dim, rope_dims) = (u32_of("head_dim", a.head_dim)?, u32_of("rope dims", a.rope_dims)?);
+        let neox = u32::from(a.neox);
+        let mut launch = self.stream.launch_builder(&self.qkv_prepare);
+        launch
+            .arg(&a.q)
+            .arg(&a.k)
+            .arg(&a.v)
+            .arg(&a.bq)
+            .arg(&a.bk)
+            .arg(&a.bv)
+            .arg(&a.q_norm)
+            .arg(&a.k_norm)
+            .arg(&a.eps)
+            .arg(&a.positions)
+            .arg(&a.table_offsets)
+            .arg(&a.block_tables)
+            .arg(&a.k_cache)
+            .arg(&a.v_cache)
+            .arg(&n_heads)
+            .arg(&n_kv_heads)
+            .arg(&head_dim)
+            .arg(&rope_dims)
+            .arg(&a.theta_scale)
+            .arg(&neox);
+        let config = grid(u32_of("tokens", a.n_tokens)?, n_heads + n_kv_heads, 32);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(config) }.context(|| "launching qkv_prepare".into())?;
+        Ok(())
+    }
+
+    /// Attention of `n` tokens' queries over their sequences' caches (see attention.cu).
+    ///
+    /// # Safety
+    /// Every address must hold what attention.cu documents.
+    pub unsafe fn attention(&self, args: &Attention) -> Result<()> {
+        let a = args;
+        let (n_heads, n_kv_heads) = (u32_of("heads", a.n_heads)?, u32_of("kv heads", a.n_kv_heads)?);
+        let (head_dim, window) = (u32_of("head_dim", a.head_dim)?, u32_of("window", a.window)?);
+        let mut launch = self.stream.launch_builder(&self.attention);
+        launch
+            .arg(&a.q)
+            .arg(&a.k_cache)
+            .arg(&a.v_cache)
+            .arg(&a.positions)
+            .arg(&a.table_offsets)
+            .arg(&a.block_tables)
+            .arg(&n_heads)
+            .arg(&n_kv_heads)
+            .arg(&head_dim)
+            .arg(&window)
+            .arg(&a.scale)
+            .arg(&a.out);
+        let config = grid(u32_of("tokens", a.n_tokens)?, n_heads, 32);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(config) }.context(|| "launching attention".into())?;
+        Ok(())
+    }
+
+    /// `out[r] = argmax(logits[r])` for `rows` rows of `vocab` f32.
+    ///
+    /// # Safety
+    /// `logits` must hold the rows, `out` room for `rows` u32.
+    pub unsafe fn argmax_rows(&self, logits: u64, vocab: usize, rows: usize, out: u64) -> Result<()> {
+        let vocab = u32_of("vocab", vocab)?;
+        let mut launch = self.stream.launch_builder(&self.argmax_rows);
+        launch.arg(&logits).arg(&vocab).arg(&out);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(grid(u32_of("rows", rows)?, 1, 1024)) }.context(|| "launching argmax_rows".into())?;
+        Ok(())
+    }
+}
+
+/// The arguments of `qkv_prepare` (rope.cu); 0 stands for an absent bias or norm.
+pub struct QkvPrepare {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub bq: u64,
+    pub bk: u64,
+    pub bv: u64,
+    pub q_norm: u64,
+    pub k_norm: u64,
+    pub eps: f32,
+    pub positions: u64,
+    pub table_offsets: u64,
+    pub block_tables: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub n_tokens: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_dims: usize,
+    pub theta_scale: f32,
+    pub neox: bool,
+}
+
+/// The arguments of `attention` (attention.cu).
+pub struct Attention {
+    pub q: u64,
+    pub k_cache: u64,
+    pub v_cache: u64,
+    pub positions: u64,
+    pub table_offsets: u64,
+    pub block_tables: u64,
+    pub n_tokens: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// 0: full causal attention.
+    pub window: usize,
+    pub scale: f32,
+    pub out: u64,
+}

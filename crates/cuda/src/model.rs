@@ -1,0 +1,992 @@
+//! The forward pass on the GPU: one decoder-only transformer described by a
+//! [`ModelSpec`] (qwen2, llama, gemma3), batched over several sequences like
+//! the CPU backend, with a paged f16 KV cache.
+//!
+//! Weights, by default, stay as the file's GGUF blocks (`upload.rs`):
+//! products with up to [`MATVEC_MAX_TOKENS`] activation rows (decode) run
+//! straight from the blocks (`matvec.cu`); larger batches (prefill)
+//! dequantize each matrix to an f16 scratch and multiply with cuBLAS. With
+//! [`WeightsMode::F16`] every matrix is dequantized to f16 at load (the raw
+//! blocks are then freed) and every product runs through cuBLAS.
+//! Activations are f32 between kernels; the LM head's rows come back as
+//! logits or, for greedy decoding, only as token ids (`sample.cu`).
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cudarc::driver::result as driver;
+use engine::backend::{Backend, Cache, Segment};
+use engine::cpu::Logits;
+use engine::kv::{KvPool, PAGE_TOKENS};
+use engine::spec::{Activation, ModelSpec, RopeStyle};
+use engine::weights::{Matrix, ModelWeights};
+use engine::EngineError;
+use gguf::{GgmlType, GgufFile};
+
+use crate::blas::Blas;
+use crate::device::{CudaDevice, DeviceOptions};
+use crate::error::{CudaError, DriverContext, Result};
+use crate::kernels::{Attention, DeviceMatrix, Kernels, QkvPrepare, MATVEC_MAX_TOKENS, MAX_HEAD_DIM};
+use crate::kv::{GpuCache, KvPages};
+use crate::memory::{DeviceBuffer, Layout};
+use crate::upload::{upload_weights, DeviceWeights, UploadOptions, UploadReport};
+
+/// LM-head rows per pass (each pass reads the whole head once).
+const LOGIT_ROWS: usize = MATVEC_MAX_TOKENS;
+/// cuBLAS's workspace.
+const BLAS_WORKSPACE_BYTES: usize = 16 << 20;
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// How the weights are held on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightsMode {
+    /// The file's blocks, multiplied by fused dequantize-and-multiply kernels.
+    Quantized,
+    /// Dequantized to f16 at load, multiplied by cuBLAS.
+    F16,
+}
+
+impl WeightsMode {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "quant" | "quantized" => Some(Self::Quantized),
+            "f16" => Some(Self::F16),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Quantized => "quant",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// How to load a model onto a GPU.
+#[derive(Clone, Debug)]
+pub struct CudaOptions {
+    pub device: DeviceOptions,
+    pub weights: WeightsMode,
+    /// KV pages (`PAGE_TOKENS` positions each) shared by all sequences.
+    pub kv_pages: usize,
+    /// Most tokens in one forward pass (decode tokens plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Show upload progress and print the load summary on stderr.
+    pub progress: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceOptions::default(),
+            weights: WeightsMode::Quantized,
+            kv_pages: 4096usize.div_ceil(PAGE_TOKENS),
+            max_batch_tokens: 512,
+            progress: false,
+        }
+    }
+}
+
+/// What loading did and what it holds on the GPU.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    pub device: String,
+    pub mode: WeightsMode,
+    pub upload: UploadReport,
+    /// Tensor bytes of the file.
+    pub file_tensor_bytes: u64,
+    /// Weights resident after loading: the blocks, or the f16 matrices.
+    pub weights_bytes: u64,
+    /// Norm and bias vectors, as f32.
+    pub vector_bytes: u64,
+    pub kv_bytes: u64,
+    /// Activations, weight scratch, logits and cuBLAS's workspace.
+    pub workspace_bytes: u64,
+    /// Device memory taken from before the upload to the end of loading
+    /// (cuMemGetInfo; includes kernel modules and cuBLAS's handle).
+    pub used_bytes: u64,
+    /// Dequantizing to f16 (f16 mode).
+    pub convert_seconds: f64,
+    pub seconds: f64,
+}
+
+impl fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "loaded on {} ({} weights) in {:.3} s (upload {:.3} s, {:.2} GB/s{}); GPU memory: weights {:.1} MiB \
+             (file tensors {:.1} MiB) + vectors {:.2} MiB + KV {:.1} MiB + workspace {:.1} MiB = {:.1} MiB, \
+             measured {:.1} MiB",
+            self.device,
+            self.mode.name(),
+            self.seconds,
+            self.upload.seconds,
+            self.upload.gigabytes_per_second(),
+            if self.mode == WeightsMode::F16 {
+                format!(", f16 conversion {:.3} s", self.convert_seconds)
+            } else {
+                String::new()
+            },
+            self.weights_bytes as f64 / MIB,
+            self.file_tensor_bytes as f64 / MIB,
+            self.vector_bytes as f64 / MIB,
+            self.kv_bytes as f64 / MIB,
+            self.workspace_bytes as f64 / MIB,
+            (self.weights_bytes + self.vector_bytes + self.kv_bytes + self.workspace_bytes) as f64 / MIB,
+            self.used_bytes as f64 / MIB,
+        )
+    }
+}
+
+/// Device addresses of one layer's weights; vectors are f32, 0 when absent.
+struct Layer {
+    attn_norm: u64,
+    wq: DeviceMatrix,
+    wk: DeviceMatrix,
+    wv: DeviceMatrix,
+    bq: u64,
+    bk: u64,
+    bv: u64,
+    q_norm: u64,
+    k_norm: u64,
+    wo: DeviceMatrix,
+    post_attn_norm: u64,
+    ffn_norm: u64,
+    gate: DeviceMatrix,
+    up: DeviceMatrix,
+    down: DeviceMatrix,
+    post_ffn_norm: u64,
+}
+
+/// Buffers of one forward pass, carved from one allocation; T = max_batch_tokens.
+struct Workspace {
+    _buffer: DeviceBuffer,
+    max_tokens: usize,
+    x: u64,        // T × n_embd, the residual stream
+    normed: u64,   // T × n_embd
+    q: u64,        // T × q_dim
+    k: u64,        // T × kv_dim
+    v: u64,        // T × kv_dim
+    attn: u64,     // T × q_dim
+    tmp: u64,      // T × n_embd, a block's output before its post-norm
+    gate: u64,     // T × n_ff
+    up: u64,       // T × n_ff
+    act_f16: u64,  // T × max(n_embd, q_dim, n_ff), f16: GEMM input
+    scratch: u64,  // scratch_values f16: a matrix dequantized for a GEMM
+    scratch_values: usize,
+    final_rows: u64, // LOGIT_ROWS × n_embd
+    logits: u64,     // LOGIT_ROWS × vocab
+    ids: u64,        // T u32
+    meta: u64,       // meta_len u32
+    meta_len: usize,
+    bytes: usize,
+}
+
+/// A model on one GPU.
+pub struct CudaModel {
+    spec: ModelSpec,
+    mode: WeightsMode,
+    layers: Vec<Layer>,
+    token_embd: DeviceMatrix,
+    output: DeviceMatrix,
+    output_norm: u64,
+    work: Mutex<Workspace>,
+    kv: Arc<KvPages>,
+    _vectors: DeviceBuffer,
+    _f16_weights: Option<DeviceBuffer>,
+    _raw: Option<DeviceWeights>,
+    blas: Blas,
+    kernels: Kernels,
+    device: CudaDevice,
+    report: LoadReport,
+}
+
+fn to_engine(e: CudaError) -> EngineError {
+    match e {
+        CudaError::Model(e) => e,
+        e => EngineError::Invalid(format!("GPU: {e}")),
+    }
+}
+
+fn invalid(what: &str, reason: String) -> CudaError {
+    CudaError::Invalid {
+        what: what.to_string(),
+        reason,
+    }
+}
+
+/// Host-side list of f32 vectors, uploaded as one buffer.
+#[derive(Default)]
+struct Vectors {
+    values: Vec<f32>,
+    /// (offset in values, for patching to addresses after upload)
+    offsets: Vec<usize>,
+}
+
+impl Vectors {
+    /// Adds `v`; returns a handle (index + 1; 0 for none).
+    fn add(&mut self, v: Option<&[f32]>) -> u64 {
+        let Some(v) = v else { return 0 };
+        // 256-byte boundaries, like every other buffer.
+        let offset = self.values.len().next_multiple_of(64);
+        self.values.resize(offset, 0.0);
+        self.values.extend_from_slice(v);
+        self.offsets.push(offset);
+        self.offsets.len() as u64
+    }
+
+    fn address(&self, handle: u64, base: u64) -> u64 {
+        if handle == 0 {
+            0
+        } else {
+            base + 4 * self.offsets[handle as usize - 1] as u64
+        }
+    }
+}
+
+impl CudaModel {
+    /// Uploads `file`'s weights to a GPU and prepares the forward pass.
+    pub fn load(file: Arc<GgufFile>, options: &CudaOptions) -> Result<Self> {
+        let start = Instant::now();
+        let spec = ModelSpec::from_gguf(&file)?;
+        let host = ModelWeights::load(&file, &spec)?;
+        check_shapes(&spec, &host)?;
+        let device = CudaDevice::open(&options.device)?;
+        let free_before = device.memory()?.free;
+        let kernels = Kernels::load(&device)?;
+
+        let kv_dim = spec.kv_dim();
+        let kv_bytes = KvPages::bytes_for(spec.n_layers, kv_dim, options.kv_pages);
+        let matrices = || {
+            host.layers
+                .iter()
+                .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+                .chain([&host.token_embd, &host.output])
+        };
+        // Only the quantized mode dequantizes layer matrices for prefill GEMMs.
+        let scratch_values = match options.weights {
+            WeightsMode::Quantized => host
+                .layers
+                .iter()
+                .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+                .map(|m| m.rows * m.cols)
+                .max()
+                .unwrap_or(0),
+            WeightsMode::F16 => 0,
+        };
+        let mut f16_layout = Layout::default();
+        let mut f16_offsets = std::collections::HashMap::new();
+        if options.weights == WeightsMode::F16 {
+            for m in matrices() {
+                f16_offsets
+                    .entry(m.name.clone())
+                    .or_insert_with(|| f16_layout.add(m.rows * m.cols * 2));
+            }
+        }
+        let (workspace_layout, parts) =
+            workspace_layout(&spec, options.max_batch_tokens, scratch_values, options.kv_pages);
+        let extra = kv_bytes + workspace_layout.bytes() + BLAS_WORKSPACE_BYTES + f16_layout.bytes();
+
+        let (raw, upload) = upload_weights(
+            &device,
+            &file,
+            &UploadOptions {
+                kv_cache_bytes: extra as u64,
+                progress: options.progress,
+                ..Default::default()
+            },
+        )?;
+        let raw_matrix = |m: &Matrix| -> Result<DeviceMatrix> {
+            let tensor = raw
+                .tensor(&m.name)
+                .ok_or_else(|| invalid(&m.name, "missing from the upload".into()))?;
+            Ok(DeviceMatrix {
+                ty: m.ty,
+                rows: m.rows,
+                cols: m.cols,
+                row_bytes: m.row_bytes(),
+                ptr: raw.device_ptr(tensor),
+            })
+        };
+
+        // f16 mode: every matrix dequantized once, then the blocks are freed.
+        let convert_start = Instant::now();
+        let f16_weights = if options.weights == WeightsMode::F16 {
+            let buffer = DeviceBuffer::new(&device, f16_layout.bytes(), "the f16 weights")?;
+            let mut done = std::collections::HashSet::new();
+            for m in matrices() {
+                if !done.insert(m.name.clone()) {
+                    continue;
+                }
+                let src = raw_matrix(m)?;
+                let dst = buffer.ptr() + f16_offsets[&m.name] as u64;
+                // SAFETY: `src` is the whole tensor's blocks in the arena, `dst`
+                // its rows × cols f16 region of `buffer`; both outlive the
+                // synchronize below.
+                unsafe {
+                    kernels.dequantizer.dequantize_f16_raw(
+                        device.stream(),
+                        m.ty,
+                        src.ptr,
+                        (m.rows * m.cols) as u64,
+                        dst,
+                    )?
+                };
+            }
+            device.synchronize()?;
+            Some(buffer)
+        } else {
+            None
+        };
+        let convert_seconds = convert_start.elapsed().as_secs_f64();
+        let matrix = |m: &Matrix| -> Result<DeviceMatrix> {
+            match &f16_weights {
+                Some(buffer) => Ok(DeviceMatrix {
+                    ty: GgmlType::F16,
+                    rows: m.rows,
+                    cols: m.cols,
+                    row_bytes: m.cols * 2,
+                    ptr: buffer.ptr() + f16_offsets[&m.name] as u64,
+                }),
+                None => raw_matrix(m),
+            }
+        };
+
+        let mut vectors = Vectors::default();
+        struct Handles {
+            attn_norm: u64,
+            bq: u64,
+            bk: u64,
+            bv: u64,
+            q_norm: u64,
+            k_norm: u64,
+            post_attn_norm: u64,
+            ffn_norm: u64,
+            post_ffn_norm: u64,
+        }
+        let handles: Vec<Handles> = host
+            .layers
+            .iter()
+            .map(|l| Handles {
+                attn_norm: vectors.add(Some(&l.attn_norm)),
+                bq: vectors.add(l.bq.as_deref()),
+                bk: vectors.add(l.bk.as_deref()),
+                bv: vectors.add(l.bv.as_deref()),
+                q_norm: vectors.add(l.q_norm.as_deref()),
+                k_norm: vectors.add(l.k_norm.as_deref()),
+                post_attn_norm: vectors.add(l.post_attn_norm.as_deref()),
+                ffn_norm: vectors.add(Some(&l.ffn_norm)),
+                post_ffn_norm: vectors.add(l.post_ffn_norm.as_deref()),
+            })
+            .collect();
+        let output_norm_handle = vectors.add(Some(&host.output_norm));
+        let vector_buffer = DeviceBuffer::new(&device, vectors.values.len() * 4, "norm and bias vectors")?;
+        // SAFETY: the buffer holds exactly these values; pageable memory is
+        // copied out before the call returns.
+        unsafe { driver::memcpy_htod_async(vector_buffer.ptr(), &vectors.values, device.stream().cu_stream()) }
+            .context(|| "uploading norm and bias vectors".into())?;
+        let base = vector_buffer.ptr();
+        let mut layers = Vec::with_capacity(spec.n_layers);
+        for (l, h) in host.layers.iter().zip(&handles) {
+            layers.push(Layer {
+                attn_norm: vectors.address(h.attn_norm, base),
+                wq: matrix(&l.wq)?,
+                wk: matrix(&l.wk)?,
+                wv: matrix(&l.wv)?,
+                bq: vectors.address(h.bq, base),
+                bk: vectors.address(h.bk, base),
+                bv: vectors.address(h.bv, base),
+                q_norm: vectors.address(h.q_norm, base),
+                k_norm: vectors.address(h.k_norm, base),
+                wo: matrix(&l.wo)?,
+                post_attn_norm: vectors.address(h.post_attn_norm, base),
+                ffn_norm: vectors.address(h.ffn_norm, base),
+                gate: matrix(&l.gate)?,
+                up: matrix(&l.up)?,
+                down: matrix(&l.down)?,
+                post_ffn_norm: vectors.address(h.post_ffn_norm, base),
+            });
+        }
+        let token_embd = matrix(&host.token_embd)?;
+        let output = matrix(&host.output)?;
+        let output_norm = vectors.address(output_norm_handle, base);
+        let raw = if f16_weights.is_some() {
+            drop(raw);
+            None
+        } else {
+            Some(raw)
+        };
+
+        let kv = Arc::new(KvPages::new(&device, spec.n_layers, kv_dim, options.kv_pages)?);
+        let buffer = DeviceBuffer::new(&device, workspace_layout.bytes(), "the forward pass's workspace")?;
+        let work = parts.place(buffer, options.max_batch_tokens, scratch_values);
+        let blas = Blas::new(&device, BLAS_WORKSPACE_BYTES)?;
+        device.synchronize()?;
+        let used = free_before.saturating_sub(device.memory()?.free);
+        let weights_bytes = match &f16_weights {
+            Some(b) => b.bytes() as u64,
+            None => raw.as_ref().map_or(0, |r| r.allocated_bytes() as u64),
+        };
+        let report = LoadReport {
+            device: format!("GPU {} ({})", device.index(), device.name()),
+            mode: options.weights,
+            file_tensor_bytes: upload.tensor_bytes,
+            upload,
+            weights_bytes,
+            vector_bytes: vector_buffer.bytes() as u64,
+            kv_bytes: kv.bytes() as u64,
+            workspace_bytes: (work.bytes + BLAS_WORKSPACE_BYTES) as u64,
+            used_bytes: used,
+            convert_seconds,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        if options.progress {
+            eprintln!("{report}");
+        }
+        Ok(Self {
+            spec,
+            mode: options.weights,
+            layers,
+            token_embd,
+            output,
+            output_norm,
+            work: Mutex::new(work),
+            kv,
+            _vectors: vector_buffer,
+            _f16_weights: f16_weights,
+            _raw: raw,
+            blas,
+            kernels,
+            device,
+            report,
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn report(&self) -> &LoadReport {
+        &self.report
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    pub fn mode(&self) -> WeightsMode {
+        self.mode
+    }
+
+    /// KV pages on the device, and how many are free.
+    pub fn kv_pages(&self) -> (usize, usize) {
+        (self.kv.n_pages(), self.kv.free_pages())
+    }
+
+    /// A cache for `context` positions limited only by the device's pages.
+    pub fn new_cache(&self, context: usize) -> GpuCache {
+        GpuCache::new(self.kv.clone(), None, context)
+    }
+
+    /// One sequence's forward pass that also returns intermediate results
+    /// (`name`, `tokens × width` values): every step of layer 0, the residual
+    /// stream after each layer, and the last position's logits.
+    pub fn forward_traced(
+        &self,
+        cache: &mut GpuCache,
+        tokens: &[u32],
+    ) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>), EngineError> {
+        let mut trace = Vec::new();
+        let mut batch = [Segment {
+            kv: cache,
+            tokens,
+            logits: Logits::Last,
+        }];
+        let logits = match self.run(&mut batch, false, Some(&mut trace))? {
+            Output::Logits(mut rows) => rows.pop().unwrap_or_default(),
+            Output::Tokens(_) => unreachable!("logits were asked for"),
+        };
+        Ok((logits, trace))
+    }
+
+    fn check_segment(&self, seg: &Segment<'_, GpuCache>) -> Result<(), EngineError> {
+        let n = seg.tokens.len();
+        if n == 0 {
+            return Err(EngineError::Invalid("no tokens to run".into()));
+        }
+        let start = seg.kv.len();
+        if start + n > seg.kv.capacity() {
+            return Err(EngineError::ContextFull {
+                needed: start + n,
+                capacity: seg.kv.capacity(),
+            });
+        }
+        if let Some(&bad) = seg.tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
+            return Err(EngineError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.spec.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// The batched forward pass; `greedy` returns token ids instead of logits.
+    fn run(
+        &self,
+        batch: &mut [Segment<'_, GpuCache>],
+        greedy: bool,
+        mut trace: Option<&mut Vec<(String, Vec<f32>)>>,
+    ) -> Result<Output, EngineError> {
+        for seg in batch.iter() {
+            self.check_segment(seg)?;
+        }
+        let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let work = self.work.lock().map_err(|_| EngineError::Invalid("GPU workspace poisoned".into()))?;
+        if n > work.max_tokens {
+            return Err(EngineError::Invalid(format!(
+                "a forward pass of {n} tokens exceeds the GPU workspace of {} tokens",
+                work.max_tokens
+            )));
+        }
+        // Reserve every cache's pages first, so a full pool fails before any work.
+        for seg in batch.iter_mut() {
+            let positions = seg.kv.len() + seg.tokens.len();
+            seg.kv.reserve(positions)?;
+        }
+
+        // Step metadata, one upload: tokens | positions | table offsets | wanted rows | block tables.
+        let mut meta: Vec<u32> = Vec::with_capacity(4 * n);
+        meta.extend(batch.iter().flat_map(|s| s.tokens.iter().copied()));
+        for seg in batch.iter() {
+            let start = seg.kv.len() as u32;
+            meta.extend((0..seg.tokens.len() as u32).map(|i| start + i));
+        }
+        let mut table_offset = 0u32;
+        for seg in batch.iter() {
+            meta.extend(std::iter::repeat_n(table_offset, seg.tokens.len()));
+            table_offset += seg.kv.table().len() as u32;
+        }
+        let mut wanted: Vec<u32> = Vec::new();
+        let mut row = 0u32;
+        for seg in batch.iter() {
+            let m = seg.tokens.len() as u32;
+            match seg.logits {
+                Logits::Last => wanted.push(row + m - 1),
+                Logits::All => wanted.extend(row..row + m),
+                Logits::None => {}
+            }
+            row += m;
+        }
+        meta.extend(&wanted);
+        for seg in batch.iter() {
+            meta.extend(seg.kv.table());
+        }
+        if meta.len() > work.meta_len {
+            return Err(EngineError::Invalid(format!(
+                "step metadata of {} entries exceeds the GPU workspace's {}",
+                meta.len(),
+                work.meta_len
+            )));
+        }
+        let (tokens_at, positions_at, offsets_at, wanted_at, tables_at) = {
+            let at = |i: usize| work.meta + 4 * i as u64;
+            (at(0), at(n), at(2 * n), at(3 * n), at(3 * n + wanted.len()))
+        };
+
+        let result = (|| -> Result<Output> {
+            let stream = self.device.stream();
+            // SAFETY: `meta` is pageable host memory copied out before the call returns.
+            unsafe { driver::memcpy_htod_async(work.meta, &meta, stream.cu_stream()) }
+                .context(|| "uploading step metadata".into())?;
+            self.layers_forward(&*work, n, tokens_at, positions_at, offsets_at, tables_at, &mut trace)?;
+            self.head(&*work, &wanted, wanted_at, greedy)
+        })();
+        // Nothing queued may outlive this call (caches may drop their pages next).
+        let synced = self.device.synchronize();
+        let output = result.map_err(to_engine)?;
+        synced.map_err(to_engine)?;
+        for seg in batch.iter_mut() {
+            seg.kv.commit(seg.tokens.len());
+        }
+        // Split the rows among the segments.
+        let counts: Vec<usize> = batch
+            .iter()
+            .map(|s| match s.logits {
+                Logits::Last => 1,
+                Logits::All => s.tokens.len(),
+                Logits::None => 0,
+            })
+            .collect();
+        let vocab = self.spec.vocab_size;
+        Ok(match output {
+            Output::Logits(mut all) => {
+                let flat = all.pop().unwrap_or_default();
+                let mut at = 0;
+                Output::Logits(
+                    counts
+                        .iter()
+                        .map(|&c| {
+                            let rows = flat[at * vocab..(at + c) * vocab].to_vec();
+                            at += c;
+                            rows
+                        })
+                        .collect(),
+                )
+            }
+            Output::Tokens(mut all) => {
+                let flat = all.pop().unwrap_or_default();
+                let mut at = 0;
+                Output::Tokens(
+                    counts
+                        .iter()
+                        .map(|&c| {
+                            let ids = flat[at..at + c].to_vec();
+                            at += c;
+                            ids
+                        })
+                        .collect(),
+                )
+            }
+        })
+    }
+
+    /// Copies `count` f32 from the device (after the queued work).
+    fn fetch(&self, ptr: u64, count: usize) -> Result<Vec<f32>> {
+        let mut host = vec![0f32; count];
+        let stream = self.device.stream();
+        // SAFETY: `ptr` holds `count` f32 written by queued work; the copy is
+        // ordered after it on the stream and waited for below.
+        unsafe { driver::memcpy_dtoh_async(&mut host, ptr, stream.cu_stream()) }
+            .context(|| "copying activations to the host".into())?;
+        stream.synchronize().context(|| "waiting for activations".into())?;
+        Ok(host)
+    }
+
+    /// `y (+)= x · Wᵀ` for `n` rows: matvec from the blocks for a few rows,
+    /// else cuBLAS on f16 (the weights dequantized to the scratch when needed).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(&self, work: &Workspace, w: &DeviceMatrix, x: u64, n: usize, y: u64, ldy: usize, accumulate: bool) -> Result<()> {
+        // SAFETY (every block below): the addresses come from this model's
+        // buffers, sized at load for max_batch_tokens rows of every width.
+        if self.mode == WeightsMode::Quantized && n <= MATVEC_MAX_TOKENS {
+            return unsafe { self.kernels.matvec(w, x, n, y, ldy, accumulate) };
+        }
+        unsafe { self.kernels.f32_to_f16(x, work.act_f16, n * w.cols)? };
+        if w.ty == GgmlType::F16 {
+            return unsafe { self.blas.gemm_f16(w.ptr, w.rows, w.cols, work.act_f16, n, y, ldy, accumulate) };
+        }
+        let chunk_rows = (work.scratch_values / w.cols).max(1);
+        let stream = self.device.stream();
+        for first in (0..w.rows).step_by(chunk_rows) {
+            let rows = chunk_rows.min(w.rows - first);
+            if rows * w.cols > work.scratch_values {
+                return Err(invalid("weight scratch", format!("{}×{} does not fit", rows, w.cols)));
+            }
+            unsafe {
+                self.kernels.dequantizer.dequantize_f16_raw(
+                    stream,
+                    w.ty,
+                    w.ptr + (first * w.row_bytes) as u64,
+                    (rows * w.cols) as u64,
+                    work.scratch,
+                )?;
+                self.blas.gemm_f16(work.scratch, rows, w.cols, work.act_f16, n, y + 4 * first as u64, ldy, accumulate)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Embedding and every layer, leaving the residual stream in `work.x`.
+    #[allow(clippy::too_many_arguments)]
+    fn layers_forward(
+        &self,
+        work: &Workspace,
+        n: usize,
+        tokens: u64,
+        positions: u64,
+        table_offsets: u64,
+        block_tables: u64,
+        trace: &mut Option<&mut Vec<(String, Vec<f32>)>>,
+    ) -> Result<()> {
+        let spec = &self.spec;
+        let k = &self.kernels;
+        let (embd, q_dim, kv_dim, ff) = (spec.n_embd, spec.q_dim(), spec.kv_dim(), spec.n_ff);
+        let eps = spec.rms_eps;
+        let mut record = |name: String, ptr: u64, width: usize| -> Result<()> {
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.push((name, self.fetch(ptr, n * width)?));
+            }
+            Ok(())
+        };
+        // SAFETY (every kernel call below): the buffers are this model's,
+        // sized at load for max_batch_tokens ≥ n rows; the metadata holds n
+        // tokens (below the vocabulary: checked), their positions, table
+        // offsets, and tables covering every position (reserved).
+        unsafe {
+            k.embed(&self.token_embd, tokens, n, spec.embedding_scale.unwrap_or(1.0), work.x)?;
+        }
+        for (index, layer) in self.layers.iter().enumerate() {
+            let first = index == 0;
+            unsafe { k.rms_norm(work.x, 0, layer.attn_norm, eps, embd, n, work.normed)? };
+            self.matmul(work, &layer.wq, work.normed, n, work.q, q_dim, false)?;
+            self.matmul(work, &layer.wk, work.normed, n, work.k, kv_dim, false)?;
+            self.matmul(work, &layer.wv, work.normed, n, work.v, kv_dim, false)?;
+            if first {
+                record("layer0.attn_norm".into(), work.normed, embd)?;
+                record("layer0.q_proj".into(), work.q, q_dim)?;
+                record("layer0.k_proj".into(), work.k, kv_dim)?;
+                record("layer0.v_proj".into(), work.v, kv_dim)?;
+            }
+            let theta = spec.rope_theta_for(index);
+            unsafe {
+                k.qkv_prepare(&QkvPrepare {
+                    q: work.q,
+                    k: work.k,
+                    v: work.v,
+                    bq: layer.bq,
+                    bk: layer.bk,
+                    bv: layer.bv,
+                    q_norm: layer.q_norm,
+                    k_norm: layer.k_norm,
+                    eps,
+                    positions,
+                    table_offsets,
+                    block_tables,
+                    k_cache: self.kv.keys(index),
+                    v_cache: self.kv.values(index),
+                    n_tokens: n,
+                    n_heads: spec.n_heads,
+                    n_kv_heads: spec.n_kv_heads,
+                    head_dim: spec.head_dim,
+                    rope_dims: spec.rope_dims,
+                    // As the CPU backend computes it, so the angles match bit for bit.
+                    theta_scale: theta.powf(-2.0 / spec.rope_dims as f32),
+                    neox: spec.rope_style == RopeStyle::Neox,
+                })?;
+                k.attention(&Attention {
+                    q: work.q,
+                    k_cache: self.kv.keys(index),
+                    v_cache: self.kv.values(index),
+                    positions,
+                    table_offsets,
+                    block_tables,
+                    n_tokens: n,
+                    n_heads: spec.n_heads,
+                    n_kv_heads: spec.n_kv_heads,
+                    head_dim: spec.head_dim,
+                    window: if spec.is_sliding(index) {
+                        spec.sliding_window.unwrap_or(0)
+                    } else {
+                        0
+                    },
+                    scale: spec.attention_scale,
+                    out: work.attn,
+                })?;
+            }
+            if first {
+                record("layer0.q_rope".into(), work.q, q_dim)?;
+                record("layer0.k_rope".into(), work.k, kv_dim)?;
+                record("layer0.attn".into(), work.attn, q_dim)?;
+            }
+            self.residual(work, &layer.wo, work.attn, n, layer.post_attn_norm)?;
+            if first {
+                record("layer0.x_attn".into(), work.x, embd)?;
+            }
+
+            unsafe { k.rms_norm(work.x, 0, layer.ffn_norm, eps, embd, n, work.normed)? };
+            self.matmul(work, &layer.gate, work.normed, n, work.gate, ff, false)?;
+            self.matmul(work, &layer.up, work.normed, n, work.up, ff, false)?;
+            unsafe { k.gated_activation(work.gate, work.up, n * ff, spec.activation == Activation::GeluTanh)? };
+            if first {
+                record("layer0.ffn_norm".into(), work.normed, embd)?;
+                record("layer0.ffn_act".into(), work.gate, ff)?;
+            }
+            self.residual(work, &layer.down, work.gate, n, layer.post_ffn_norm)?;
+            record(format!("layer{index}.out"), work.x, embd)?;
+        }
+        Ok(())
+    }
+
+    /// `x += W·a`, or `x += RMSNorm(W·a)·post_norm` where the spec has post-norms.
+    fn residual(&self, work: &Workspace, w: &DeviceMatrix, a: u64, n: usize, post_norm: u64) -> Result<()> {
+        let embd = self.spec.n_embd;
+        if post_norm == 0 {
+            return self.matmul(work, w, a, n, work.x, embd, true);
+        }
+        self.matmul(work, w, a, n, work.tmp, embd, false)?;
+        // SAFETY: x and tmp hold n × n_embd f32; post_norm n_embd f32.
+        unsafe { self.kernels.add_rms_norm(work.x, work.tmp, post_norm, self.spec.rms_eps, embd, n) }
+    }
+
+    /// Final norm and LM head of the wanted rows (`wanted_at` holds their
+    /// indices on the device), LOGIT_ROWS at a time.
+    fn head(&self, work: &Workspace, wanted: &[u32], wanted_at: u64, greedy: bool) -> Result<Output> {
+        let (embd, vocab) = (self.spec.n_embd, self.spec.vocab_size);
+        let stream = self.device.stream();
+        let mut logits = if greedy { Vec::new() } else { vec![0f32; wanted.len() * vocab] };
+        for first in (0..wanted.len()).step_by(LOGIT_ROWS) {
+            let rows = LOGIT_ROWS.min(wanted.len() - first);
+            // SAFETY: the rows index n ≤ max_batch_tokens rows of x; final_rows
+            // and logits hold LOGIT_ROWS rows; ids holds max_batch_tokens.
+            unsafe {
+                self.kernels.rms_norm(
+                    work.x,
+                    wanted_at + 4 * first as u64,
+                    self.output_norm,
+                    self.spec.rms_eps,
+                    embd,
+                    rows,
+                    work.final_rows,
+                )?;
+            }
+            self.matmul(work, &self.output, work.final_rows, rows, work.logits, vocab, false)?;
+            if greedy {
+                unsafe { self.kernels.argmax_rows(work.logits, vocab, rows, work.ids + 4 * first as u64)? };
+            } else {
+                let dst = &mut logits[first * vocab..(first + rows) * vocab];
+                // SAFETY: `logits` holds rows × vocab f32 written just before on this stream.
+                unsafe { driver::memcpy_dtoh_async(dst, work.logits, stream.cu_stream()) }
+                    .context(|| "copying logits to the host".into())?;
+                stream.synchronize().context(|| "waiting for logits".into())?;
+            }
+        }
+        if greedy {
+            let mut ids = vec![0u32; wanted.len()];
+            if !ids.is_empty() {
+                // SAFETY: `ids` holds wanted.len() u32 written by argmax_rows on this stream.
+                unsafe { driver::memcpy_dtoh_async(&mut ids, work.ids, stream.cu_stream()) }
+                    .context(|| "copying token ids to the host".into())?;
+                stream.synchronize().context(|| "waiting for token ids".into())?;
+            }
+            Ok(Output::Tokens(vec![ids]))
+        } else {
+            Ok(Output::Logits(vec![logits]))
+        }
+    }
+}
+
+impl Drop for CudaModel {
+    fn drop(&mut self) {
+        // Buffers are freed by address; nothing queued may still use them.
+        let _ = self.device.synchronize();
+    }
+}
+
+/// A forward pass's result: per segment (or, inside `run`, one flat list).
+enum Output {
+    Logits(Vec<Vec<f32>>),
+    Tokens(Vec<Vec<u32>>),
+}
+
+/// Checks what the kernels assume about shapes.
+fn check_shapes(spec: &ModelSpec, host: &ModelWeights) -> Result<()> {
+    if spec.head_dim > MAX_HEAD_DIM || spec.head_dim % 8 != 0 {
+        return Err(invalid(
+            "model",
+            format!("head size {} is not supported by the GPU kernels (a multiple of 8, at most {MAX_HEAD_DIM})", spec.head_dim),
+        ));
+    }
+    let matrices = host
+        .layers
+        .iter()
+        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+        .chain([&host.token_embd, &host.output]);
+    for m in matrices {
+        if m.cols % 8 != 0 {
+            return Err(invalid(&m.name, format!("rows of {} values: the GPU kernels need a multiple of 8", m.cols)));
+        }
+        if !crate::dequantize::TYPES.iter().any(|(t, _)| *t == m.ty) {
+            return Err(CudaError::UnsupportedType(m.ty));
+        }
+    }
+    Ok(())
+}
+
+/// Offsets of the workspace's buffers (bytes), before the allocation exists.
+struct WorkspaceParts {
+    offsets: [usize; 15],
+    meta_len: usize,
+}
+
+fn workspace_layout(spec: &ModelSpec, max_tokens: usize, scratch_values: usize, kv_pages: usize) -> (Layout, WorkspaceParts) {
+    let t = max_tokens;
+    let (embd, q_dim, kv_dim, ff, vocab) = (spec.n_embd, spec.q_dim(), spec.kv_dim(), spec.n_ff, spec.vocab_size);
+    let widest = embd.max(q_dim).max(ff);
+    let meta_len = 4 * t + kv_pages;
+    let mut layout = Layout::default();
+    let offsets = [
+        layout.add(4 * t * embd),            // x
+        layout.add(4 * t * embd),            // normed
+        layout.add(4 * t * q_dim),           // q
+        layout.add(4 * t * kv_dim),          // k
+        layout.add(4 * t * kv_dim),          // v
+        layout.add(4 * t * q_dim),           // attn
+        layout.add(4 * t * embd),            // tmp
+        layout.add(4 * t * ff),              // gate
+        layout.add(4 * t * ff),              // up
+        layout.add(2 * t * widest),          // act_f16
+        layout.add(2 * scratch_values),      // scratch
+        layout.add(4 * LOGIT_ROWS * embd),   // final_rows
+        layout.add(4 * LOGIT_ROWS * vocab),  // logits
+        layout.add(4 * t),                   // ids
+        layout.add(4 * meta_len),            // meta
+    ];
+    (layout, WorkspaceParts { offsets, meta_len })
+}
+
+impl WorkspaceParts {
+    fn place(&self, buffer: DeviceBuffer, max_tokens: usize, scratch_values: usize) -> Workspace {
+        let base = buffer.ptr();
+        let at = |i: usize| base + self.offsets[i] as u64;
+        Workspace {
+            max_tokens,
+            x: at(0),
+            normed: at(1),
+            q: at(2),
+            k: at(3),
+            v: at(4),
+            attn: at(5),
+            tmp: at(6),
+            gate: at(7),
+            up: at(8),
+            act_f16: at(9),
+            scratch: at(10),
+            scratch_values,
+            final_rows: at(11),
+            logits: at(12),
+            ids: at(13),
+            meta: at(14),
+            meta_len: self.meta_len,
+            bytes: buffer.bytes(),
+            _buffer: buffer,
+        }
+    }
+}
+
+impl Backend for CudaModel {
+    type Cache = GpuCache;
+
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn new_cache_in(&self, pool: &KvPool, context: usize) -> GpuCache {
+        GpuCache::new(self.kv.clone(), Some(pool), context)
+    }
+
+    fn forward_logits(&self, batch: &mut [Segment<'_, GpuCache>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        match self.run(batch, false, None)? {
+            Output::Logits(rows) => Ok(rows),
+            Output::Tokens(_) => unreachable!("logits were asked for"),
+        }
+    }
+
+    fn forward_greedy(&self, batch: &mut [Segment<'_, GpuCache>]) -> Result<Vec<Vec<u32>>, EngineError> {
+        match self.run(batch, true, None)? {
+            Output::Tokens(ids) => Ok(ids),
+            Output::Logits(_) => unreachable!("token ids were asked for"),
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The GPU checked against the CPU backend on the same model and prompts:
+//! where a difference starts (every step of layer 0 and every layer's output
+//! against a traced CPU pass), the last position's logits of a batch of
+//! prompts, 32 teacher-forced decode steps of that batch (the CPU's greedy
+//! tokens fed to both), greedy decoding on the GPU (token ids only), and for
+//! sliding-window models a prompt longer than the window, prefilled in chunks.
+//!
+//! A check fails when logits differ by more than [`MAX_LOGITS_REL_L2`]
+//! (relative L2) or the GPU's top token differs from the CPU's where the
+//! CPU's top two logits are at least [`MIN_MARGIN`] apart.
+
+use std::sync::Arc;
+
+use engine::backend::{Backend, Segment};
+use engine::cpu::{self, CpuModel, Logits};
+use engine::sampler::argmax;
+use engine::weights::ModelWeights;
+use gguf::GgufFile;
+
+use crate::device::DeviceOptions;
+use crate::error::Result;
+use crate::kv::GpuCache;
+use crate::model::{CudaModel, CudaOptions, WeightsMode};
+use crate::reference;
+
+pub const MAX_LOGITS_REL_L2: f64 = 1e-2;
+pub const MIN_MARGIN: f32 = 0.05;
+/// Positions each sequence may use.
+const CONTEXT: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct SelftestOptions {
+    pub device: DeviceOptions,
+    pub weights: WeightsMode,
+    /// Token ids of each prompt (at least one).
+    pub prompts: Vec<Vec<u32>>,
+    /// Teacher-forced decode steps after each prompt.
+    pub steps: usize,
+}
+
+/// What the checks found.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub comparisons: usize,
+    pub max_logits_rel_l2: f64,
+    /// Comparisons whose top tokens agree.
+    pub argmax_agree: usize,
+    /// Disagreements where the CPU's margin was below MIN_MARGIN (allowed).
+    pub argmax_close_calls: usize,
+    /// Greedy tokens the GPU produced that match the CPU's, of how many.
+    pub greedy_match: (usize, usize),
+    /// Largest relative error of any layer's output in the trace.
+    pub max_layer_rel_l2: f64,
+    pub failures: Vec<String>,
+}
+
+impl Summary {
+    fn compare(&mut self, what: &str, gpu: &[f32], cpu: &[f32]) -> f64 {
+        let rel = rel_l2(gpu, cpu);
+        self.comparisons += 1;
+        if rel.is_nan() || rel > self.max_logits_rel_l2 {
+            self.max_logits_rel_l2 = if rel.is_nan() { f64::INFINITY } else { rel };
+        }
+        if !(rel <= MAX_LOGITS_REL_L2) {
+            self.failures.push(format!("{what}: logits rel-L2 {rel:.3e} > {MAX_LOGITS_REL_L2:.0e}"));
+        }
+        let (g, c) = (argmax(gpu), argmax(cpu));
+        let margin = top_margin(cpu);
+        if g == c {
+            self.argmax_agree += 1;
+        } else if margin >= MIN_MARGIN {
+            self.failures.push(format!(
+                "{what}: GPU top token {g} ≠ CPU {c} with CPU margin {margin:.3}"
+            ));
+        } else {
+            self.argmax_close_calls += 1;
+        }
+        rel
+    }
+}
+
+/// ‖a − b‖ / ‖b‖, in f64.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() {
+        return f64::INFINITY;
+    }
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        diff += (x as f64 - y as f64).powi(2);
+        norm += (y as f64).powi(2);
+    }
+    if norm == 0.0 {
+        return if diff == 0.0 { 0.0 } else { f64::INFINITY };
+    }
+    (diff / norm).sqrt()
+}
+
+/// The largest logit minus the second largest.
+pub fn top_margin(logits: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &l in logits {
+        if l > first {
+            second = first;
+            first = l;
+        } else if l > second {
+            second = l;
+        }
+    }
+    first - second
+}
+
+/// Runs every check; `log` receives a line per finding as it comes.
+pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn FnMut(&str)) -> Result<Summary> {
+    let mut summary = Summary::default();
+    let cpu = CpuModel::load(file.clone())?;
+    let spec = cpu.spec().clone();
+    let gpu = CudaModel::load(
+        file.clone(),
+        &CudaOptions {
+            device: options.device.clone(),
+            weights: options.weights,
+            kv_pages: 4 * CONTEXT / engine::kv::PAGE_TOKENS,
+            max_batch_tokens: 512,
+            progress: false,
+        },
+    )?;
+    log(&format!("{}", gpu.report()));
+    let prompts = &options.prompts;
+
+    // 1. Where differences start: one prompt, traced on both sides.
+    let host = ModelWeights::load(&file, &spec)?;
+    let (ref_logits, ref_trace) = reference::forward_traced(&file, &spec, &host, &prompts[0])?;
+    let mut cache = gpu.new_cache(CONTEXT);
+    let (gpu_logits, gpu_trace) = gpu.forward_traced(&mut cache, &prompts[0])?;
+    drop(cache);
+    let mut layer0 = Vec::new();
+    let mut layers = Vec::new();
+    for ((name, want), (gpu_name, got)) in ref_trace.iter().zip(&gpu_trace) {
+        let rel = if name == gpu_name { rel_l2(got, want) } else { f64::INFINITY };
+        if let Some(step) = name.strip_prefix("layer0.").filter(|s| *s != "out") {
+            layer0.push(format!("{step} {rel:.1e}"));
+        } else {
+            layers.push(format!("{rel:.1e}"));
+            if !(rel <= summary.max_layer_rel_l2) {
+                summary.max_layer_rel_l2 = if rel.is_nan() { f64::INFINITY } else { rel };
+            }
+        }
+    }
+    if ref_trace.len() != gpu_trace.len() {
+        summary.failures.push(format!(
+            "trace: {} GPU entries, {} reference entries",
+            gpu_trace.len(),
+            ref_trace.len()
+        ));
+    }
+    log(&format!("prompt 0 ({} tokens), layer 0 rel-L2: {}", prompts[0].len(), layer0.join(", ")));
+    log(&format!("hidden state rel-L2 after each layer: {}", layers.join(" ")));
+
+    // 2. A batch of prompts, then teacher-forced decode steps.
+    let mut cpu_caches: Vec<_> = prompts.iter().map(|_| cpu.new_cache(CONTEXT)).collect();
+    let mut gpu_caches: Vec<GpuCache> = prompts.iter().map(|_| gpu.new_cache(CONTEXT)).collect();
+    let mut cpu_logits = {
+        let mut batch: Vec<cpu::Segment<'_>> = cpu_caches
+            .iter_mut()
+            .zip(prompts)
+            .map(|(kv, p)| cpu::Segment { kv, tokens: p, logits: Logits::Last })
+            .collect();
+        cpu.forward_batch(&mut batch)?
+    };
+    let gpu_prefill = {
+        let mut batch: Vec<Segment<'_, GpuCache>> = gpu_caches
+            .iter_mut()
+            .zip(prompts)
+            .map(|(kv, p)| Segment { kv, tokens: p, logits: Logits::Last })
+            .collect();
+        gpu.forward_logits(&mut batch)?
+    };
+    let rel = rel_l2(&gpu_logits, &cpu_logits[0]);
+    log(&format!(
+        "prompt 0 logits rel-L2: traced GPU pass vs CPU backend {rel:.2e}; traced reference vs CPU backend {:.2e}",
+        rel_l2(&ref_logits, &cpu_logits[0])
+    ));
+    let mut per_prompt: Vec<(f64, usize, usize)> = vec![(0.0, 0, 0); prompts.len()];
+    for (i, (g, c)) in gpu_prefill.iter().zip(&cpu_logits).enumerate() {
+        let rel = summary.compare(&format!("prompt {i} prefill"), g, c);
+        per_prompt[i].0 = per_prompt[i].0.max(rel);
+        per_prompt[i].1 += usize::from(argmax(g) == argmax(c));
+        per_prompt[i].2 += 1;
+    }
+    let mut cpu_tokens: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let mut cpu_margins: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+    for step in 0..options.steps {
+        let next: Vec<[u32; 1]> = cpu_logits.iter().map(|l| [argmax(l)]).collect();
+        for (i, l) in cpu_logits.iter().enumerate() {
+            cpu_tokens[i].push(next[i][0]);
+            cpu_margins[i].push(top_margin(l));
+        }
+        cpu_logits = {
+            let mut batch: Vec<cpu::Segment<'_>> = cpu_caches
+                .iter_mut()
+                .zip(&next)
+                .map(|(kv, t)| cpu::Segment { kv, tokens: t, logits: Logits::Last })
+                .collect();
+            cpu.forward_batch(&mut batch)?
+        };
+        let gpu_step = {
+            let mut batch: Vec<Segment<'_, GpuCache>> = gpu_caches
+                .iter_mut()
+                .zip(&next)
+                .map(|(kv, t)| Segment { kv, tokens: t, logits: Logits::Last })
+                .collect();
+            gpu.forward_logits(&mut batch)?
+        };
+        for (i, (g, c)) in gpu_step.iter().zip(&cpu_logits).enumerate() {
+            let rel = summary.compare(&format!("prompt {i} step {}", step + 1), g, c);
+            per_prompt[i].0 = per_prompt[i].0.max(rel);
+            per_prompt[i].1 += usize::from(argmax(g) == argmax(c));
+            per_prompt[i].2 += 1;
+        }
+    }
+    for (i, (rel, agree, total)) in per_prompt.iter().enumerate() {
+        log(&format!(
+            "prompt {i} ({} tokens) + {} teacher-forced steps: max logits rel-L2 {rel:.2e}, top token agrees {agree}/{total}",
+            prompts[i].len(),
+            options.steps
+        ));
+    }
+    drop(gpu_caches);
+
+    // 3. Greedy decoding on the GPU, only ids coming back.
+    let mut caches: Vec<GpuCache> = prompts.iter().map(|_| gpu.new_cache(CONTEXT)).collect();
+    let mut ids = {
+        let mut batch: Vec<Segment<'_, GpuCache>> = caches
+            .iter_mut()
+            .zip(prompts)
+            .map(|(kv, p)| Segment { kv, tokens: p, logits: Logits::Last })
+            .collect();
+        gpu.forward_greedy(&mut batch)?
+    };
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for _ in 0..options.steps {
+        let next: Vec<[u32; 1]> = ids.iter().map(|i| [i[0]]).collect();
+        for (g, t) in generated.iter_mut().zip(&next) {
+            g.push(t[0]);
+        }
+        let mut batch: Vec<Segment<'_, GpuCache>> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(kv, t)| Segment { kv, tokens: t, logits: Logits::Last })
+            .collect();
+        ids = gpu.forward_greedy(&mut batch)?;
+    }
+    drop(caches);
+    for (i, (gpu_seq, cpu_seq)) in generated.iter().zip(&cpu_tokens).enumerate() {
+        let same = gpu_seq.iter().zip(cpu_seq).take_while(|(a, b)| a == b).count();
+        summary.greedy_match.0 += same;
+        summary.greedy_match.1 += cpu_seq.len();
+        if same < cpu_seq.len() {
+            let margin = cpu_margins[i][same];
+            log(&format!(
+                "prompt {i} greedy: GPU matches the CPU's first {same} of {} tokens (then {} vs {}, CPU margin {margin:.3})",
+                cpu_seq.len(),
+                gpu_seq[same],
+                cpu_seq[same]
+            ));
+            if margin >= MIN_MARGIN {
+                summary.failures.push(format!(
+                    "prompt {i} greedy: token {same} differs where the CPU's margin is {margin:.3}"
+                ));
+            }
+        } else {
+            log(&format!("prompt {i} greedy: GPU matches all {same} CPU tokens"));
+        }
+    }
+
+    // 4. A prompt longer than the sliding window, prefilled in chunks.
+    if let Some(window) = spec.sliding_window {
+        let length = (window + 64).min(CONTEXT - 1);
+        let tokens: Vec<u32> = (0..length).map(|i| ((i * 7919 + 13) % spec.vocab_size) as u32).collect();
+        let mut cpu_cache = cpu.new_cache(CONTEXT);
+        let cpu_long = cpu.forward(&mut cpu_cache, &tokens, Logits::Last)?;
+        let mut cache = gpu.new_cache(CONTEXT);
+        let mut gpu_long = Vec::new();
+        for chunk in tokens.chunks(512) {
+            let last = engine::backend::Cache::len(&cache) + chunk.len() == length;
+            let mut batch = [Segment {
+                kv: &mut cache,
+                tokens: chunk,
+                logits: if last { Logits::Last } else { Logits::None },
+            }];
+            gpu_long = gpu.forward_logits(&mut batch)?.pop().unwrap_or_default();
+        }
+        let rel = summary.compare(&format!("{length}-token prompt (window {window})"), &gpu_long, &cpu_long);
+        log(&format!(
+            "{length}-token prompt past the {window}-token window, prefilled in chunks of 512: logits rel-L2 {rel:.2e}, top token {}",
+            if argmax(&gpu_long) == argmax(&cpu_long) { "agrees" } else { "differs" }
+        ));
+    }
+    Ok(summary)
+}

@@ -1,0 +1,112 @@
+//! What the scheduler needs from a model backend (the CPU one here, the GPU
+//! one in the `cuda` crate): the model's spec, a KV cache per sequence whose
+//! pages come from the scheduler's pool, and a batched forward pass that
+//! returns either logits or, for greedy decoding, token ids alone (so that a
+//! GPU backend can pick them where the logits are).
+
+use crate::cpu::{CpuModel, Logits};
+use crate::kv::{KvCache, KvPool};
+use crate::sampler::argmax;
+use crate::spec::ModelSpec;
+use crate::EngineError;
+
+/// One sequence's key/value cache, wherever it lives.
+pub trait Cache: Send {
+    /// Positions stored.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Positions it may hold.
+    fn capacity(&self) -> usize;
+    /// Make room for `positions` positions (pages from the pool); fails
+    /// without side effects when the pool is short.
+    fn reserve(&mut self, positions: usize) -> Result<(), EngineError>;
+    /// Record the tokens of the positions just stored.
+    fn record_tokens(&mut self, tokens: &[u32]);
+}
+
+/// One sequence's part of a batched forward pass.
+pub struct Segment<'a, C> {
+    pub kv: &'a mut C,
+    /// Tokens at positions `kv.len()..`.
+    pub tokens: &'a [u32],
+    pub logits: Logits,
+}
+
+/// A model that runs forward passes over batches of sequences.
+pub trait Backend: Send + Sync + 'static {
+    type Cache: Cache;
+
+    fn spec(&self) -> &ModelSpec;
+
+    /// A cache for `context` positions whose pages are drawn from `pool`.
+    fn new_cache_in(&self, pool: &KvPool, context: usize) -> Self::Cache;
+
+    /// Runs every segment's tokens, appends their keys and values to their
+    /// caches, and returns each segment's logits as its `logits` asks
+    /// (`rows × vocab`).
+    fn forward_logits(
+        &self,
+        batch: &mut [Segment<'_, Self::Cache>],
+    ) -> Result<Vec<Vec<f32>>, EngineError>;
+
+    /// As [`Backend::forward_logits`], but returns the index of the largest
+    /// logit of each row instead of the row (the first on ties).
+    fn forward_greedy(
+        &self,
+        batch: &mut [Segment<'_, Self::Cache>],
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
+        let vocab = self.spec().vocab_size;
+        Ok(self
+            .forward_logits(batch)?
+            .iter()
+            .map(|logits| logits.chunks_exact(vocab).map(argmax).collect())
+            .collect())
+    }
+}
+
+impl Cache for KvCache {
+    fn len(&self) -> usize {
+        KvCache::len(self)
+    }
+
+    fn capacity(&self) -> usize {
+        KvCache::capacity(self)
+    }
+
+    fn reserve(&mut self, positions: usize) -> Result<(), EngineError> {
+        KvCache::reserve(self, positions)
+    }
+
+    fn record_tokens(&mut self, tokens: &[u32]) {
+        KvCache::record_tokens(self, tokens)
+    }
+}
+
+impl Backend for CpuModel {
+    type Cache = KvCache;
+
+    fn spec(&self) -> &ModelSpec {
+        CpuModel::spec(self)
+    }
+
+    fn new_cache_in(&self, pool: &KvPool, context: usize) -> KvCache {
+        CpuModel::new_cache_in(self, pool, context)
+    }
+
+    fn forward_logits(
+        &self,
+        batch: &mut [Segment<'_, KvCache>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let mut segments: Vec<crate::cpu::Segment<'_>> = batch
+            .iter_mut()
+            .map(|s| crate::cpu::Segment {
+                kv: &mut *s.kv,
+                tokens: s.tokens,
+                logits: s.logits,
+            })
+            .collect();
+        CpuModel::forward_batch(self, &mut segments)
+    }
+}
