@@ -225,9 +225,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Serve on `listener` until `shutdown` resolves, then drain: new jobs are
-/// refused, running ones may finish for `config.drain_timeout` and are then
-/// cancelled (each still gets its final event), and the server returns once
-/// every response has ended.
+/// refused with 503, running ones may finish for `config.drain_timeout` and
+/// are then cancelled (each still gets its final event); once none is left
+/// the listener closes, and the server returns when every response has ended.
 pub async fn run(
     listener: TcpListener,
     model: Model,
@@ -262,6 +262,11 @@ pub async fn run(
                 "shutting down: draining running jobs"
             );
             let _ = drain_tx.send(true);
+            // Keep accepting connections while jobs run, so that /health says
+            // `draining` and new jobs get a retriable 503 rather than a refused connection.
+            while !state.jobs.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     };
     let listener = listener.tap_io(|tcp| {

@@ -1,0 +1,729 @@
+//! The worker service end to end: a real server on a loopback port serving
+//! SmolLM2-135M on the CPU, driven over HTTP. Generation lengths are kept
+//! to a few tokens (CPU decode is tens of tokens per second).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{check_execute_stream, execute, Sse, SseReader, TestServer};
+use serde_json::{json, Value};
+use server::{ModelOptions, ServerConfig};
+
+const PROMPT: &str = "The capital of France is";
+
+fn greedy(job_id: &str, max_tokens: u32) -> Value {
+    json!({"job_id": job_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_streams_started_tokens_metrics_end() {
+    let server = TestServer::start().await;
+    let response = server
+        .client
+        .post(server.url("/execute"))
+        .header("X-Correlation-Id", "corr-order-1")
+        .json(&greedy("order-1", 6))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-correlation-id"], "corr-order-1");
+    assert_eq!(response.headers()["cache-control"], "no-cache");
+    let events = SseReader::new(response).collect().await;
+    let (text, end) = check_execute_stream(&events);
+    let started = events[0].json();
+    assert_eq!(started["job_id"], "order-1");
+    assert_eq!(started["model"], "SmolLM2-135M-Instruct.Q4_1");
+    let started_at = started["started_at"].as_str().unwrap();
+    assert!(started_at.len() == 24 && started_at.ends_with('Z'), "{started_at}");
+    assert!(started["seed"].is_u64(), "a seed is drawn and reported: {started}");
+    assert_eq!(end["stop_reason"], "MAX_TOKENS");
+    assert_eq!(end["tokens_out"], 6);
+    assert!(end["decode_time_ms"].as_f64().unwrap() > 0.0);
+    let metrics = events.iter().find(|e| e.event == "metrics").unwrap().json();
+    assert!(metrics["prompt_tokens"].as_u64().unwrap() >= 5);
+    assert!(metrics["time_to_first_token_ms"].as_f64().unwrap() > 0.0);
+    assert!(text.contains("Paris"), "{text:?}");
+
+    // Greedy decoding is the same text through the OpenAI route.
+    let completion: Value = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": PROMPT, "max_tokens": 6, "temperature": 0}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(completion["choices"][0]["text"], text.as_str());
+
+    // A given seed is echoed and makes sampling repeatable.
+    let seeded = json!({"job_id": "seeded", "prompt": PROMPT, "max_tokens": 5, "temperature": 1.2, "seed": 7});
+    let a = execute(&server, &seeded).await;
+    let b = execute(&server, &seeded).await;
+    assert_eq!(a[0].json()["seed"], 7);
+    assert_eq!(check_execute_stream(&a).0, check_execute_stream(&b).0);
+}
+
+/// Every invalid request gets 400 naming the field, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_get_400_naming_the_field() {
+    let server = TestServer::start().await;
+    let long_prompt = "word ".repeat(2000);
+    let thousand_stops: Vec<String> = (0..1000).map(|i| format!("s{i}")).collect();
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (json!({"prompt": "hi"}), "job_id", "required"),
+        (json!({"job_id": "v"}), "prompt", "required"),
+        (json!({"job_id": "v", "prompt": "hi", "max_tokens": -1}), "max_tokens", "type"),
+        (json!({"job_id": "v", "prompt": "hi", "max_tokens": 0}), "max_tokens", "range"),
+        (json!({"job_id": "v", "prompt": "hi", "max_tokens": 1.5}), "max_tokens", "type"),
+        (json!({"job_id": "v", "prompt": "hi", "temperature": -0.5}), "temperature", "range"),
+        (json!({"job_id": "v", "prompt": "hi", "temperature": 1e300}), "temperature", "range"),
+        (json!({"job_id": "v", "prompt": "hi", "temperature": "hot"}), "temperature", "type"),
+        (json!({"job_id": "v", "prompt": "hi", "top_p": 0}), "top_p", "range"),
+        (json!({"job_id": "v", "prompt": "hi", "top_p": 1.01}), "top_p", "range"),
+        (json!({"job_id": "v", "prompt": "hi", "top_k": -5}), "top_k", "type"),
+        (json!({"job_id": "v", "prompt": "hi", "min_p": 2}), "min_p", "range"),
+        (json!({"job_id": "v", "prompt": "hi", "repetition_penalty": 0}), "repetition_penalty", "range"),
+        (json!({"job_id": "v", "prompt": "hi", "seed": -3}), "seed", "type"),
+        (json!({"job_id": "v", "prompt": "hi", "stop": thousand_stops}), "stop", "max_items"),
+        (json!({"job_id": "v", "prompt": "hi", "stop": ["ok", ""]}), "stop[1]", "length"),
+        (json!({"job_id": "v", "prompt": "hi", "stop": ["x".repeat(300)]}), "stop[0]", "length"),
+        (json!({"job_id": "v", "prompt": "hi", "stop": [1]}), "stop[0]", "type"),
+        (json!({"job_id": "v", "prompt": "hi", "stream": true}), "stream", "unknown_field"),
+        (json!({"job_id": "has space", "prompt": "hi"}), "job_id", "pattern"),
+        (json!({"job_id": "x".repeat(129), "prompt": "hi"}), "job_id", "pattern"),
+        (json!({"job_id": "v", "prompt": ""}), "prompt", "length"),
+        (json!({"job_id": "v", "prompt": 5}), "prompt", "type"),
+        (json!({"job_id": "v", "prompt": long_prompt}), "prompt", "context"),
+        (json!(["job_id"]), "body", "type"),
+    ];
+    for (body, field, constraint) in cases {
+        let response = server.post("/execute", &body).await;
+        assert_eq!(response.status(), 400, "{body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["code"], "INVALID_REQUEST");
+        assert_eq!(error["retriable"], false);
+        let first = &error["errors"][0];
+        assert_eq!(
+            (first["field"].as_str().unwrap(), first["constraint"].as_str().unwrap()),
+            (field, constraint),
+            "{error}"
+        );
+        assert!(!first["message"].as_str().unwrap().is_empty());
+    }
+
+    // Every wrong field at once.
+    let response = server
+        .post("/execute", &json!({"job_id": "", "prompt": "", "temperature": -1, "min_p": 3}))
+        .await;
+    let error: Value = response.json().await.unwrap();
+    let fields: Vec<&str> = error["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(fields, ["job_id", "temperature", "min_p", "prompt"]);
+
+    // Bodies that are not JSON at all.
+    for raw in [
+        "{not json",
+        r#"{"job_id": "v", "prompt": "hi", "temperature": NaN}"#,
+        "",
+        r#"{"job_id": "v", "prompt": "hi"} {"again": 1}"#,
+        "\u{0}\u{1}binary",
+    ] {
+        let response = server
+            .client
+            .post(server.url("/execute"))
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{raw:?}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["errors"][0]["field"], "body", "{raw:?}: {error}");
+        assert_eq!(error["errors"][0]["constraint"], "json", "{raw:?}: {error}");
+    }
+
+    // Hostile sizes: a 10 MB body is refused with 413 before it is parsed.
+    let huge = format!(
+        r#"{{"job_id": "v", "prompt": "{}"}}"#,
+        "a".repeat(10 << 20)
+    );
+    let response = server
+        .client
+        .post(server.url("/execute"))
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["code"], "BODY_TOO_LARGE");
+
+    // The OpenAI routes refuse the same way, in OpenAI's shape.
+    for (path, body, param) in [
+        ("/v1/chat/completions", json!({"messages": []}), "messages"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "n"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "wizard", "content": "hi"}]}), "messages[0].role"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}), "bogus"),
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": long_prompt_text()}]}), "messages"),
+        ("/v1/completions", json!({"prompt": "hi", "temperature": -1}), "temperature"),
+        ("/v1/completions", json!({"prompt": ["a", "b"]}), "prompt"),
+        ("/v1/completions", json!({"prompt": "hi", "logprobs": 2}), "logprobs"),
+        ("/v1/completions", json!({"prompt": "hi", "stop": vec!["x"; 17]}), "stop"),
+    ] {
+        let response = server.post(path, &body).await;
+        assert_eq!(response.status(), 400, "{path} {body}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["type"], "invalid_request_error");
+        assert_eq!(error["error"]["param"], param, "{path} {body}: {error}");
+    }
+
+    // Still serving.
+    let health = server.get_json("/health").await;
+    assert_eq!(health["status"], "ok");
+    let (_, end) = check_execute_stream(&execute(&server, &greedy("after", 2)).await);
+    assert_eq!(end["tokens_out"], 2);
+    let health = server.wait_idle(Duration::from_secs(5)).await;
+    assert_eq!(health["kv_pages"]["used"], 0, "{health}");
+}
+
+fn long_prompt_text() -> String {
+    "word ".repeat(2000)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_a_running_job_with_cancelled() {
+    let server = TestServer::start().await;
+    let body = json!({"job_id": "to-cancel", "prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    let mut reader = SseReader::new(server.post("/execute", &body).await);
+    let mut events = vec![reader.next().await.unwrap()];
+    while events.iter().filter(|e| e.event == "token").count() < 2 {
+        events.push(reader.next().await.unwrap());
+    }
+    // A second job may not take the same id while it runs.
+    let duplicate = server.post("/execute", &body).await;
+    assert_eq!(duplicate.status(), 409);
+
+    let response = server.post("/cancel", &json!({"job_id": "to-cancel"})).await;
+    assert_eq!(response.status(), 202);
+    assert_eq!(response.json::<Value>().await.unwrap()["found"], true);
+    let tokens_at_cancel = events.iter().filter(|e| e.event == "token").count();
+    events.extend(reader.collect().await);
+    let (_, end) = check_execute_stream(&events);
+    assert_eq!(end["stop_reason"], "CANCELLED");
+    let tokens_out = end["tokens_out"].as_u64().unwrap() as usize;
+    // The scheduler checks cancel flags before every step: at most the
+    // step under way when the flag was set (and the event in flight) follow.
+    assert!(
+        tokens_out <= tokens_at_cancel + 2,
+        "{tokens_out} tokens after cancelling at {tokens_at_cancel}"
+    );
+
+    // Idempotent: again, and for ids never seen.
+    for id in ["to-cancel", "never-ran"] {
+        let response = server.post("/cancel", &json!({"job_id": id})).await;
+        assert_eq!(response.status(), 202);
+        assert_eq!(response.json::<Value>().await.unwrap()["found"], false);
+    }
+    let response = server.post("/cancel", &json!({"job": "x"})).await;
+    assert_eq!(response.status(), 400);
+    let health = server.wait_idle(Duration::from_secs(5)).await;
+    assert_eq!(health["kv_pages"]["used"], 0, "{health}");
+}
+
+/// A client that goes away mid-stream: its job is cancelled and its KV pages return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_the_job_and_frees_its_pages() {
+    let server = TestServer::start().await;
+    for path in ["/execute", "/v1/chat/completions"] {
+        let body = if path == "/execute" {
+            json!({"job_id": "gone", "prompt": PROMPT, "max_tokens": 400})
+        } else {
+            json!({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": true})
+        };
+        let mut reader = SseReader::new(server.post(path, &body).await);
+        let mut tokens = 0;
+        while tokens < 2 {
+            let event = reader.next().await.unwrap();
+            if event.event == "token" || event.data.contains("content") {
+                tokens += 1;
+            }
+        }
+        let health = server.get_json("/health").await;
+        assert!(health["kv_pages"]["used"].as_u64().unwrap() > 0, "{health}");
+        assert_eq!(health["slots"]["in_use"], 1);
+        drop(reader);
+        let health = server.wait_idle(Duration::from_secs(10)).await;
+        assert_eq!(health["kv_pages"]["used"], 0, "{path}: {health}");
+        assert_eq!(health["slots"]["in_use"], 0, "{path}: {health}");
+    }
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(r#"worker_jobs_total{api="worker",stop_reason="CANCELLED"} 1"#)
+            && metrics.contains(r#"worker_jobs_total{api="openai",stop_reason="CANCELLED"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("worker_kv_pages_used 0"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_end_generation_before_the_match() {
+    let server = TestServer::start().await;
+    let (full, _) = check_execute_stream(&execute(&server, &greedy("free", 10)).await);
+    // Stop at a word in the middle of what greedy decoding produces anyway.
+    let words: Vec<&str> = full.split_whitespace().collect();
+    assert!(words.len() >= 4, "{full:?}");
+    let stop = words[2];
+    let expected = &full[..full.find(stop).unwrap()];
+    let mut body = greedy("stopped", 10);
+    body["stop"] = json!(["never-generated-zzz", stop]);
+    let events = execute(&server, &body).await;
+    let (text, end) = check_execute_stream(&events);
+    assert_eq!(end["stop_reason"], "STOP_SEQUENCE", "{events:?}");
+    assert_eq!(text, expected);
+
+    // The same through the OpenAI API, with a single string.
+    let completion: Value = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stop": stop}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(completion["choices"][0]["text"], expected);
+    assert_eq!(completion["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_gets_503_with_retry_after() {
+    let options = ModelOptions {
+        max_concurrent: 1,
+        max_queue: 1,
+        ..common::options()
+    };
+    let server = TestServer::start_with(options, ServerConfig::default()).await;
+    let long = |id: &str| json!({"job_id": id, "prompt": PROMPT, "max_tokens": 400});
+    let mut running = SseReader::new(server.post("/execute", &long("running")).await);
+    let mut running_events = vec![running.next().await.unwrap()];
+    while running_events.last().unwrap().event != "token" {
+        running_events.push(running.next().await.unwrap());
+    }
+    let queued = SseReader::new(server.post("/execute", &long("queued")).await);
+    let response = server.post("/execute", &long("refused")).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let error: Value = response.json().await.unwrap();
+    assert_eq!((error["code"].as_str(), error["retriable"].as_bool()), (Some("QUEUE_FULL"), Some(true)));
+    let response = server
+        .post("/v1/completions", &json!({"prompt": PROMPT}))
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+
+    // The queued job was never started: cancelling it ends it at once.
+    server.post("/cancel", &json!({"job_id": "queued"})).await;
+    let events = queued.collect().await;
+    let (_, end) = check_execute_stream(&events);
+    assert_eq!((end["stop_reason"].as_str(), end["tokens_out"].as_u64()), (Some("CANCELLED"), Some(0)));
+    server.post("/cancel", &json!({"job_id": "running"})).await;
+    running_events.extend(running.collect().await);
+    let (_, end) = check_execute_stream(&running_events);
+    assert_eq!(end["stop_reason"], "CANCELLED");
+    server.wait_idle(Duration::from_secs(5)).await;
+}
+
+/// Requests that fit run to the end however many others run beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_all_complete() {
+    let options = ModelOptions {
+        max_concurrent: 2,
+        max_queue: 16,
+        ..common::options()
+    };
+    let server = Arc::new(TestServer::start_with(options, ServerConfig::default()).await);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"job_id": format!("many-{i}"), "prompt": format!("{i} little pigs"), "max_tokens": 4});
+            execute(&server, &body).await
+        }));
+    }
+    for task in tasks {
+        let events = task.await.unwrap();
+        let (_, end) = check_execute_stream(&events);
+        assert_eq!(events.last().unwrap().event, "end", "{events:?}");
+        assert!(end["tokens_out"].as_u64().unwrap() >= 1);
+    }
+    let health = server.wait_idle(Duration::from_secs(5)).await;
+    assert_eq!(health["kv_pages"]["used"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_while_the_model_runs() {
+    let server = TestServer::start().await;
+    let static_health = server.get_json("/health").await;
+    assert_eq!(static_health["architecture"], "llama");
+    assert_eq!(static_health["quant"], "Q4_1");
+    assert_eq!(static_health["device"], "cpu");
+    assert_eq!(static_health["vocab_size"], 49152);
+    assert_eq!(static_health["context_length"], 512);
+    assert!(static_health["memory"]["weights_bytes"].as_u64().unwrap() > 50_000_000);
+    assert_eq!(static_health["slots"]["total"], 4);
+
+    let mut jobs = Vec::new();
+    for i in 0..3 {
+        let body = json!({"job_id": format!("busy-{i}"), "prompt": PROMPT, "max_tokens": 400});
+        jobs.push(SseReader::new(server.post("/execute", &body).await));
+    }
+    while jobs[0].next().await.unwrap().event != "token" {}
+    let mut slowest = Duration::ZERO;
+    for _ in 0..10 {
+        let start = Instant::now();
+        let health = server.get_json("/health").await;
+        slowest = slowest.max(start.elapsed());
+        assert_eq!(health["slots"]["in_use"], 3, "{health}");
+        assert!(health["memory"]["kv_cache_bytes"].as_u64().unwrap() > 0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(slowest < Duration::from_millis(500), "/health took {slowest:?}");
+    drop(jobs);
+    server.wait_idle(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_routes_stream_and_report_usage() {
+    let config = ServerConfig {
+        api_key: Some("sekrit".into()),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(common::options(), config).await;
+    let auth = |r: reqwest::RequestBuilder| r.bearer_auth("sekrit");
+
+    // Bearer auth on the API routes, not on /health or /metrics.
+    let response = server.client.get(server.url("/v1/models")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"]["type"], "authentication_error");
+    let response = server.post("/execute", &greedy("x", 1)).await;
+    assert_eq!(response.status(), 401);
+    let response = server
+        .client
+        .get(server.url("/v1/models"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    server.get_json("/health").await;
+    server.metrics().await;
+
+    let models: Value = auth(server.client.get(server.url("/v1/models")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "SmolLM2-135M-Instruct.Q4_1");
+
+    let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Say hello."}]}]);
+    let chat: Value = auth(server.client.post(server.url("/v1/chat/completions")))
+        .json(&json!({"model": "any", "messages": messages, "max_tokens": 5, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(chat["object"], "chat.completion");
+    assert!(chat["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let content = chat["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let usage = &chat["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 5);
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap())
+    );
+
+    // Streaming: role first, content deltas, finish_reason, usage, [DONE]; the same text as above.
+    let response = auth(server.client.post(server.url("/v1/chat/completions")))
+        .json(&json!({"messages": messages, "max_tokens": 5, "temperature": 0, "stream": true,
+                      "stream_options": {"include_usage": true}}))
+        .send()
+        .await
+        .unwrap();
+    let events: Vec<Sse> = SseReader::new(response).collect().await;
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(Sse::json).collect();
+    assert!(events.iter().all(|e| e.event.is_empty()));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, content);
+    let finish = &chunks[chunks.len() - 2];
+    assert!(finish["choices"][0]["finish_reason"].is_string(), "{finish}");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["completion_tokens"], usage["completion_tokens"]);
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+
+    // Text completion, streamed.
+    let response = auth(server.client.post(server.url("/v1/completions")))
+        .json(&json!({"prompt": [PROMPT], "max_tokens": 4, "temperature": 0, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let events: Vec<Sse> = SseReader::new(response).collect().await;
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(Sse::json).collect();
+    let text: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+    assert!(chunks.iter().all(|c| c["usage"].is_null()));
+}
+
+/// The official `openai` Python client streams a chat completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_python_client_streams_a_chat() {
+    let python = common::python();
+    let config = ServerConfig {
+        api_key: Some("test-key".into()),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(common::options(), config).await;
+    let base_url = server.url("/v1");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .arg("-c")
+            .arg(OPENAI_CLIENT_SCRIPT)
+            .arg(&base_url)
+            .output()
+            .expect("running python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "python failed\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(!report["streamed"].as_str().unwrap().is_empty(), "{report}");
+    assert_eq!(report["streamed"], report["whole"], "{report}");
+    assert_eq!(report["finish"], json!(["length"]));
+    assert_eq!(report["usage"]["completion_tokens"], 6);
+    assert_eq!(report["bad_request_param"], "n");
+    assert_eq!(report["models"], json!(["SmolLM2-135M-Instruct.Q4_1"]));
+}
+
+const OPENAI_CLIENT_SCRIPT: &str = r#"
+import json, sys
+import openai
+
+client = openai.OpenAI(base_url=sys.argv[1], api_key="test-key", max_retries=0, timeout=120)
+messages = [{"role": "user", "content": "Name a color."}]
+stream = client.chat.completions.create(
+    model="SmolLM2", messages=messages, max_tokens=6, temperature=0, stream=True,
+    stream_options={"include_usage": True},
+)
+chunks = list(stream)
+streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+whole = client.chat.completions.create(model="SmolLM2", messages=messages, max_tokens=6, temperature=0)
+try:
+    client.chat.completions.create(model="SmolLM2", messages=messages, n=2)
+    bad = None
+except openai.BadRequestError as e:
+    bad = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+print(json.dumps({
+    "streamed": streamed,
+    "whole": whole.choices[0].message.content,
+    "finish": finish,
+    "usage": chunks[-1].usage.model_dump(),
+    "bad_request_param": bad,
+    "models": [m.id for m in client.models.list()],
+}))
+"#;
+
+/// `/metrics` is valid Prometheus text and counts what happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_valid_prometheus_text() {
+    let server = TestServer::start().await;
+    check_execute_stream(&execute(&server, &greedy("m1", 3)).await);
+    server.post("/execute", &json!({"job_id": "m2"})).await;
+    let text = server.metrics().await;
+    let samples = common::prometheus::parse(&text);
+    let value = |name: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .value
+    };
+    assert_eq!(value("worker_generated_tokens_total"), 3.0);
+    assert!(value("worker_prompt_tokens_total") >= 5.0);
+    assert_eq!(value("worker_time_to_first_token_seconds_count"), 1.0);
+    assert_eq!(value("worker_inter_token_latency_seconds_count"), 2.0);
+    assert_eq!(value("worker_kv_pages_used"), 0.0);
+    assert!(value("worker_kv_pages_total") > 0.0);
+    assert_eq!(value("worker_queue_depth"), 0.0);
+    assert_eq!(value("worker_running_jobs"), 0.0);
+    let requests = |status: &str| {
+        samples
+            .iter()
+            .find(|s| {
+                s.name == "worker_http_requests_total"
+                    && s.labels.contains(&("route".into(), "/execute".into()))
+                    && s.labels.contains(&("status".into(), status.into()))
+            })
+            .map(|s| s.value)
+    };
+    assert_eq!(requests("200"), Some(1.0));
+    assert_eq!(requests("400"), Some(1.0));
+    let jobs = samples
+        .iter()
+        .find(|s| s.name == "worker_jobs_total")
+        .unwrap();
+    assert!(jobs.labels.contains(&("stop_reason".into(), "MAX_TOKENS".into())));
+}
+
+/// The ready callback reaches the orchestrator, retried after a refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_callback_is_retried_until_accepted() {
+    let received: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let callback_url = format!("http://{}/ready", listener.local_addr().unwrap());
+    let orchestrator = {
+        let received = received.clone();
+        axum::Router::new().route(
+            "/ready",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let received = received.clone();
+                async move {
+                    let mut received = received.lock().unwrap();
+                    received.push(body);
+                    // Refuse the first attempt, as an orchestrator that is not ready yet would.
+                    if received.len() == 1 {
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        axum::http::StatusCode::OK
+                    }
+                }
+            }),
+        )
+    };
+    tokio::spawn(async move { axum::serve(listener, orchestrator).await });
+    let config = ServerConfig {
+        worker_id: "worker-7".into(),
+        callback_url: Some(callback_url),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with(common::options(), config).await;
+    let start = Instant::now();
+    while received.lock().unwrap().len() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no second callback");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The server served all along, and no third attempt follows an accepted one.
+    server.get_json("/health").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2, "{received:?}");
+    let ready = &received[1];
+    assert_eq!(ready["worker_id"], "worker-7");
+    assert!(ready["model_ref"].as_str().unwrap().ends_with(common::MODEL_FILE));
+    assert!(ready["vram_bytes"].as_u64().unwrap() > 50_000_000);
+    assert_eq!(ready["uri"], format!("http://{}", server.addr));
+    assert_eq!(ready["capabilities"]["context_length"], 512);
+    assert_eq!(ready["capabilities"]["device"], "cpu");
+}
+
+/// Shutdown drains: a short job finishes, a long one is cancelled at the
+/// deadline, each gets its final event, new jobs are refused, and the server returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_running_jobs() {
+    let config = ServerConfig {
+        drain_timeout: Duration::from_millis(1500),
+        ..ServerConfig::default()
+    };
+    let mut server = TestServer::start_with(common::options(), config).await;
+    let mut long = SseReader::new(
+        server
+            .post("/execute", &json!({"job_id": "long", "prompt": PROMPT, "max_tokens": 400}))
+            .await,
+    );
+    let short = SseReader::new(server.post("/execute", &greedy("short", 3)).await);
+    let mut long_events = vec![long.next().await.unwrap()];
+    while long_events.last().unwrap().event != "token" {
+        long_events.push(long.next().await.unwrap());
+    }
+    let started = Instant::now();
+    let stopped = server.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Draining: still answering, refusing new jobs with a retriable 503.
+    let health = server.get_json("/health").await;
+    assert_eq!(health["status"], "draining");
+    let response = server.post("/execute", &greedy("late", 2)).await;
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!((error["code"].as_str(), error["retriable"].as_bool()), (Some("UNAVAILABLE"), Some(true)));
+
+    let short = short.collect().await;
+    let (_, end) = check_execute_stream(&short);
+    assert_eq!(end["stop_reason"], "MAX_TOKENS");
+    long_events.extend(long.collect().await);
+    let (_, end) = check_execute_stream(&long_events);
+    assert_eq!(end["stop_reason"], "CANCELLED");
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("the server returns once drained")
+        .unwrap()
+        .unwrap();
+    assert!(server.client.get(server.url("/health")).send().await.is_err());
+}
+
+/// A request's correlation id is echoed and marks its job's log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn correlation_id_is_in_the_jobs_log_lines() {
+    let logs = common::capture_logs();
+    let server = TestServer::start().await;
+    let response = server
+        .client
+        .post(server.url("/execute"))
+        .header("X-Correlation-Id", "corr-log-5150")
+        .json(&greedy("logged-job", 2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-correlation-id"], "corr-log-5150");
+    check_execute_stream(&SseReader::new(response).collect().await);
+    let response = server.client.get(server.url("/health")).send().await.unwrap();
+    let generated = response.headers()["x-correlation-id"].to_str().unwrap();
+    assert_eq!(generated.len(), 16, "a missing id is generated");
+    let text = logs.text();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("logged-job")).collect();
+    assert!(
+        lines.iter().any(|l| l.contains("job accepted")) && lines.iter().any(|l| l.contains("job finished")),
+        "{text}"
+    );
+    for line in lines {
+        assert!(line.contains("correlation_id=corr-log-5150"), "{line}");
+    }
+}
