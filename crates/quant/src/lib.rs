@@ -29,7 +29,9 @@ use rayon::prelude::*;
 pub use gguf::{GgmlType, QK_K};
 pub use kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 pub use legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, QK_LEGACY};
-pub use matmul::{matmul, matmul_input, Activations, MatmulInput, TOKEN_TILE};
+pub use matmul::{
+    matmul, matmul_input, matmul_many, Activations, MatmulInput, Product, TOKEN_TILE,
+};
 
 /// Types this crate can both dequantize and quantize.
 pub const SUPPORTED_TYPES: [GgmlType; 15] = [

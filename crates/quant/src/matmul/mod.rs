@@ -358,10 +358,40 @@ pub fn matmul_input(
     y: &mut [f32],
     act: Activations,
 ) -> Result<(), QuantError> {
-    matmul_using(ty, w, rows, input, y, || select(ty, act))
+    matmul_many(&mut [Product { ty, w, rows, y }], input, act)
 }
 
-/// [`matmul_input`] with the kernel chosen by `pick` (once the shapes are checked).
+/// One product of [`matmul_many`]: `y = x·Wᵀ` with `W` of type `ty`, `rows`
+/// rows of the input's length, and `y` holding `tokens × rows` values.
+pub struct Product<'a> {
+    pub ty: GgmlType,
+    pub w: &'a [u8],
+    pub rows: usize,
+    pub y: &'a mut [f32],
+}
+
+/// Several products of the same activations (the Q, K and V projections;
+/// the FFN gate and up) in one pass over the thread pool: one fork-join
+/// for all of them instead of one per matrix. Checks every shape before
+/// computing anything.
+pub fn matmul_many(
+    products: &mut [Product<'_>],
+    input: &MatmulInput<'_>,
+    act: Activations,
+) -> Result<(), QuantError> {
+    let mut jobs = Vec::with_capacity(products.len());
+    for product in products.iter_mut() {
+        let ty = product.ty;
+        jobs.push(plan(ty, product.w, product.rows, input, product.y, || {
+            select(ty, act)
+        })?);
+    }
+    execute(jobs.into_iter().flatten().collect(), input.n);
+    Ok(())
+}
+
+/// [`matmul_input`] with the kernel chosen by `pick`.
+#[cfg(test)]
 fn matmul_using(
     ty: GgmlType,
     w: &[u8],
@@ -370,6 +400,60 @@ fn matmul_using(
     y: &mut [f32],
     pick: impl FnOnce() -> (Kernel, Needs),
 ) -> Result<(), QuantError> {
+    let job = plan(ty, w, rows, input, y, pick)?;
+    execute(job.into_iter().collect(), input.n);
+    Ok(())
+}
+
+/// The kernel of rows of no values.
+fn zero_kernel(_: Weights<'_>, _: &Prepared<'_>, _: Range<usize>, out: &mut [&mut [f32]]) {
+    for out in out {
+        out.fill(0.0);
+    }
+}
+
+/// One product, checked and ready to run.
+struct Job<'a> {
+    kernel: Kernel,
+    weights: Weights<'a>,
+    input: Prepared<'a>,
+    rows: usize,
+}
+
+impl Job<'_> {
+    /// Rows `rows` into `out` (the matching part of each token's output).
+    fn run(&self, rows: Range<usize>, out: &mut [&mut [f32]]) {
+        // Row blocks small enough to stay cached while every token tile passes over them.
+        let block = (ROW_BLOCK_BYTES / self.weights.row_bytes.max(1)).max(1);
+        let mut start = rows.start;
+        while start < rows.end {
+            let end = (start + block).min(rows.end);
+            let mut sub: Vec<&mut [f32]> = out
+                .iter_mut()
+                .map(|o| &mut o[start - rows.start..end - rows.start])
+                .collect();
+            (self.kernel)(self.weights, &self.input, start..end, &mut sub);
+            start = end;
+        }
+    }
+
+    /// Multiply-adds.
+    fn work(&self, n: usize) -> usize {
+        self.rows * self.input.cols * n
+    }
+}
+
+/// Checks the shapes of one product and picks its kernel; `None` when there
+/// is nothing to compute (no tokens or no rows).
+/// The job comes with its output, `tokens × rows`.
+fn plan<'a>(
+    ty: GgmlType,
+    w: &'a [u8],
+    rows: usize,
+    input: &'a MatmulInput<'_>,
+    y: &'a mut [f32],
+    pick: impl FnOnce() -> (Kernel, Needs),
+) -> Result<Option<(Job<'a>, &'a mut [f32])>, QuantError> {
     let (n, cols) = (input.n, input.cols);
     if !can_dequantize(ty) {
         return Err(QuantError::Unsupported { ty, op: Op::Matmul });
@@ -402,14 +486,14 @@ fn matmul_using(
         )));
     }
     if n == 0 || rows == 0 {
-        return Ok(());
+        return Ok(None);
     }
-    if cols == 0 {
-        y.fill(0.0);
-        return Ok(());
-    }
-
-    let (kernel, needs) = pick();
+    // empty rows: a sum of nothing
+    let (kernel, needs) = if cols == 0 {
+        (zero_kernel as Kernel, Needs::X)
+    } else {
+        pick()
+    };
     let prepared = Prepared {
         cols,
         x: input.x,
@@ -425,57 +509,56 @@ fn matmul_using(
             &[]
         },
     };
-    let weights = Weights {
-        ty,
-        data: w,
-        row_bytes,
+    let job = Job {
+        kernel,
+        weights: Weights {
+            ty,
+            data: w,
+            row_bytes,
+        },
+        input: prepared,
+        rows,
     };
-    let run = |rows: Range<usize>, out: &mut [&mut [f32]]| {
-        // Row blocks small enough to stay cached while every token tile passes over them.
-        let block = (ROW_BLOCK_BYTES / row_bytes).max(1);
-        let mut start = rows.start;
-        while start < rows.end {
-            let end = (start + block).min(rows.end);
-            let mut sub: Vec<&mut [f32]> = out
-                .iter_mut()
-                .map(|o| &mut o[start - rows.start..end - rows.start])
-                .collect();
-            kernel(weights, &prepared, start..end, &mut sub);
-            start = end;
-        }
-    };
-    par_rows(rows, n, cols, y, run);
-    Ok(())
+    Ok(Some((job, y)))
 }
 
-/// Splits rows `0..rows` into tasks on the rayon pool and calls `run` on each
-/// with that range and the matching part of every token's output row.
-fn par_rows(
-    rows: usize,
-    n: usize,
-    cols: usize,
-    y: &mut [f32],
-    run: impl Fn(Range<usize>, &mut [&mut [f32]]) + Sync,
-) {
+/// A job's rows and the matching part of each token's output row.
+type Task<'j, 'a> = (&'j Job<'a>, Range<usize>, Vec<&'j mut [f32]>);
+
+/// Runs `jobs` (each `n` tokens) on the rayon pool: every job's rows split
+/// into tasks in proportion to its work, all tasks in one parallel loop.
+fn execute(jobs: Vec<(Job<'_>, &mut [f32])>, n: usize) {
+    let (jobs, ys): (Vec<Job<'_>>, Vec<&mut [f32]>) = jobs.into_iter().unzip();
     let threads = rayon::current_num_threads();
-    if threads == 1 || rows * cols * n < PARALLEL_MIN_WORK || rows < 2 {
-        let mut out: Vec<&mut [f32]> = y.chunks_exact_mut(rows).collect();
-        run(0..rows, &mut out);
-        return;
-    }
+    let total: usize = jobs.iter().map(|job| job.work(n)).sum();
     // A few tasks per thread even out threads that start late.
-    let tasks = threads * 4;
-    let chunk = rows.div_ceil(tasks);
-    let n_chunks = rows.div_ceil(chunk);
-    let mut parts: Vec<Vec<&mut [f32]>> = (0..n_chunks).map(|_| Vec::with_capacity(n)).collect();
-    for token_row in y.chunks_exact_mut(rows) {
-        for (part, piece) in parts.iter_mut().zip(token_row.chunks_mut(chunk)) {
-            part.push(piece);
+    let target_tasks = if threads == 1 || total < PARALLEL_MIN_WORK {
+        1
+    } else {
+        threads * 4
+    };
+    let mut tasks: Vec<Task<'_, '_>> = Vec::new();
+    for (job, y) in jobs.iter().zip(ys) {
+        let share = (job.work(n) * target_tasks).div_ceil(total.max(1));
+        let chunk = job.rows.div_ceil(share.max(1));
+        let first = tasks.len();
+        for start in (0..job.rows).step_by(chunk) {
+            let end = (start + chunk).min(job.rows);
+            tasks.push((job, start..end, Vec::with_capacity(n)));
+        }
+        // each token's output row cut at the same row boundaries
+        for token_row in y.chunks_exact_mut(job.rows) {
+            for (task, piece) in tasks[first..].iter_mut().zip(token_row.chunks_mut(chunk)) {
+                task.2.push(piece);
+            }
         }
     }
-    parts.into_par_iter().enumerate().for_each(|(c, mut out)| {
-        let start = c * chunk;
-        let end = (start + chunk).min(rows);
-        run(start..end, &mut out);
-    });
+    if tasks.len() == 1 {
+        let (job, rows, mut out) = tasks.pop().expect("one task");
+        job.run(rows, &mut out);
+        return;
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(job, rows, mut out)| job.run(rows, &mut out));
 }

@@ -313,6 +313,9 @@ fn shapes_are_checked() {
         matmul(GgmlType::IQ4_NL, &w, 2, 32, &x, 1, &mut y, act),
         Err(QuantError::Unsupported { .. })
     ));
+    let mut empty_rows = [f32::NAN; 6];
+    matmul(GgmlType::F32, &[], 3, 0, &[], 2, &mut empty_rows, act).unwrap();
+    assert_eq!(empty_rows, [0.0; 6], "a sum of no values is zero");
     let message = matmul(GgmlType::Q4_0, &w, 3, 32, &x, 1, &mut [0.0; 3], act)
         .unwrap_err()
         .to_string();
@@ -344,4 +347,71 @@ fn an_input_serves_several_matrices() {
             assert_eq!(shared, fresh, "{ty} {act:?}");
         }
     }
+}
+
+/// Several products in one pass give what they give one at a time, and a
+/// bad shape anywhere is refused before anything is computed.
+#[test]
+fn several_products_in_one_pass() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    let (cols, n) = (1024, 3);
+    let x = random_activations(n * cols, &mut rng);
+    let input = MatmulInput::new(&x, n, cols).unwrap();
+    let shapes = [
+        (GgmlType::Q5_0, 96),
+        (GgmlType::Q5_0, 32),
+        (GgmlType::Q8_0, 7),
+        (GgmlType::Q6_K, 50),
+    ];
+    let weights: Vec<Vec<u8>> = shapes
+        .iter()
+        .map(|&(ty, rows)| random_weights(ty, rows, cols, &mut rng))
+        .collect();
+    for act in [Activations::F32, Activations::Q8] {
+        let mut outputs: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|&(_, rows)| vec![0f32; n * rows])
+            .collect();
+        let mut products: Vec<Product<'_>> = shapes
+            .iter()
+            .zip(&weights)
+            .zip(&mut outputs)
+            .map(|((&(ty, rows), w), y)| Product { ty, w, rows, y })
+            .collect();
+        pool.install(|| matmul_many(&mut products, &input, act))
+            .unwrap();
+        for ((&(ty, rows), w), y) in shapes.iter().zip(&weights).zip(&outputs) {
+            let mut alone = vec![0f32; n * rows];
+            matmul_input(ty, w, rows, &input, &mut alone, act).unwrap();
+            assert_eq!(y, &alone, "{ty} {act:?}");
+        }
+    }
+    let mut good = vec![f32::NAN; n * 96];
+    let mut bad = vec![0f32; n * 33];
+    let mut products = [
+        Product {
+            ty: shapes[0].0,
+            w: &weights[0],
+            rows: 96,
+            y: &mut good,
+        },
+        Product {
+            ty: GgmlType::Q5_0,
+            w: &weights[1],
+            rows: 33,
+            y: &mut bad,
+        },
+    ];
+    assert!(matches!(
+        matmul_many(&mut products, &input, Activations::Q8),
+        Err(QuantError::MatmulShape { .. })
+    ));
+    assert!(
+        good.iter().all(|v| v.is_nan()),
+        "nothing is computed when a shape is wrong"
+    );
 }
