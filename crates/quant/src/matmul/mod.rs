@@ -330,6 +330,19 @@ fn select(ty: GgmlType, act: Activations) -> (Kernel, Needs) {
     portable::select(ty)
 }
 
+/// Every kernel this CPU can run for `ty` and `act`, named: the selected
+/// one, the AVX2 one without VNNI, the portable one.
+#[cfg(test)]
+fn candidates(ty: GgmlType, act: Activations) -> Vec<(&'static str, (Kernel, Needs))> {
+    let mut all = vec![("selected", select(ty, act))];
+    #[cfg(target_arch = "x86_64")]
+    if let Some(kernel) = x86::select_for(ty, act, false) {
+        all.push(("avx2 without vnni", kernel));
+    }
+    all.push(("portable", portable::select(ty)));
+    all
+}
+
 /// `y[t][r] = Σ_c W[r][c] · x[t][c]` for `t` in `0..n`: `W` is `rows` rows of
 /// `cols` values of type `ty` (whole blocks, row-major as in a GGUF file),
 /// `x` is `n × cols` and `y` is `n × rows`. Runs on the rayon pool. Slices

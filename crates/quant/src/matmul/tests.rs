@@ -81,10 +81,10 @@ fn reference(w: &[f32], rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<(f
     out
 }
 
-/// The activations the Q8 kernel of `ty` actually multiplies (dequantized),
-/// or `x` where Q8 mode computes in f32.
-fn q8_effective(ty: GgmlType, input: &MatmulInput<'_>) -> Vec<f32> {
-    match select(ty, Activations::Q8).1 {
+/// The activations a kernel that reads `needs` actually multiplies
+/// (the 8-bit ones dequantized).
+fn effective_activations(needs: Needs, input: &MatmulInput<'_>) -> Vec<f32> {
+    match needs {
         Needs::Q8 => {
             let blocks = input.cols / QK_LEGACY;
             input
@@ -156,41 +156,36 @@ fn every_type_matches_the_reference_in_both_modes() {
                 let exact = reference(&w_values, rows, cols, &x, n);
                 let what = format!("{ty} {rows}×{cols}, {n} tokens");
                 let no_slack = vec![0.0; n * rows];
-
-                let y = run(ty, &w, rows, &input, || select(ty, Activations::F32));
-                check(&format!("{what}, F32"), &y, &exact, &no_slack);
-                let y = run(ty, &w, rows, &input, || portable::select(ty));
-                check(&format!("{what}, portable"), &y, &exact, &no_slack);
-
-                // Q8: exact against the quantized activations it multiplies,
-                // and within the quantization error of the true ones: each
-                // activation moves by at most half its block's step.
-                let y = run(ty, &w, rows, &input, || select(ty, Activations::Q8));
-                let x_q8 = q8_effective(ty, &input);
-                let against_q8 = reference(&w_values, rows, cols, &x_q8, n);
-                check(
-                    &format!("{what}, Q8 vs its activations"),
-                    &y,
-                    &against_q8,
-                    &no_slack,
-                );
-                let steps: Vec<f64> = x
-                    .iter()
-                    .zip(&x_q8)
-                    .map(|(a, b)| f64::from((a - b).abs()))
-                    .collect();
-                let mut slack = Vec::with_capacity(n * rows);
-                for t in 0..n {
-                    for r in 0..rows {
-                        let moved: f64 = w_values[r * cols..(r + 1) * cols]
+                for act in [Activations::F32, Activations::Q8] {
+                    for (name, kernel) in candidates(ty, act) {
+                        let what = format!("{what}, {act:?}, {name} kernel");
+                        let y = run(ty, &w, rows, &input, || kernel);
+                        // exact against the activations it multiplies...
+                        let x_used = effective_activations(kernel.1, &input);
+                        let against_used = reference(&w_values, rows, cols, &x_used, n);
+                        check(&what, &y, &against_used, &no_slack);
+                        // ...and off the true result by no more than the rounding
+                        // of the activations explains: |Σ w·(x - x̃)| ≤ Σ |w|·|x - x̃|
+                        let moved: Vec<f64> = x
                             .iter()
-                            .zip(&steps[t * cols..(t + 1) * cols])
-                            .map(|(&w, &s)| f64::from(w).abs() * s)
-                            .sum();
-                        slack.push(moved * (1.0 + 1e-3));
+                            .zip(&x_used)
+                            .map(|(a, b)| f64::from((a - b).abs()))
+                            .collect();
+                        assert!(kernel.1 != Needs::X || moved.iter().all(|&m| m == 0.0));
+                        let mut slack = Vec::with_capacity(n * rows);
+                        for t in 0..n {
+                            for r in 0..rows {
+                                let bound: f64 = w_values[r * cols..(r + 1) * cols]
+                                    .iter()
+                                    .zip(&moved[t * cols..(t + 1) * cols])
+                                    .map(|(&w, &m)| f64::from(w).abs() * m)
+                                    .sum();
+                                slack.push(bound * (1.0 + 1e-3));
+                            }
+                        }
+                        check(&what, &y, &exact, &slack);
                     }
                 }
-                check(&format!("{what}, Q8"), &y, &exact, &slack);
             }
         }
     }

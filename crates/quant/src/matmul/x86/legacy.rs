@@ -178,44 +178,51 @@ macro_rules! dot_q8_unsigned {
             #[inline]
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Q8Pair]; T]) -> [f32; T] {
-                let blocks: &[$block] = bytemuck::cast_slice(row);
-                for y in y {
-                    assert_eq!(
-                        y.len(),
-                        blocks.len().div_ceil(2),
-                        "activations do not match the row"
-                    );
-                }
-                let mut acc = [[_mm256_setzero_ps(); 2]; T];
-                let mut mins = [_mm_setzero_ps(); T];
-                each_pair(blocks, |p, $a, $b, k| {
-                    let (lo, hi) = $quants;
-                    let dm = d_and_m_pair($a, $b, $offset);
-                    for t in 0..T {
-                        let y = y[t].get_unchecked(p);
-                        let q8 = y.qs.as_ptr();
-                        // pair sums of both blocks stay within i16 (at most 2·2·31·127)
-                        let p16 = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q8.cast())),
-                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(q8.add(32).cast())),
-                        );
-                        let sums = _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
-                        // (d_a·dy_a, m_a·sy_a, d_b·dy_b, m_b·sy_b)
-                        let scales = _mm_mul_ps(dm, _mm_loadu_ps(y.ds.as_ptr()));
-                        acc[t][k] = _mm256_fmadd_ps(
-                            pair_scales(scales),
-                            _mm256_cvtepi32_ps(sums),
-                            acc[t][k],
-                        );
-                        mins[t] = _mm_add_ps(mins[t], scales);
-                    }
-                });
-                std::array::from_fn(|t| {
-                    hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + lanes13(mins[t])
-                })
+                dot_q8_unsigned!(@body false, row, y, T, $block, $offset, |$a, $b| $quants)
+            }
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+            unsafe fn dot_vnni<const T: usize>(row: &[u8], y: &[&[Q8Pair]; T]) -> [f32; T] {
+                dot_q8_unsigned!(@body true, row, y, T, $block, $offset, |$a, $b| $quants)
             }
         }
     };
+    // Written out in each function, so that the closure takes on its target features.
+    (@body $vnni:expr, $row:ident, $y:ident, $T:ident, $block:ty, $offset:expr, |$a:ident, $b:ident| $quants:expr) => {{
+        let blocks: &[$block] = bytemuck::cast_slice($row);
+        for y in $y {
+            assert_eq!(y.len(), blocks.len().div_ceil(2), "activations do not match the row");
+        }
+        let mut acc = [[_mm256_setzero_ps(); 2]; $T];
+        let mut mins = [_mm_setzero_ps(); $T];
+        each_pair(blocks, |p, $a, $b, k| {
+            let (lo, hi) = $quants;
+            let dm = d_and_m_pair($a, $b, $offset);
+            for t in 0..$T {
+                let y = $y[t].get_unchecked(p);
+                let q8 = y.qs.as_ptr();
+                let (y_lo, y_hi) = (
+                    _mm256_loadu_si256(q8.cast()),
+                    _mm256_loadu_si256(q8.add(32).cast()),
+                );
+                let sums = if $vnni {
+                    dot_u8_i8_add::<true>(dot_u8_i8_add::<true>(_mm256_setzero_si256(), lo, y_lo), hi, y_hi)
+                } else {
+                    // pair sums of both blocks stay within i16 (at most 2·2·31·127)
+                    let p16 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, y_lo),
+                        _mm256_maddubs_epi16(hi, y_hi),
+                    );
+                    _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+                };
+                // (d_a·dy_a, m_a·sy_a, d_b·dy_b, m_b·sy_b)
+                let scales = _mm_mul_ps(dm, _mm_loadu_ps(y.ds.as_ptr()));
+                acc[t][k] = _mm256_fmadd_ps(pair_scales(scales), _mm256_cvtepi32_ps(sums), acc[t][k]);
+                mins[t] = _mm_add_ps(mins[t], scales);
+            }
+        });
+        std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + lanes13(mins[t]))
+    }};
 }
 
 dot_q8_unsigned!(BlockQ4_0, offset: 8.0, |a, b| q4_pair(&a.qs, &b.qs));
@@ -236,42 +243,45 @@ macro_rules! dot_q8_signed {
             #[inline]
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Q8Pair]; T]) -> [f32; T] {
-                let blocks: &[$block] = bytemuck::cast_slice(row);
-                for y in y {
-                    assert_eq!(
-                        y.len(),
-                        blocks.len().div_ceil(2),
-                        "activations do not match the row"
-                    );
-                }
-                let mut acc = [[_mm256_setzero_ps(); 2]; T];
-                each_pair(blocks, |p, a, b, k| {
-                    let lo = _mm256_loadu2_m128i(b.qs.as_ptr().cast(), a.qs.as_ptr().cast());
-                    let hi = _mm256_loadu2_m128i(
-                        b.qs.as_ptr().add(16).cast(),
-                        a.qs.as_ptr().add(16).cast(),
-                    );
-                    // (d_a, d_a, d_b, d_b)
-                    let d = _mm_moveldup_ps(f16x4(head(a), head(b)));
-                    for t in 0..T {
-                        let y = y[t].get_unchecked(p);
-                        let q8 = y.qs.as_ptr();
-                        let sums = _mm256_add_epi32(
-                            dot_i8_i8(lo, _mm256_loadu_si256(q8.cast())),
-                            dot_i8_i8(hi, _mm256_loadu_si256(q8.add(32).cast())),
-                        );
-                        let scales = _mm_mul_ps(d, _mm_loadu_ps(y.ds.as_ptr()));
-                        acc[t][k] = _mm256_fmadd_ps(
-                            pair_scales(scales),
-                            _mm256_cvtepi32_ps(sums),
-                            acc[t][k],
-                        );
-                    }
-                });
-                std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])))
+                dot_q8_signed!(@body false, row, y, T, $block)
+            }
+            #[inline]
+            #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+            unsafe fn dot_vnni<const T: usize>(row: &[u8], y: &[&[Q8Pair]; T]) -> [f32; T] {
+                dot_q8_signed!(@body true, row, y, T, $block)
             }
         }
     };
+    (@body $vnni:expr, $row:ident, $y:ident, $T:ident, $block:ty) => {{
+        let blocks: &[$block] = bytemuck::cast_slice($row);
+        for y in $y {
+            assert_eq!(y.len(), blocks.len().div_ceil(2), "activations do not match the row");
+        }
+        let mut acc = [[_mm256_setzero_ps(); 2]; $T];
+        each_pair(blocks, |p, a, b, k| {
+            let lo = _mm256_loadu2_m128i(b.qs.as_ptr().cast(), a.qs.as_ptr().cast());
+            let hi = _mm256_loadu2_m128i(b.qs.as_ptr().add(16).cast(), a.qs.as_ptr().add(16).cast());
+            // |q| for the unsigned side; the signs go onto the activations
+            let (lo_abs, hi_abs) = (_mm256_sign_epi8(lo, lo), _mm256_sign_epi8(hi, hi));
+            // (d_a, d_a, d_b, d_b)
+            let d = _mm_moveldup_ps(f16x4(head(a), head(b)));
+            for t in 0..$T {
+                let y = $y[t].get_unchecked(p);
+                let q8 = y.qs.as_ptr();
+                let y_lo = _mm256_sign_epi8(_mm256_loadu_si256(q8.cast()), lo);
+                let y_hi = _mm256_sign_epi8(_mm256_loadu_si256(q8.add(32).cast()), hi);
+                // pair sums can reach 2·128·127: no adding in i16 here
+                let sums = if $vnni {
+                    dot_u8_i8_add::<true>(dot_u8_i8_add::<true>(_mm256_setzero_si256(), lo_abs, y_lo), hi_abs, y_hi)
+                } else {
+                    _mm256_add_epi32(dot_u8_i8(lo_abs, y_lo), dot_u8_i8(hi_abs, y_hi))
+                };
+                let scales = _mm_mul_ps(d, _mm_loadu_ps(y.ds.as_ptr()));
+                acc[t][k] = _mm256_fmadd_ps(pair_scales(scales), _mm256_cvtepi32_ps(sums), acc[t][k]);
+            }
+        });
+        std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])))
+    }};
 }
 
 dot_q8_signed!(BlockQ8_0);

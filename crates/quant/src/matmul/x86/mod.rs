@@ -32,24 +32,38 @@ pub(super) fn available() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
+/// Whether this CPU has `vpdpbusd` on 256-bit registers (AVX-512 VNNI and
+/// VL: Ice Lake and later Intel server cores, AMD Zen 4 and later), which
+/// the Q8 kernels of the legacy formats use in place of `vpmaddubsw` + `vpmaddwd`.
+#[inline]
+pub(super) fn has_vnni() -> bool {
+    is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+}
+
 /// The AVX2 kernel for `ty` and `act`, if this CPU has AVX2, FMA and F16C.
 pub(super) fn select(ty: GgmlType, act: Activations) -> Option<(Kernel, Needs)> {
+    select_for(ty, act, true)
+}
+
+/// [`select`], with the VNNI builds of the Q8 kernels only if `vnni` (and the CPU has it).
+pub(super) fn select_for(ty: GgmlType, act: Activations, vnni: bool) -> Option<(Kernel, Needs)> {
     use GgmlType as G;
     if !available() {
         return None;
     }
+    let vnni = vnni && has_vnni();
     let q8 = act == Activations::Q8;
     Some(match ty {
-        G::Q4_0 if q8 => q8_kernel::<BlockQ4_0>(),
-        G::Q4_1 if q8 => q8_kernel::<BlockQ4_1>(),
-        G::Q5_0 if q8 => q8_kernel::<BlockQ5_0>(),
-        G::Q5_1 if q8 => q8_kernel::<BlockQ5_1>(),
-        G::Q8_0 if q8 => q8_kernel::<BlockQ8_0>(),
-        G::Q8_1 if q8 => q8_kernel::<BlockQ8_1>(),
-        G::Q4_K if q8 => q8_kernel::<BlockQ4K>(),
-        G::Q5_K if q8 => q8_kernel::<BlockQ5K>(),
-        G::Q6_K if q8 => q8_kernel::<BlockQ6K>(),
-        G::Q8_K if q8 => q8_kernel::<BlockQ8K>(),
+        G::Q4_0 if q8 => q8_kernel::<BlockQ4_0>(vnni),
+        G::Q4_1 if q8 => q8_kernel::<BlockQ4_1>(vnni),
+        G::Q5_0 if q8 => q8_kernel::<BlockQ5_0>(vnni),
+        G::Q5_1 if q8 => q8_kernel::<BlockQ5_1>(vnni),
+        G::Q8_0 if q8 => q8_kernel::<BlockQ8_0>(vnni),
+        G::Q8_1 if q8 => q8_kernel::<BlockQ8_1>(vnni),
+        G::Q4_K if q8 => q8_kernel::<BlockQ4K>(vnni),
+        G::Q5_K if q8 => q8_kernel::<BlockQ5K>(vnni),
+        G::Q6_K if q8 => q8_kernel::<BlockQ6K>(vnni),
+        G::Q8_K if q8 => q8_kernel::<BlockQ8K>(vnni),
         G::F32 => f32_kernel::<F32>(),
         G::F16 => f32_kernel::<F16>(),
         G::BF16 => f32_kernel::<BF16>(),
@@ -94,6 +108,17 @@ pub(super) trait DotQ8 {
     /// # Safety
     /// Only call with AVX2, FMA and F16C present.
     unsafe fn dot<const T: usize>(row: &[u8], y: &[&[Self::Act]; T]) -> [f32; T];
+
+    /// [`DotQ8::dot`] built with VNNI (the same code where a format has
+    /// nothing to gain from it).
+    ///
+    /// # Safety
+    /// Only call with AVX2, FMA, F16C, AVX-512 VNNI and AVX-512 VL present.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn dot_vnni<const T: usize>(row: &[u8], y: &[&[Self::Act]; T]) -> [f32; T] {
+        Self::dot::<T>(row, y)
+    }
 }
 
 fn f32_kernel<K: DotF32>() -> (Kernel, Needs) {
@@ -111,14 +136,19 @@ fn f32_kernel<K: DotF32>() -> (Kernel, Needs) {
     )
 }
 
-fn q8_kernel<K: DotQ8>() -> (Kernel, Needs) {
-    (
+fn q8_kernel<K: DotQ8>(vnni: bool) -> (Kernel, Needs) {
+    let kernel: Kernel = if vnni {
         |w, input, rows, out| {
-            // SAFETY: `select` hands this out only when `available()`.
+            // SAFETY: `select_for` hands this out only when `available()` and `has_vnni()`.
+            unsafe { q8_rows_vnni::<K>(w, input, rows, out) }
+        }
+    } else {
+        |w, input, rows, out| {
+            // SAFETY: `select_for` hands this out only when `available()`.
             unsafe { q8_rows::<K>(w, input, rows, out) }
-        },
-        K::NEEDS,
-    )
+        }
+    };
+    (kernel, K::NEEDS)
 }
 
 fn generic_kernel<K: Dequantize>() -> (Kernel, Needs) {
@@ -194,11 +224,35 @@ unsafe fn q8_rows<K: DotQ8>(
     rows: Range<usize>,
     out: &mut [&mut [f32]],
 ) {
+    q8_tiles::<K, false>(w, input, rows, out)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn q8_rows_vnni<K: DotQ8>(
+    w: Weights<'_>,
+    input: &Prepared<'_>,
+    rows: Range<usize>,
+    out: &mut [&mut [f32]],
+) {
+    q8_tiles::<K, true>(w, input, rows, out)
+}
+
+/// The body of [`q8_rows`] and [`q8_rows_vnni`].
+#[inline(always)]
+unsafe fn q8_tiles<K: DotQ8, const VNNI: bool>(
+    w: Weights<'_>,
+    input: &Prepared<'_>,
+    rows: Range<usize>,
+    out: &mut [&mut [f32]],
+) {
     for_each_tile!(out.len(), |t0, T| {
         let y: [&[K::Act]; T] = std::array::from_fn(|i| K::acts(input, t0 + i));
         for r in rows.clone() {
-            // SAFETY: this function's target features are the kernels' requirement.
-            let v = unsafe { K::dot::<T>(w.row(r), &y) };
+            let v = if VNNI {
+                K::dot_vnni::<T>(w.row(r), &y)
+            } else {
+                K::dot::<T>(w.row(r), &y)
+            };
             for (i, v) in v.into_iter().enumerate() {
                 out[t0 + i][r - rows.start] = v;
             }
@@ -459,6 +513,17 @@ unsafe fn fifth_bits(bits: [u8; 4]) -> __m256i {
 #[inline(always)]
 unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+/// `acc` plus Σ u·s over groups of 4 bytes, as [`dot_u8_i8`]; with `VNNI`
+/// one `vpdpbusd` (only inside functions built with AVX-512 VNNI and VL).
+#[inline(always)]
+unsafe fn dot_u8_i8_add<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_epi32(acc, u, s)
+    } else {
+        _mm256_add_epi32(acc, dot_u8_i8(u, s))
+    }
 }
 
 /// Σ a·b over groups of 4 bytes, both signed (`|a|` moved onto `b`'s sign).
