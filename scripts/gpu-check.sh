@@ -1,36 +1,88 @@
 #!/usr/bin/env bash
-# Runs the GPU checks on a machine with an NVIDIA GPU, from test executables
-# built elsewhere: the cuda crate needs no CUDA at build time, so build them
-# on any machine with
-#   cargo test -p cuda --release --no-run
-# and copy the executables it names (target/release/deps/<test>-<hash>) to
-# one folder on the GPU machine. This script builds nothing.
+# Runs the GPU checks on a machine with an NVIDIA GPU, from executables built
+# elsewhere (the cuda crate needs no CUDA at build time). This script builds
+# nothing. DIR holds:
+#
+#   tests/          the cuda crate's test executables:
+#                     cargo test -p cuda --release --no-run
+#                   then copy the executables it names (target/release/deps/<test>-<hash>)
+#   worker-orcd     the release binary (cargo build --release -p worker-orcd)
+#   tokenizer.gguf  a small GGUF whose tokenizer the synthetic models copy, e.g.
+#                     worker-orcd synth --preset tiny-qwen2 --quant Q4_0 \
+#                       --tokenizer-from SmolLM2-135M-Instruct.Q4_1.gguf -o tokenizer.gguf
+#   kernels/        optional: a kernel cache for the GPU's architecture, copied to
+#                   ~/.cache/worker-orcd/kernels so that NVRTC need not run here
+#                   (cargo test -p cuda --test nvrtc -- --ignored fill_hopper_kernel_cache
+#                    with WORKER_ORCD_KERNEL_CACHE_OUT=DIR/kernels)
 #
 #   scripts/gpu-check.sh DIR
 #
-# Every executable in DIR runs with --include-ignored (the GPU tests are
-# #[ignore]d for machines without a GPU) and one test at a time, so that
-# timings don't share the GPU. Logs go to $GPU_CHECK_LOGS (default: a new
-# temporary folder). The model tests read $WORKER_ORCD_MODELS (default
-# ~/.cache/worker-orcd/models). The last lines are a short table: each
-# executable's result, then the tests' own summary lines.
+# Steps: every test executable with --include-ignored, one test at a time
+# (the GPU tests are #[ignore]d for machines without a GPU); synthetic models
+# of real shapes (Qwen2.5-0.5B in F16, Q8_0 and Q4_K_M, stand-ins for
+# SmolLM2-135M and Gemma-3-270M, whose real files are too large to carry);
+# `worker-orcd selftest` on each in both weight modes (GPU against the CPU
+# backend); `worker-orcd bench --device cuda` on Qwen2.5-0.5B Q4_K_M in both
+# modes. Real model files in $WORKER_ORCD_MODELS, if any, are self-tested too.
+# Logs go to $GPU_CHECK_LOGS (default: a new temporary folder), models to
+# $GPU_CHECK_MODELS (default: a new temporary folder; existing files are
+# reused). The last lines are a short table.
 set -uo pipefail
 
-dir="${1:?usage: scripts/gpu-check.sh DIR-WITH-TEST-EXECUTABLES}"
+dir="${1:?usage: scripts/gpu-check.sh DIR (see the header)}"
+dir="$(cd "$dir" && pwd)"
 logs="${GPU_CHECK_LOGS:-$(mktemp -d)}"
-mkdir -p "$logs"
+models="${GPU_CHECK_MODELS:-$(mktemp -d)}"
+mkdir -p "$logs" "$models/unit" "$models/more"
+bin="$dir/worker-orcd"
+failed=0
 
+gpu=""
 if command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=index,name,driver_version,memory.used,memory.total --format=csv,noheader
+    gpu="$(nvidia-smi --query-gpu=index,name,driver_version,memory.used,memory.total --format=csv,noheader | head -1)"
+    echo "$gpu"
+fi
+
+# cuBLAS is looked for in the toolkit's usual places; failing those, on the loader's path.
+if ! ls /usr/local/cuda/lib64/libcublas.so.13 >/dev/null 2>&1; then
+    found="$(find / -name 'libcublas.so.13' -not -path '/proc/*' 2>/dev/null | head -1)"
+    [[ -n "$found" ]] && export LD_LIBRARY_PATH="$(dirname "$found")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+if [[ -d "$dir/kernels" ]]; then
+    mkdir -p "$HOME/.cache/worker-orcd/kernels"
+    cp -n "$dir"/kernels/*.cubin "$HOME/.cache/worker-orcd/kernels/" 2>/dev/null
+fi
+
+# Synthetic models, made here with the carried binary.
+synth() { # preset quant file
+    [[ -f "$3" ]] && return 0
+    "$bin" synth --preset "$1" --quant "$2" --tokenizer-from "$dir/tokenizer.gguf" -o "$3" \
+        >>"$logs/synth.log" 2>&1 || { echo "== synth $1 $2 failed"; tail -5 "$logs/synth.log"; failed=1; }
+}
+selftest_models=()
+if [[ -x "$bin" ]]; then
+    start="$EPOCHREALTIME"
+    synth qwen2.5-0.5b Q4_K_M "$models/unit/qwen2.5-0.5b-q4_k_m.gguf"
+    synth smollm2-135m Q4_1 "$models/unit/smollm2-135m-q4_1.gguf"
+    synth gemma3-270m Q4_K_M "$models/unit/gemma3-270m-q4_k_m.gguf"
+    synth qwen2.5-0.5b Q8_0 "$models/more/qwen2.5-0.5b-q8_0.gguf"
+    synth qwen2.5-0.5b F16 "$models/more/qwen2.5-0.5b-f16.gguf"
+    echo "synthetic models in $models ($(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s)"
+    selftest_models=("$models/more/qwen2.5-0.5b-f16.gguf" "$models/more/qwen2.5-0.5b-q8_0.gguf"
+        "$models/unit/qwen2.5-0.5b-q4_k_m.gguf" "$models/unit/smollm2-135m-q4_1.gguf"
+        "$models/unit/gemma3-270m-q4_k_m.gguf")
+    for real in "${WORKER_ORCD_MODELS:-/nonexistent}"/*.gguf; do
+        [[ -f "$real" ]] && selftest_models+=("$real")
+    done
 fi
 
 rows=()
-failed=0
-for exe in "$dir"/*; do
+for exe in "$dir"/tests/*; do
     [[ -f "$exe" && -x "$exe" ]] || continue
     name="$(basename "$exe")"
     start="$EPOCHREALTIME"
-    "$exe" --include-ignored --test-threads=1 --nocapture >"$logs/$name.log" 2>&1
+    WORKER_ORCD_MODELS="$models/unit" "$exe" --include-ignored --test-threads=1 --nocapture >"$logs/$name.log" 2>&1
     status=$?
     seconds="$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { print b - a }')"
     result="$(grep -E '^test result:' "$logs/$name.log" | tail -1)"
@@ -41,12 +93,62 @@ for exe in "$dir"/*; do
         echo "== $name failed (exit $status); end of its log:"
         grep -vE '^\s+[0-9]+: |^\s+at ' "$logs/$name.log" | tail -40
     fi
-    rows+=("$(printf '%-14s %-6s %6s passed %6s failed %8.1f s' "$name" \
+    rows+=("$(printf '%-22s %-6s %6s passed %6s failed %8.1f s' "$name" \
         "$([[ $status -eq 0 ]] && echo ok || echo FAILED)" "${passed:-?}" "${failures:-?}" "$seconds")")
 done
 
+selftests=()
+for model in "${selftest_models[@]}"; do
+    for weights in quant f16; do
+        log="$logs/selftest-$(basename "$model" .gguf)-$weights.log"
+        timeout 300 "$bin" selftest -m "$model" --weights "$weights" >"$log" 2>&1
+        status=$?
+        cat "$log"
+        line="$(grep -h '^selftest: ' "$log" | tail -1)"
+        if [[ $status -ne 0 ]]; then
+            failed=1
+            [[ -n "$line" ]] || line="selftest: ERROR $(basename "$model") $weights: $(tail -1 "$log")"
+        fi
+        selftests+=("${line#selftest: }")
+    done
+done
+
+benches=()
+bench_model="$models/unit/qwen2.5-0.5b-q4_k_m.gguf"
+if [[ -x "$bin" && -f "$bench_model" ]]; then
+    for weights in quant f16; do
+        log="$logs/bench-$weights.log"
+        timeout 300 "$bin" bench --device cuda --weights "$weights" -m "$bench_model" --json >"$log" 2>"$log.err"
+        status=$?
+        cat "$log.err" | grep -v '^uploading' | tail -3
+        if [[ $status -ne 0 ]]; then
+            failed=1
+            benches+=("$weights: FAILED $(tail -1 "$log.err")")
+            continue
+        fi
+        benches+=("$(python3 - "$log" "$weights" <<'EOF'
+import json, sys
+b = json.load(open(sys.argv[1]))
+l = b["load"]
+print(f"{sys.argv[2]:<6} load {l['load_seconds']:.3f} s (upload {l['upload_gigabytes_per_second']:.1f} GB/s)  "
+      f"pp{b['prompt_tokens']} {b['prefill_tokens_per_second']:.0f} tok/s  tg{b['gen_tokens']} {b['decode_tokens_per_second']:.1f} tok/s  "
+      f"GPU memory: weights {l['weights_bytes']/2**20:.1f} MiB (file {l['file_tensor_bytes']/2**20:.1f}) + KV {l['kv_bytes']/2**20:.1f} + "
+      f"workspace {l['workspace_bytes']/2**20:.1f} MiB, measured {l['gpu_used_bytes']/2**20:.1f} MiB")
+EOF
+)")
+    done
+fi
+
 echo
-echo "gpu-check (logs in $logs)"
+echo "gpu-check on ${gpu:-an unknown GPU} (logs in $logs)"
 printf '%s\n' "${rows[@]}"
-grep -h '^gpu-check: ' "$logs"/*.log | sed 's/^gpu-check: /  /'
+grep -h '^gpu-check: ' "$logs"/*.log 2>/dev/null | sed 's/^gpu-check: /  /'
+if ((${#selftests[@]})); then
+    echo "selftest (GPU vs CPU backend):"
+    printf '  %s\n' "${selftests[@]}"
+fi
+if ((${#benches[@]})); then
+    echo "bench --device cuda, $(basename "$bench_model"):"
+    printf '  %s\n' "${benches[@]}"
+fi
 exit $failed

@@ -95,8 +95,15 @@ pub const SAMPLE: KernelModule = KernelModule {
 };
 
 /// Every kernel module; the NVRTC test compiles each for every architecture.
-pub const ALL_MODULES: &[KernelModule] =
-    &[DEQUANTIZE, MATVEC, NORM, ELEMENTWISE, ROPE, ATTENTION, SAMPLE];
+pub const ALL_MODULES: &[KernelModule] = &[
+    DEQUANTIZE,
+    MATVEC,
+    NORM,
+    ELEMENTWISE,
+    ROPE,
+    ATTENTION,
+    SAMPLE,
+];
 
 /// The architectures CI compiles every module for: Ampere and Hopper.
 pub const TEST_ARCHES: &[&str] = &["sm_80", "sm_90a"];

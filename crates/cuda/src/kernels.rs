@@ -143,8 +143,16 @@ impl Kernels {
         } else {
             (&format.matvec_8, MATVEC_MAX_TOKENS)
         };
-        let (row_bytes, rows, cols) = (w.row_bytes as u64, u32_of("rows", w.rows)?, u32_of("cols", w.cols)?);
-        let (n_tokens, ldy, accumulate) = (u32_of("tokens", n)?, u32_of("ldy", ldy)?, u32::from(accumulate));
+        let (row_bytes, rows, cols) = (
+            w.row_bytes as u64,
+            u32_of("rows", w.rows)?,
+            u32_of("cols", w.cols)?,
+        );
+        let (n_tokens, ldy, accumulate) = (
+            u32_of("tokens", n)?,
+            u32_of("ldy", ldy)?,
+            u32::from(accumulate),
+        );
         let config = grid(
             rows.div_ceil(MATVEC_ROWS_PER_BLOCK),
             u32_of("token blocks", n.div_ceil(tokens_per_block))?,
@@ -162,7 +170,8 @@ impl Kernels {
             .arg(&ldy)
             .arg(&accumulate);
         // SAFETY: the caller vouches for the buffers; the arguments match the kernel's.
-        unsafe { launch.launch(config) }.context(|| format!("launching matvec for {} {}×{}", w.ty, w.rows, w.cols))?;
+        unsafe { launch.launch(config) }
+            .context(|| format!("launching matvec for {} {}×{}", w.ty, w.rows, w.cols))?;
         Ok(())
     }
 
@@ -170,13 +179,27 @@ impl Kernels {
     ///
     /// # Safety
     /// `tokens` must hold `n` ids below `table.rows`, `x` room for the rows.
-    pub unsafe fn embed(&self, table: &DeviceMatrix, tokens: u64, n: usize, scale: f32, x: u64) -> Result<()> {
+    pub unsafe fn embed(
+        &self,
+        table: &DeviceMatrix,
+        tokens: u64,
+        n: usize,
+        scale: f32,
+        x: u64,
+    ) -> Result<()> {
         let format = self.format(table.ty)?;
         let (row_bytes, cols) = (table.row_bytes as u64, u32_of("cols", table.cols)?);
         let mut launch = self.stream.launch_builder(&format.embed);
-        launch.arg(&table.ptr).arg(&row_bytes).arg(&cols).arg(&tokens).arg(&scale).arg(&x);
+        launch
+            .arg(&table.ptr)
+            .arg(&row_bytes)
+            .arg(&cols)
+            .arg(&tokens)
+            .arg(&scale)
+            .arg(&x);
         // SAFETY: as the caller vouches.
-        unsafe { launch.launch(grid(u32_of("tokens", n)?, 1, 128)) }.context(|| "launching embed".into())?;
+        unsafe { launch.launch(grid(u32_of("tokens", n)?, 1, 128)) }
+            .context(|| "launching embed".into())?;
         Ok(())
     }
 
@@ -184,12 +207,28 @@ impl Kernels {
     ///
     /// # Safety
     /// The addresses must hold those shapes.
-    pub unsafe fn rms_norm(&self, x: u64, rows: u64, w: u64, eps: f32, dim: usize, n: usize, out: u64) -> Result<()> {
+    pub unsafe fn rms_norm(
+        &self,
+        x: u64,
+        rows: u64,
+        w: u64,
+        eps: f32,
+        dim: usize,
+        n: usize,
+        out: u64,
+    ) -> Result<()> {
         let dim = u32_of("dim", dim)?;
         let mut launch = self.stream.launch_builder(&self.rms_norm);
-        launch.arg(&x).arg(&rows).arg(&w).arg(&eps).arg(&dim).arg(&out);
+        launch
+            .arg(&x)
+            .arg(&rows)
+            .arg(&w)
+            .arg(&eps)
+            .arg(&dim)
+            .arg(&out);
         // SAFETY: as the caller vouches.
-        unsafe { launch.launch(grid(u32_of("rows", n)?, 1, ROW_THREADS)) }.context(|| "launching rms_norm".into())?;
+        unsafe { launch.launch(grid(u32_of("rows", n)?, 1, ROW_THREADS)) }
+            .context(|| "launching rms_norm".into())?;
         Ok(())
     }
 
@@ -197,7 +236,15 @@ impl Kernels {
     ///
     /// # Safety
     /// The addresses must hold those shapes.
-    pub unsafe fn add_rms_norm(&self, x: u64, y: u64, w: u64, eps: f32, dim: usize, n: usize) -> Result<()> {
+    pub unsafe fn add_rms_norm(
+        &self,
+        x: u64,
+        y: u64,
+        w: u64,
+        eps: f32,
+        dim: usize,
+        n: usize,
+    ) -> Result<()> {
         let dim = u32_of("dim", dim)?;
         let mut launch = self.stream.launch_builder(&self.add_rms_norm);
         launch.arg(&x).arg(&y).arg(&w).arg(&eps).arg(&dim);
@@ -212,7 +259,11 @@ impl Kernels {
     /// # Safety
     /// Both addresses must hold `n` f32.
     pub unsafe fn gated_activation(&self, gate: u64, up: u64, n: usize, gelu: bool) -> Result<()> {
-        let kernel = if gelu { &self.gated_gelu_tanh } else { &self.gated_silu };
+        let kernel = if gelu {
+            &self.gated_gelu_tanh
+        } else {
+            &self.gated_silu
+        };
         let count = n as u64;
         let mut launch = self.stream.launch_builder(kernel);
         launch.arg(&gate).arg(&up).arg(&count);
@@ -242,8 +293,14 @@ impl Kernels {
     /// Every address must hold what rope.cu's `qkv_prepare` documents.
     pub unsafe fn qkv_prepare(&self, args: &QkvPrepare) -> Result<()> {
         let a = args;
-        let (n_heads, n_kv_heads) = (u32_of("heads", a.n_heads)?, u32_of("kv heads", a.n_kv_heads)?);
-        let (head_dim, rope_dims) = (u32_of("head_dim", a.head_dim)?, u32_of("rope dims", a.rope_dims)?);
+        let (n_heads, n_kv_heads) = (
+            u32_of("heads", a.n_heads)?,
+            u32_of("kv heads", a.n_kv_heads)?,
+        );
+        let (head_dim, rope_dims) = (
+            u32_of("head_dim", a.head_dim)?,
+            u32_of("rope dims", a.rope_dims)?,
+        );
         let neox = u32::from(a.neox);
         let mut launch = self.stream.launch_builder(&self.qkv_prepare);
         launch
@@ -279,7 +336,10 @@ impl Kernels {
     /// Every address must hold what attention.cu documents.
     pub unsafe fn attention(&self, args: &Attention) -> Result<()> {
         let a = args;
-        let (n_heads, n_kv_heads) = (u32_of("heads", a.n_heads)?, u32_of("kv heads", a.n_kv_heads)?);
+        let (n_heads, n_kv_heads) = (
+            u32_of("heads", a.n_heads)?,
+            u32_of("kv heads", a.n_kv_heads)?,
+        );
         let (head_dim, window) = (u32_of("head_dim", a.head_dim)?, u32_of("window", a.window)?);
         let mut launch = self.stream.launch_builder(&self.attention);
         launch
@@ -305,12 +365,19 @@ impl Kernels {
     ///
     /// # Safety
     /// `logits` must hold the rows, `out` room for `rows` u32.
-    pub unsafe fn argmax_rows(&self, logits: u64, vocab: usize, rows: usize, out: u64) -> Result<()> {
+    pub unsafe fn argmax_rows(
+        &self,
+        logits: u64,
+        vocab: usize,
+        rows: usize,
+        out: u64,
+    ) -> Result<()> {
         let vocab = u32_of("vocab", vocab)?;
         let mut launch = self.stream.launch_builder(&self.argmax_rows);
         launch.arg(&logits).arg(&vocab).arg(&out);
         // SAFETY: as the caller vouches.
-        unsafe { launch.launch(grid(u32_of("rows", rows)?, 1, 1024)) }.context(|| "launching argmax_rows".into())?;
+        unsafe { launch.launch(grid(u32_of("rows", rows)?, 1, 1024)) }
+            .context(|| "launching argmax_rows".into())?;
         Ok(())
     }
 }

@@ -34,7 +34,12 @@ impl KvPages {
         n_layers * 2 * n_pages * PAGE_TOKENS * kv_dim * 2
     }
 
-    pub fn new(device: &CudaDevice, n_layers: usize, kv_dim: usize, n_pages: usize) -> Result<Self> {
+    pub fn new(
+        device: &CudaDevice,
+        n_layers: usize,
+        kv_dim: usize,
+        n_pages: usize,
+    ) -> Result<Self> {
         let bytes = Self::bytes_for(n_layers, kv_dim, n_pages);
         Ok(Self {
             buffer: DeviceBuffer::new(device, bytes, "the KV cache")?,

@@ -27,7 +27,9 @@ use gguf::{GgmlType, GgufFile};
 use crate::blas::Blas;
 use crate::device::{CudaDevice, DeviceOptions};
 use crate::error::{CudaError, DriverContext, Result};
-use crate::kernels::{Attention, DeviceMatrix, Kernels, QkvPrepare, MATVEC_MAX_TOKENS, MAX_HEAD_DIM};
+use crate::kernels::{
+    Attention, DeviceMatrix, Kernels, QkvPrepare, MATVEC_MAX_TOKENS, MAX_HEAD_DIM,
+};
 use crate::kv::{GpuCache, KvPages};
 use crate::memory::{DeviceBuffer, Layout};
 use crate::upload::{upload_weights, DeviceWeights, UploadOptions, UploadReport};
@@ -164,17 +166,17 @@ struct Layer {
 struct Workspace {
     _buffer: DeviceBuffer,
     max_tokens: usize,
-    x: u64,        // T × n_embd, the residual stream
-    normed: u64,   // T × n_embd
-    q: u64,        // T × q_dim
-    k: u64,        // T × kv_dim
-    v: u64,        // T × kv_dim
-    attn: u64,     // T × q_dim
-    tmp: u64,      // T × n_embd, a block's output before its post-norm
-    gate: u64,     // T × n_ff
-    up: u64,       // T × n_ff
-    act_f16: u64,  // T × max(n_embd, q_dim, n_ff), f16: GEMM input
-    scratch: u64,  // scratch_values f16: a matrix dequantized for a GEMM
+    x: u64,       // T × n_embd, the residual stream
+    normed: u64,  // T × n_embd
+    q: u64,       // T × q_dim
+    k: u64,       // T × kv_dim
+    v: u64,       // T × kv_dim
+    attn: u64,    // T × q_dim
+    tmp: u64,     // T × n_embd, a block's output before its post-norm
+    gate: u64,    // T × n_ff
+    up: u64,      // T × n_ff
+    act_f16: u64, // T × max(n_embd, q_dim, n_ff), f16: GEMM input
+    scratch: u64, // scratch_values f16: a matrix dequantized for a GEMM
     scratch_values: usize,
     final_rows: u64, // LOGIT_ROWS × n_embd
     logits: u64,     // LOGIT_ROWS × vocab
@@ -285,8 +287,10 @@ impl CudaModel {
                     .or_insert_with(|| f16_layout.add(m.rows * m.cols * 2));
             }
         }
+        // At least a full LM-head pass of rows, whose f16 copy shares act_f16.
+        let max_tokens = options.max_batch_tokens.max(LOGIT_ROWS);
         let (workspace_layout, parts) =
-            workspace_layout(&spec, options.max_batch_tokens, scratch_values, options.kv_pages);
+            workspace_layout(&spec, max_tokens, scratch_values, options.kv_pages);
         let extra = kv_bytes + workspace_layout.bytes() + BLAS_WORKSPACE_BYTES + f16_layout.bytes();
 
         let (raw, upload) = upload_weights(
@@ -382,11 +386,18 @@ impl CudaModel {
             })
             .collect();
         let output_norm_handle = vectors.add(Some(&host.output_norm));
-        let vector_buffer = DeviceBuffer::new(&device, vectors.values.len() * 4, "norm and bias vectors")?;
+        let vector_buffer =
+            DeviceBuffer::new(&device, vectors.values.len() * 4, "norm and bias vectors")?;
         // SAFETY: the buffer holds exactly these values; pageable memory is
         // copied out before the call returns.
-        unsafe { driver::memcpy_htod_async(vector_buffer.ptr(), &vectors.values, device.stream().cu_stream()) }
-            .context(|| "uploading norm and bias vectors".into())?;
+        unsafe {
+            driver::memcpy_htod_async(
+                vector_buffer.ptr(),
+                &vectors.values,
+                device.stream().cu_stream(),
+            )
+        }
+        .context(|| "uploading norm and bias vectors".into())?;
         let base = vector_buffer.ptr();
         let mut layers = Vec::with_capacity(spec.n_layers);
         for (l, h) in host.layers.iter().zip(&handles) {
@@ -419,9 +430,18 @@ impl CudaModel {
             Some(raw)
         };
 
-        let kv = Arc::new(KvPages::new(&device, spec.n_layers, kv_dim, options.kv_pages)?);
-        let buffer = DeviceBuffer::new(&device, workspace_layout.bytes(), "the forward pass's workspace")?;
-        let work = parts.place(buffer, options.max_batch_tokens, scratch_values);
+        let kv = Arc::new(KvPages::new(
+            &device,
+            spec.n_layers,
+            kv_dim,
+            options.kv_pages,
+        )?);
+        let buffer = DeviceBuffer::new(
+            &device,
+            workspace_layout.bytes(),
+            "the forward pass's workspace",
+        )?;
+        let work = parts.place(buffer, max_tokens, scratch_values);
         let blas = Blas::new(&device, BLAS_WORKSPACE_BYTES)?;
         device.synchronize()?;
         let used = free_before.saturating_sub(device.memory()?.free);
@@ -523,7 +543,11 @@ impl CudaModel {
                 capacity: seg.kv.capacity(),
             });
         }
-        if let Some(&bad) = seg.tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
+        if let Some(&bad) = seg
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.spec.vocab_size)
+        {
             return Err(EngineError::Invalid(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.spec.vocab_size
@@ -543,7 +567,10 @@ impl CudaModel {
             self.check_segment(seg)?;
         }
         let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        let work = self.work.lock().map_err(|_| EngineError::Invalid("GPU workspace poisoned".into()))?;
+        let work = self
+            .work
+            .lock()
+            .map_err(|_| EngineError::Invalid("GPU workspace poisoned".into()))?;
         if n > work.max_tokens {
             return Err(EngineError::Invalid(format!(
                 "a forward pass of {n} tokens exceeds the GPU workspace of {} tokens",
@@ -596,11 +623,25 @@ impl CudaModel {
         };
 
         let result = (|| -> Result<Output> {
+            // The raw copies below use the thread's current context (the
+            // scheduler runs this on its own thread).
+            self.device
+                .context()
+                .bind_to_thread()
+                .context(|| format!("binding GPU {}", self.device.index()))?;
             let stream = self.device.stream();
             // SAFETY: `meta` is pageable host memory copied out before the call returns.
             unsafe { driver::memcpy_htod_async(work.meta, &meta, stream.cu_stream()) }
                 .context(|| "uploading step metadata".into())?;
-            self.layers_forward(&*work, n, tokens_at, positions_at, offsets_at, tables_at, &mut trace)?;
+            self.layers_forward(
+                &*work,
+                n,
+                tokens_at,
+                positions_at,
+                offsets_at,
+                tables_at,
+                &mut trace,
+            )?;
             self.head(&*work, &wanted, wanted_at, greedy)
         })();
         // Nothing queued may outlive this call (caches may drop their pages next).
@@ -660,14 +701,25 @@ impl CudaModel {
         // ordered after it on the stream and waited for below.
         unsafe { driver::memcpy_dtoh_async(&mut host, ptr, stream.cu_stream()) }
             .context(|| "copying activations to the host".into())?;
-        stream.synchronize().context(|| "waiting for activations".into())?;
+        stream
+            .synchronize()
+            .context(|| "waiting for activations".into())?;
         Ok(host)
     }
 
     /// `y (+)= x · Wᵀ` for `n` rows: matvec from the blocks for a few rows,
     /// else cuBLAS on f16 (the weights dequantized to the scratch when needed).
     #[allow(clippy::too_many_arguments)]
-    fn matmul(&self, work: &Workspace, w: &DeviceMatrix, x: u64, n: usize, y: u64, ldy: usize, accumulate: bool) -> Result<()> {
+    fn matmul(
+        &self,
+        work: &Workspace,
+        w: &DeviceMatrix,
+        x: u64,
+        n: usize,
+        y: u64,
+        ldy: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         // SAFETY (every block below): the addresses come from this model's
         // buffers, sized at load for max_batch_tokens rows of every width.
         if self.mode == WeightsMode::Quantized && n <= MATVEC_MAX_TOKENS {
@@ -675,14 +727,20 @@ impl CudaModel {
         }
         unsafe { self.kernels.f32_to_f16(x, work.act_f16, n * w.cols)? };
         if w.ty == GgmlType::F16 {
-            return unsafe { self.blas.gemm_f16(w.ptr, w.rows, w.cols, work.act_f16, n, y, ldy, accumulate) };
+            return unsafe {
+                self.blas
+                    .gemm_f16(w.ptr, w.rows, w.cols, work.act_f16, n, y, ldy, accumulate)
+            };
         }
         let chunk_rows = (work.scratch_values / w.cols).max(1);
         let stream = self.device.stream();
         for first in (0..w.rows).step_by(chunk_rows) {
             let rows = chunk_rows.min(w.rows - first);
             if rows * w.cols > work.scratch_values {
-                return Err(invalid("weight scratch", format!("{}×{} does not fit", rows, w.cols)));
+                return Err(invalid(
+                    "weight scratch",
+                    format!("{}×{} does not fit", rows, w.cols),
+                ));
             }
             unsafe {
                 self.kernels.dequantizer.dequantize_f16_raw(
@@ -692,7 +750,16 @@ impl CudaModel {
                     (rows * w.cols) as u64,
                     work.scratch,
                 )?;
-                self.blas.gemm_f16(work.scratch, rows, w.cols, work.act_f16, n, y + 4 * first as u64, ldy, accumulate)?;
+                self.blas.gemm_f16(
+                    work.scratch,
+                    rows,
+                    w.cols,
+                    work.act_f16,
+                    n,
+                    y + 4 * first as u64,
+                    ldy,
+                    accumulate,
+                )?;
             }
         }
         Ok(())
@@ -725,7 +792,13 @@ impl CudaModel {
         // tokens (below the vocabulary: checked), their positions, table
         // offsets, and tables covering every position (reserved).
         unsafe {
-            k.embed(&self.token_embd, tokens, n, spec.embedding_scale.unwrap_or(1.0), work.x)?;
+            k.embed(
+                &self.token_embd,
+                tokens,
+                n,
+                spec.embedding_scale.unwrap_or(1.0),
+                work.x,
+            )?;
         }
         for (index, layer) in self.layers.iter().enumerate() {
             let first = index == 0;
@@ -798,7 +871,14 @@ impl CudaModel {
             unsafe { k.rms_norm(work.x, 0, layer.ffn_norm, eps, embd, n, work.normed)? };
             self.matmul(work, &layer.gate, work.normed, n, work.gate, ff, false)?;
             self.matmul(work, &layer.up, work.normed, n, work.up, ff, false)?;
-            unsafe { k.gated_activation(work.gate, work.up, n * ff, spec.activation == Activation::GeluTanh)? };
+            unsafe {
+                k.gated_activation(
+                    work.gate,
+                    work.up,
+                    n * ff,
+                    spec.activation == Activation::GeluTanh,
+                )?
+            };
             if first {
                 record("layer0.ffn_norm".into(), work.normed, embd)?;
                 record("layer0.ffn_act".into(), work.gate, ff)?;
@@ -810,22 +890,42 @@ impl CudaModel {
     }
 
     /// `x += W·a`, or `x += RMSNorm(W·a)·post_norm` where the spec has post-norms.
-    fn residual(&self, work: &Workspace, w: &DeviceMatrix, a: u64, n: usize, post_norm: u64) -> Result<()> {
+    fn residual(
+        &self,
+        work: &Workspace,
+        w: &DeviceMatrix,
+        a: u64,
+        n: usize,
+        post_norm: u64,
+    ) -> Result<()> {
         let embd = self.spec.n_embd;
         if post_norm == 0 {
             return self.matmul(work, w, a, n, work.x, embd, true);
         }
         self.matmul(work, w, a, n, work.tmp, embd, false)?;
         // SAFETY: x and tmp hold n × n_embd f32; post_norm n_embd f32.
-        unsafe { self.kernels.add_rms_norm(work.x, work.tmp, post_norm, self.spec.rms_eps, embd, n) }
+        unsafe {
+            self.kernels
+                .add_rms_norm(work.x, work.tmp, post_norm, self.spec.rms_eps, embd, n)
+        }
     }
 
     /// Final norm and LM head of the wanted rows (`wanted_at` holds their
     /// indices on the device), LOGIT_ROWS at a time.
-    fn head(&self, work: &Workspace, wanted: &[u32], wanted_at: u64, greedy: bool) -> Result<Output> {
+    fn head(
+        &self,
+        work: &Workspace,
+        wanted: &[u32],
+        wanted_at: u64,
+        greedy: bool,
+    ) -> Result<Output> {
         let (embd, vocab) = (self.spec.n_embd, self.spec.vocab_size);
         let stream = self.device.stream();
-        let mut logits = if greedy { Vec::new() } else { vec![0f32; wanted.len() * vocab] };
+        let mut logits = if greedy {
+            Vec::new()
+        } else {
+            vec![0f32; wanted.len() * vocab]
+        };
         for first in (0..wanted.len()).step_by(LOGIT_ROWS) {
             let rows = LOGIT_ROWS.min(wanted.len() - first);
             // SAFETY: the rows index n ≤ max_batch_tokens rows of x; final_rows
@@ -841,15 +941,32 @@ impl CudaModel {
                     work.final_rows,
                 )?;
             }
-            self.matmul(work, &self.output, work.final_rows, rows, work.logits, vocab, false)?;
+            self.matmul(
+                work,
+                &self.output,
+                work.final_rows,
+                rows,
+                work.logits,
+                vocab,
+                false,
+            )?;
             if greedy {
-                unsafe { self.kernels.argmax_rows(work.logits, vocab, rows, work.ids + 4 * first as u64)? };
+                unsafe {
+                    self.kernels.argmax_rows(
+                        work.logits,
+                        vocab,
+                        rows,
+                        work.ids + 4 * first as u64,
+                    )?
+                };
             } else {
                 let dst = &mut logits[first * vocab..(first + rows) * vocab];
                 // SAFETY: `logits` holds rows × vocab f32 written just before on this stream.
                 unsafe { driver::memcpy_dtoh_async(dst, work.logits, stream.cu_stream()) }
                     .context(|| "copying logits to the host".into())?;
-                stream.synchronize().context(|| "waiting for logits".into())?;
+                stream
+                    .synchronize()
+                    .context(|| "waiting for logits".into())?;
             }
         }
         if greedy {
@@ -858,7 +975,9 @@ impl CudaModel {
                 // SAFETY: `ids` holds wanted.len() u32 written by argmax_rows on this stream.
                 unsafe { driver::memcpy_dtoh_async(&mut ids, work.ids, stream.cu_stream()) }
                     .context(|| "copying token ids to the host".into())?;
-                stream.synchronize().context(|| "waiting for token ids".into())?;
+                stream
+                    .synchronize()
+                    .context(|| "waiting for token ids".into())?;
             }
             Ok(Output::Tokens(vec![ids]))
         } else {
@@ -895,7 +1014,13 @@ fn check_shapes(spec: &ModelSpec, host: &ModelWeights) -> Result<()> {
         .chain([&host.token_embd, &host.output]);
     for m in matrices {
         if m.cols % 8 != 0 {
-            return Err(invalid(&m.name, format!("rows of {} values: the GPU kernels need a multiple of 8", m.cols)));
+            return Err(invalid(
+                &m.name,
+                format!(
+                    "rows of {} values: the GPU kernels need a multiple of 8",
+                    m.cols
+                ),
+            ));
         }
         if !crate::dequantize::TYPES.iter().any(|(t, _)| *t == m.ty) {
             return Err(CudaError::UnsupportedType(m.ty));
@@ -910,28 +1035,39 @@ struct WorkspaceParts {
     meta_len: usize,
 }
 
-fn workspace_layout(spec: &ModelSpec, max_tokens: usize, scratch_values: usize, kv_pages: usize) -> (Layout, WorkspaceParts) {
+fn workspace_layout(
+    spec: &ModelSpec,
+    max_tokens: usize,
+    scratch_values: usize,
+    kv_pages: usize,
+) -> (Layout, WorkspaceParts) {
     let t = max_tokens;
-    let (embd, q_dim, kv_dim, ff, vocab) = (spec.n_embd, spec.q_dim(), spec.kv_dim(), spec.n_ff, spec.vocab_size);
+    let (embd, q_dim, kv_dim, ff, vocab) = (
+        spec.n_embd,
+        spec.q_dim(),
+        spec.kv_dim(),
+        spec.n_ff,
+        spec.vocab_size,
+    );
     let widest = embd.max(q_dim).max(ff);
     let meta_len = 4 * t + kv_pages;
     let mut layout = Layout::default();
     let offsets = [
-        layout.add(4 * t * embd),            // x
-        layout.add(4 * t * embd),            // normed
-        layout.add(4 * t * q_dim),           // q
-        layout.add(4 * t * kv_dim),          // k
-        layout.add(4 * t * kv_dim),          // v
-        layout.add(4 * t * q_dim),           // attn
-        layout.add(4 * t * embd),            // tmp
-        layout.add(4 * t * ff),              // gate
-        layout.add(4 * t * ff),              // up
-        layout.add(2 * t * widest),          // act_f16
-        layout.add(2 * scratch_values),      // scratch
-        layout.add(4 * LOGIT_ROWS * embd),   // final_rows
-        layout.add(4 * LOGIT_ROWS * vocab),  // logits
-        layout.add(4 * t),                   // ids
-        layout.add(4 * meta_len),            // meta
+        layout.add(4 * t * embd),           // x
+        layout.add(4 * t * embd),           // normed
+        layout.add(4 * t * q_dim),          // q
+        layout.add(4 * t * kv_dim),         // k
+        layout.add(4 * t * kv_dim),         // v
+        layout.add(4 * t * q_dim),          // attn
+        layout.add(4 * t * embd),           // tmp
+        layout.add(4 * t * ff),             // gate
+        layout.add(4 * t * ff),             // up
+        layout.add(2 * t * widest),         // act_f16
+        layout.add(2 * scratch_values),     // scratch
+        layout.add(4 * LOGIT_ROWS * embd),  // final_rows
+        layout.add(4 * LOGIT_ROWS * vocab), // logits
+        layout.add(4 * t),                  // ids
+        layout.add(4 * meta_len),           // meta
     ];
     (layout, WorkspaceParts { offsets, meta_len })
 }
@@ -976,14 +1112,20 @@ impl Backend for CudaModel {
         GpuCache::new(self.kv.clone(), Some(pool), context)
     }
 
-    fn forward_logits(&self, batch: &mut [Segment<'_, GpuCache>]) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn forward_logits(
+        &self,
+        batch: &mut [Segment<'_, GpuCache>],
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         match self.run(batch, false, None)? {
             Output::Logits(rows) => Ok(rows),
             Output::Tokens(_) => unreachable!("logits were asked for"),
         }
     }
 
-    fn forward_greedy(&self, batch: &mut [Segment<'_, GpuCache>]) -> Result<Vec<Vec<u32>>, EngineError> {
+    fn forward_greedy(
+        &self,
+        batch: &mut [Segment<'_, GpuCache>],
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
         match self.run(batch, true, None)? {
             Output::Tokens(ids) => Ok(ids),
             Output::Logits(_) => unreachable!("token ids were asked for"),

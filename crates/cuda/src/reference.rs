@@ -30,7 +30,8 @@ pub fn forward_traced(
     let table = &weights.token_embd;
     let mut x = vec![0f32; n * embd];
     for (row, &t) in x.chunks_exact_mut(embd).zip(tokens) {
-        let bytes = &table.data(file)[t as usize * table.row_bytes()..(t as usize + 1) * table.row_bytes()];
+        let bytes =
+            &table.data(file)[t as usize * table.row_bytes()..(t as usize + 1) * table.row_bytes()];
         quant::dequantize(table.ty, bytes, row)?;
         if let Some(scale) = spec.embedding_scale {
             row.iter_mut().for_each(|v| *v *= scale);
@@ -61,7 +62,11 @@ pub fn forward_traced(
         let theta = spec.rope_theta_for(layer);
         rope(&mut q, n, hd, spec.rope_dims, theta, spec.rope_style);
         rope(&mut k, n, hd, spec.rope_dims, theta, spec.rope_style);
-        let window = if spec.is_sliding(layer) { spec.sliding_window } else { None };
+        let window = if spec.is_sliding(layer) {
+            spec.sliding_window
+        } else {
+            None
+        };
         let group = spec.n_heads / spec.n_kv_heads;
         let mut attn = vec![0f32; n * q_dim];
         attn.par_chunks_mut(hd).enumerate().for_each(|(task, out)| {
@@ -70,7 +75,10 @@ pub fn forward_traced(
             let kvh = h / group;
             let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
             let mut scores: Vec<f32> = (first_key..=t)
-                .map(|p| dot(qh, &k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd]) * spec.attention_scale)
+                .map(|p| {
+                    dot(qh, &k[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd])
+                        * spec.attention_scale
+                })
                 .collect();
             let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
@@ -80,7 +88,10 @@ pub fn forward_traced(
             }
             for (p, &s) in (first_key..=t).zip(&scores) {
                 let weight = s / sum;
-                for (o, &val) in out.iter_mut().zip(&v[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd]) {
+                for (o, &val) in out
+                    .iter_mut()
+                    .zip(&v[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd])
+                {
                     *o += weight * val;
                 }
             }
@@ -152,7 +163,9 @@ fn matmul(file: &GgufFile, w: &Matrix, x: &[f32], n: usize) -> Result<Vec<f32>, 
         .map(|r| -> Result<Vec<f32>, quant::QuantError> {
             let mut row = vec![0f32; w.cols];
             quant::dequantize(w.ty, &data[r * row_bytes..(r + 1) * row_bytes], &mut row)?;
-            Ok((0..n).map(|t| dot(&row, &x[t * w.cols..(t + 1) * w.cols])).collect())
+            Ok((0..n)
+                .map(|t| dot(&row, &x[t * w.cols..(t + 1) * w.cols]))
+                .collect())
         })
         .collect::<Result<_, _>>()?;
     let mut y = vec![0f32; n * w.rows];

@@ -62,7 +62,9 @@ impl Summary {
             self.max_logits_rel_l2 = if rel.is_nan() { f64::INFINITY } else { rel };
         }
         if !(rel <= MAX_LOGITS_REL_L2) {
-            self.failures.push(format!("{what}: logits rel-L2 {rel:.3e} > {MAX_LOGITS_REL_L2:.0e}"));
+            self.failures.push(format!(
+                "{what}: logits rel-L2 {rel:.3e} > {MAX_LOGITS_REL_L2:.0e}"
+            ));
         }
         let (g, c) = (argmax(gpu), argmax(cpu));
         let margin = top_margin(cpu);
@@ -110,7 +112,11 @@ pub fn top_margin(logits: &[f32]) -> f32 {
 }
 
 /// Runs every check; `log` receives a line per finding as it comes.
-pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn FnMut(&str)) -> Result<Summary> {
+pub fn selftest(
+    file: Arc<GgufFile>,
+    options: &SelftestOptions,
+    log: &mut dyn FnMut(&str),
+) -> Result<Summary> {
     let mut summary = Summary::default();
     let cpu = CpuModel::load(file.clone())?;
     let spec = cpu.spec().clone();
@@ -136,7 +142,11 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
     let mut layer0 = Vec::new();
     let mut layers = Vec::new();
     for ((name, want), (gpu_name, got)) in ref_trace.iter().zip(&gpu_trace) {
-        let rel = if name == gpu_name { rel_l2(got, want) } else { f64::INFINITY };
+        let rel = if name == gpu_name {
+            rel_l2(got, want)
+        } else {
+            f64::INFINITY
+        };
         if let Some(step) = name.strip_prefix("layer0.").filter(|s| *s != "out") {
             layer0.push(format!("{step} {rel:.1e}"));
         } else {
@@ -153,8 +163,15 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
             ref_trace.len()
         ));
     }
-    log(&format!("prompt 0 ({} tokens), layer 0 rel-L2: {}", prompts[0].len(), layer0.join(", ")));
-    log(&format!("hidden state rel-L2 after each layer: {}", layers.join(" ")));
+    log(&format!(
+        "prompt 0 ({} tokens), layer 0 rel-L2: {}",
+        prompts[0].len(),
+        layer0.join(", ")
+    ));
+    log(&format!(
+        "hidden state rel-L2 after each layer: {}",
+        layers.join(" ")
+    ));
 
     // 2. A batch of prompts, then teacher-forced decode steps.
     let mut cpu_caches: Vec<_> = prompts.iter().map(|_| cpu.new_cache(CONTEXT)).collect();
@@ -163,7 +180,11 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
         let mut batch: Vec<cpu::Segment<'_>> = cpu_caches
             .iter_mut()
             .zip(prompts)
-            .map(|(kv, p)| cpu::Segment { kv, tokens: p, logits: Logits::Last })
+            .map(|(kv, p)| cpu::Segment {
+                kv,
+                tokens: p,
+                logits: Logits::Last,
+            })
             .collect();
         cpu.forward_batch(&mut batch)?
     };
@@ -171,7 +192,11 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
         let mut batch: Vec<Segment<'_, GpuCache>> = gpu_caches
             .iter_mut()
             .zip(prompts)
-            .map(|(kv, p)| Segment { kv, tokens: p, logits: Logits::Last })
+            .map(|(kv, p)| Segment {
+                kv,
+                tokens: p,
+                logits: Logits::Last,
+            })
             .collect();
         gpu.forward_logits(&mut batch)?
     };
@@ -199,7 +224,11 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
             let mut batch: Vec<cpu::Segment<'_>> = cpu_caches
                 .iter_mut()
                 .zip(&next)
-                .map(|(kv, t)| cpu::Segment { kv, tokens: t, logits: Logits::Last })
+                .map(|(kv, t)| cpu::Segment {
+                    kv,
+                    tokens: t,
+                    logits: Logits::Last,
+                })
                 .collect();
             cpu.forward_batch(&mut batch)?
         };
@@ -207,7 +236,11 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
             let mut batch: Vec<Segment<'_, GpuCache>> = gpu_caches
                 .iter_mut()
                 .zip(&next)
-                .map(|(kv, t)| Segment { kv, tokens: t, logits: Logits::Last })
+                .map(|(kv, t)| Segment {
+                    kv,
+                    tokens: t,
+                    logits: Logits::Last,
+                })
                 .collect();
             gpu.forward_logits(&mut batch)?
         };
@@ -233,7 +266,11 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
         let mut batch: Vec<Segment<'_, GpuCache>> = caches
             .iter_mut()
             .zip(prompts)
-            .map(|(kv, p)| Segment { kv, tokens: p, logits: Logits::Last })
+            .map(|(kv, p)| Segment {
+                kv,
+                tokens: p,
+                logits: Logits::Last,
+            })
             .collect();
         gpu.forward_greedy(&mut batch)?
     };
@@ -246,13 +283,21 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
         let mut batch: Vec<Segment<'_, GpuCache>> = caches
             .iter_mut()
             .zip(&next)
-            .map(|(kv, t)| Segment { kv, tokens: t, logits: Logits::Last })
+            .map(|(kv, t)| Segment {
+                kv,
+                tokens: t,
+                logits: Logits::Last,
+            })
             .collect();
         ids = gpu.forward_greedy(&mut batch)?;
     }
     drop(caches);
     for (i, (gpu_seq, cpu_seq)) in generated.iter().zip(&cpu_tokens).enumerate() {
-        let same = gpu_seq.iter().zip(cpu_seq).take_while(|(a, b)| a == b).count();
+        let same = gpu_seq
+            .iter()
+            .zip(cpu_seq)
+            .take_while(|(a, b)| a == b)
+            .count();
         summary.greedy_match.0 += same;
         summary.greedy_match.1 += cpu_seq.len();
         if same < cpu_seq.len() {
@@ -269,14 +314,18 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
                 ));
             }
         } else {
-            log(&format!("prompt {i} greedy: GPU matches all {same} CPU tokens"));
+            log(&format!(
+                "prompt {i} greedy: GPU matches all {same} CPU tokens"
+            ));
         }
     }
 
     // 4. A prompt longer than the sliding window, prefilled in chunks.
     if let Some(window) = spec.sliding_window {
         let length = (window + 64).min(CONTEXT - 1);
-        let tokens: Vec<u32> = (0..length).map(|i| ((i * 7919 + 13) % spec.vocab_size) as u32).collect();
+        let tokens: Vec<u32> = (0..length)
+            .map(|i| ((i * 7919 + 13) % spec.vocab_size) as u32)
+            .collect();
         let mut cpu_cache = cpu.new_cache(CONTEXT);
         let cpu_long = cpu.forward(&mut cpu_cache, &tokens, Logits::Last)?;
         let mut cache = gpu.new_cache(CONTEXT);
@@ -290,7 +339,11 @@ pub fn selftest(file: Arc<GgufFile>, options: &SelftestOptions, log: &mut dyn Fn
             }];
             gpu_long = gpu.forward_logits(&mut batch)?.pop().unwrap_or_default();
         }
-        let rel = summary.compare(&format!("{length}-token prompt (window {window})"), &gpu_long, &cpu_long);
+        let rel = summary.compare(
+            &format!("{length}-token prompt (window {window})"),
+            &gpu_long,
+            &cpu_long,
+        );
         log(&format!(
             "{length}-token prompt past the {window}-token window, prefilled in chunks of 512: logits rel-L2 {rel:.2e}, top token {}",
             if argmax(&gpu_long) == argmax(&cpu_long) { "agrees" } else { "differs" }

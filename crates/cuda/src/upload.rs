@@ -29,7 +29,9 @@ use std::fmt;
 use std::ops::Range;
 use std::time::Instant;
 
-use cudarc::driver::{result as driver, CudaEvent, CudaSlice, CudaView, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{
+    result as driver, CudaEvent, CudaSlice, CudaView, DevicePtr, PinnedHostSlice,
+};
 use gguf::{GgmlType, GgufFile};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;

@@ -115,3 +115,27 @@ fn kernel_cache_compiles_once_per_arch() {
         KernelCache::key(&DEQUANTIZE, "sm_90a", toolkit)
     );
 }
+
+/// Fills a kernel cache with every module built for Hopper (sm_90a), for a
+/// GPU machine that should not spend its time in NVRTC: copy the folder to
+/// `~/.cache/worker-orcd/kernels` there (the key covers sources, options,
+/// architecture and NVRTC version, so a stale file is never used).
+/// `WORKER_ORCD_KERNEL_CACHE_OUT` names the folder.
+#[test]
+#[ignore = "writes a kernel cache for another machine"]
+fn fill_hopper_kernel_cache() {
+    require_nvrtc();
+    let dir = std::env::var_os("WORKER_ORCD_KERNEL_CACHE_OUT")
+        .expect("set WORKER_ORCD_KERNEL_CACHE_OUT to the folder to fill");
+    let cache = KernelCache::new(std::path::PathBuf::from(dir));
+    for module in ALL_MODULES {
+        cache
+            .load_or_compile(module, "sm_90a")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    println!(
+        "{} modules for sm_90a in {}",
+        ALL_MODULES.len(),
+        cache.dir().display()
+    );
+}

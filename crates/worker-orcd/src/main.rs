@@ -4,6 +4,7 @@
 mod bench;
 mod inspect;
 mod run;
+mod selftest;
 mod serve;
 
 use std::io::Write;
@@ -32,6 +33,8 @@ enum Command {
         #[command(flatten)]
         model: run::ModelArgs,
         #[command(flatten)]
+        gpu: run::GpuArgs,
+        #[command(flatten)]
         sampling: run::SamplingArgs,
         /// The prompt, used as given unless --chat wraps it in the model's template.
         #[arg(short, long)]
@@ -42,10 +45,14 @@ enum Command {
     },
     /// Measure load time, prompt processing (pp) and decode (tg) speed.
     Bench(bench::BenchArgs),
+    /// Check the GPU backend against the CPU backend on one model.
+    Selftest(selftest::SelftestArgs),
     /// Chat interactively with the model's chat template.
     Chat {
         #[command(flatten)]
         model: run::ModelArgs,
+        #[command(flatten)]
+        gpu: run::GpuArgs,
         #[command(flatten)]
         sampling: run::SamplingArgs,
         /// System prompt.
@@ -108,16 +115,19 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve::run_serve(&args)?,
         Command::Generate {
             model,
+            gpu,
             sampling,
             prompt,
             chat,
-        } => run::run_generate(&model, &sampling, &prompt, chat)?,
+        } => run::run_generate(&model, &gpu, &sampling, &prompt, chat)?,
         Command::Bench(args) => bench::run_bench(&args)?,
+        Command::Selftest(args) => selftest::run_selftest(&args)?,
         Command::Chat {
             model,
+            gpu,
             sampling,
             system,
-        } => run::run_chat(&model, &sampling, system.as_deref())?,
+        } => run::run_chat(&model, &gpu, &sampling, system.as_deref())?,
         Command::Inspect { file, json, full } => {
             let gguf = open(&file)?;
             let report = inspect::Report::new(&gguf);

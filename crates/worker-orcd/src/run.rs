@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use engine::backend::Backend;
 use engine::cpu::CpuModel;
 use engine::generate::{generate_blocking, GenerateParams};
 use engine::kv::PAGE_TOKENS;
@@ -27,8 +28,8 @@ pub struct ModelArgs {
     /// Context size in tokens [default: the model's training context, at most 4096].
     #[arg(long)]
     pub ctx_size: Option<usize>,
-    /// cpu (cuda arrives with the CUDA backend).
-    #[arg(long, default_value = "cpu")]
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     pub device: String,
     /// Worker threads for the CPU backend [default: all cores].
     #[arg(short, long)]
@@ -44,6 +45,36 @@ impl ModelArgs {
         match self.cpu_activations.as_str() {
             "q8" => quant::Activations::Q8,
             _ => quant::Activations::F32,
+        }
+    }
+}
+
+/// How to use the GPU with `--device cuda`.
+#[derive(Args, Clone, Debug)]
+pub struct GpuArgs {
+    /// The GPU to run on, as the driver numbers them.
+    #[arg(long = "gpu-device", default_value_t = 0)]
+    pub gpu_device: usize,
+    /// Weights on the GPU: quant keeps the file's blocks (fused
+    /// dequantize-and-multiply kernels), f16 dequantizes them at load (cuBLAS).
+    #[arg(long, default_value = "quant", value_parser = ["quant", "f16"])]
+    pub weights: String,
+}
+
+impl GpuArgs {
+    /// Options for loading onto the GPU: `kv_pages` pages of KV cache, forward
+    /// passes of up to `max_batch_tokens` tokens.
+    pub fn options(&self, kv_pages: usize, max_batch_tokens: usize) -> cuda::CudaOptions {
+        cuda::CudaOptions {
+            device: cuda::DeviceOptions {
+                index: self.gpu_device,
+                ..Default::default()
+            },
+            weights: cuda::WeightsMode::from_name(&self.weights)
+                .unwrap_or(cuda::WeightsMode::Quantized),
+            kv_pages,
+            max_batch_tokens,
+            progress: true,
         }
     }
 }
@@ -132,37 +163,47 @@ pub struct Loaded {
     pub scheduler: SchedulerHandle,
 }
 
-pub fn load(args: &ModelArgs) -> Result<Loaded> {
-    if args.device != "cpu" {
-        bail!(
-            "device {:?} is not available in this build; use --device cpu",
-            args.device
-        );
-    }
+pub fn load(args: &ModelArgs, gpu: &GpuArgs) -> Result<Loaded> {
     set_threads(args.threads)?;
     let path = resolve_model(&args.model)?;
     let file =
         Arc::new(GgufFile::open(&path).with_context(|| format!("reading {}", path.display()))?);
     let tokenizer = Tokenizer::from_gguf(file.metadata()).context("loading the tokenizer")?;
     let template = ChatTemplate::from_gguf(file.metadata()).ok();
-    let model = CpuModel::load(file)
-        .with_context(|| format!("loading {}", path.display()))?
-        .with_activations(args.activations());
+    let spec = engine::spec::ModelSpec::from_gguf(&file)
+        .with_context(|| format!("loading {}", path.display()))?;
     let context = args
         .ctx_size
-        .unwrap_or_else(|| model.spec().context_length.min(4096));
+        .unwrap_or_else(|| spec.context_length.min(4096));
     let tokenizer = Arc::new(tokenizer);
-    let (scheduler, _thread) = scheduler::spawn(
-        Arc::new(model),
-        tokenizer.clone(),
-        SchedulerConfig {
-            context,
-            max_running: 1,
-            max_queued: 1,
-            step_tokens: 512,
-            kv_pages: context.div_ceil(PAGE_TOKENS),
-        },
-    );
+    let config = SchedulerConfig {
+        context,
+        max_running: 1,
+        max_queued: 1,
+        step_tokens: 512,
+        kv_pages: context.div_ceil(PAGE_TOKENS),
+    };
+    fn start<B: Backend>(
+        model: B,
+        tokenizer: &Arc<Tokenizer>,
+        config: SchedulerConfig,
+    ) -> SchedulerHandle {
+        scheduler::spawn(Arc::new(model), tokenizer.clone(), config).0
+    }
+    let scheduler = match args.device.as_str() {
+        "cuda" => {
+            let options = gpu.options(config.kv_pages, config.step_tokens);
+            let model = cuda::CudaModel::load(file, &options)
+                .with_context(|| format!("loading {} onto the GPU", path.display()))?;
+            start(model, &tokenizer, config)
+        }
+        _ => {
+            let model = CpuModel::load(file)
+                .with_context(|| format!("loading {}", path.display()))?
+                .with_activations(args.activations());
+            start(model, &tokenizer, config)
+        }
+    };
     Ok(Loaded {
         tokenizer,
         template,
@@ -205,11 +246,12 @@ fn stream_to_stdout(piece: &str) -> bool {
 
 pub fn run_generate(
     model_args: &ModelArgs,
+    gpu: &GpuArgs,
     sampling: &SamplingArgs,
     prompt: &str,
     chat: bool,
 ) -> Result<()> {
-    let loaded = load(model_args)?;
+    let loaded = load(model_args, gpu)?;
     let text = if chat {
         let template = loaded
             .template
@@ -230,10 +272,11 @@ pub fn run_generate(
 
 pub fn run_chat(
     model_args: &ModelArgs,
+    gpu: &GpuArgs,
     sampling: &SamplingArgs,
     system: Option<&str>,
 ) -> Result<()> {
-    let loaded = load(model_args)?;
+    let loaded = load(model_args, gpu)?;
     let template = loaded
         .template
         .as_ref()
