@@ -22,8 +22,9 @@
 # of real shapes (Qwen2.5-0.5B in F16, Q8_0 and Q4_K_M, stand-ins for
 # SmolLM2-135M and Gemma-3-270M, whose real files are too large to carry);
 # `worker-orcd selftest` on each in both weight modes (GPU against the CPU
-# backend); `worker-orcd bench --device cuda` on Qwen2.5-0.5B Q4_K_M in both
-# modes. Real model files in $WORKER_ORCD_MODELS, if any, are self-tested too.
+# backend); `worker-orcd generate --device cuda` (greedy text equal to the
+# CPU's, and a sampled run); `worker-orcd bench --device cuda` on
+# Qwen2.5-0.5B Q4_K_M in both modes. Real model files in $WORKER_ORCD_MODELS, if any, are self-tested too.
 # Logs go to $GPU_CHECK_LOGS (default: a new temporary folder), models to
 # $GPU_CHECK_MODELS (default: a new temporary folder; existing files are
 # reused). The last lines are a short table.
@@ -113,6 +114,38 @@ for model in "${selftest_models[@]}"; do
     done
 done
 
+# generate through the scheduler: greedy text must match the CPU backend's;
+# a sampled run must simply work.
+generates=()
+gen_model="$models/unit/qwen2.5-0.5b-q4_k_m.gguf"
+if [[ -x "$bin" && -f "$gen_model" ]]; then
+    gen() { # name, then generate's arguments
+        local name="$1"
+        shift
+        timeout 120 "$bin" generate -m "$gen_model" -p "Once upon a time" -n 32 --seed 7 "$@" \
+            >"$logs/generate-$name.out" 2>"$logs/generate-$name.err"
+    }
+    gen cpu-greedy --device cpu --temperature 0
+    for weights in quant f16; do
+        if gen "cuda-$weights-greedy" --device cuda --weights "$weights" --temperature 0; then
+            same="$(cmp -s "$logs/generate-cpu-greedy.out" "$logs/generate-cuda-$weights-greedy.out" && echo "same text as --device cpu" || echo "TEXT DIFFERS from --device cpu")"
+            [[ "$same" == same* ]] || failed=1
+        else
+            same="FAILED: $(tail -1 "$logs/generate-cuda-$weights-greedy.err")"
+            failed=1
+        fi
+        speed="$(grep -o 'generated: [0-9]* tokens, [0-9.]* tok/s' "$logs/generate-cuda-$weights-greedy.err" | tail -1)"
+        generates+=("$weights greedy: $same ($speed)")
+        if gen "cuda-$weights-sampled" --device cuda --weights "$weights" --temperature 0.8; then
+            speed="$(grep -o 'generated: [0-9]* tokens, [0-9.]* tok/s' "$logs/generate-cuda-$weights-sampled.err" | tail -1)"
+            generates+=("$weights sampled (temperature 0.8, top-k 40): ok ($speed)")
+        else
+            generates+=("$weights sampled: FAILED: $(tail -1 "$logs/generate-cuda-$weights-sampled.err")")
+            failed=1
+        fi
+    done
+fi
+
 benches=()
 bench_model="$models/unit/qwen2.5-0.5b-q4_k_m.gguf"
 if [[ -x "$bin" && -f "$bench_model" ]]; then
@@ -146,6 +179,10 @@ grep -h '^gpu-check: ' "$logs"/*.log 2>/dev/null | sed 's/^gpu-check: /  /'
 if ((${#selftests[@]})); then
     echo "selftest (GPU vs CPU backend):"
     printf '  %s\n' "${selftests[@]}"
+fi
+if ((${#generates[@]})); then
+    echo "generate --device cuda, $(basename "$gen_model"), 32 tokens:"
+    printf '  %s\n' "${generates[@]}"
 fi
 if ((${#benches[@]})); then
     echo "bench --device cuda, $(basename "$bench_model"):"

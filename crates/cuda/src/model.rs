@@ -11,11 +11,14 @@
 //! Activations are f32 between kernels; the LM head's rows come back as
 //! logits or, for greedy decoding, only as token ids (`sample.cu`).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::result as driver;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::CudaGraph;
 use engine::backend::{Backend, Cache, Segment};
 use engine::cpu::Logits;
 use engine::kv::{KvPool, PAGE_TOKENS};
@@ -184,7 +187,37 @@ struct Workspace {
     meta: u64,       // meta_len u32
     meta_len: usize,
     bytes: usize,
+    /// Decode steps captured as CUDA graphs, by shape.
+    graphs: HashMap<GraphKey, Graph>,
+    /// A capture failed: launch kernels one by one.
+    graphs_unavailable: bool,
 }
+
+/// What fixes a decode step's graph: every address is the workspace's, so
+/// only the sizes differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct GraphKey {
+    tokens: usize,
+    rows: usize,
+    greedy: bool,
+}
+
+/// Where a step's metadata lies on the device.
+struct StepAddresses {
+    tokens: u64,
+    positions: u64,
+    table_offsets: u64,
+    wanted: u64,
+    tables: u64,
+}
+
+/// A captured graph.
+struct Graph(CudaGraph);
+
+// SAFETY: a graph is used only under the workspace's lock, so never from two
+// threads at once (what CUDA requires of graph objects); its handles are
+// valid on any thread of the process.
+unsafe impl Send for Graph {}
 
 /// A model on one GPU.
 pub struct CudaModel {
@@ -567,7 +600,7 @@ impl CudaModel {
             self.check_segment(seg)?;
         }
         let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        let work = self
+        let mut work = self
             .work
             .lock()
             .map_err(|_| EngineError::Invalid("GPU workspace poisoned".into()))?;
@@ -622,6 +655,22 @@ impl CudaModel {
             (at(0), at(n), at(2 * n), at(3 * n), at(3 * n + wanted.len()))
         };
 
+        let at = StepAddresses {
+            tokens: tokens_at,
+            positions: positions_at,
+            table_offsets: offsets_at,
+            wanted: wanted_at,
+            tables: tables_at,
+        };
+        // Decode steps (few tokens, one LM-head pass) run as CUDA graphs.
+        let graph_key = (trace.is_none()
+            && n <= MATVEC_MAX_TOKENS
+            && (1..=LOGIT_ROWS).contains(&wanted.len()))
+        .then_some(GraphKey {
+            tokens: n,
+            rows: wanted.len(),
+            greedy,
+        });
         let result = (|| -> Result<Output> {
             // The raw copies below use the thread's current context (the
             // scheduler runs this on its own thread).
@@ -633,16 +682,13 @@ impl CudaModel {
             // SAFETY: `meta` is pageable host memory copied out before the call returns.
             unsafe { driver::memcpy_htod_async(work.meta, &meta, stream.cu_stream()) }
                 .context(|| "uploading step metadata".into())?;
-            self.layers_forward(
-                &*work,
-                n,
-                tokens_at,
-                positions_at,
-                offsets_at,
-                tables_at,
-                &mut trace,
-            )?;
-            self.head(&*work, &wanted, wanted_at, greedy)
+            if let Some(key) = graph_key {
+                if self.replay(&mut work, key, &at)? {
+                    return self.collect(&work, wanted.len(), greedy);
+                }
+            }
+            self.layers_forward(&work, n, at.tokens, at.positions, at.table_offsets, at.tables, &mut trace)?;
+            self.head(&work, &wanted, at.wanted, greedy)
         })();
         // Nothing queued may outlive this call (caches may drop their pages next).
         let synced = self.device.synchronize();
@@ -691,6 +737,22 @@ impl CudaModel {
                 )
             }
         })
+    }
+
+    /// The results of a replayed decode step: `rows` token ids or logits rows.
+    fn collect(&self, work: &Workspace, rows: usize, greedy: bool) -> Result<Output> {
+        let stream = self.device.stream();
+        if greedy {
+            let mut ids = vec![0u32; rows];
+            // SAFETY: `ids` holds `rows` u32 written by the step on this stream.
+            unsafe { driver::memcpy_dtoh_async(&mut ids, work.ids, stream.cu_stream()) }
+                .context(|| "copying token ids to the host".into())?;
+            stream.synchronize().context(|| "waiting for token ids".into())?;
+            Ok(Output::Tokens(vec![ids]))
+        } else {
+            let logits = self.fetch(work.logits, rows * self.spec.vocab_size)?;
+            Ok(Output::Logits(vec![logits]))
+        }
     }
 
     /// Copies `count` f32 from the device (after the queued work).
@@ -910,6 +972,69 @@ impl CudaModel {
         }
     }
 
+    /// Final norm and LM head of `rows` (≤ LOGIT_ROWS) wanted rows from
+    /// number `first` on (`wanted_at` holds their indices on the device) into
+    /// `work.logits`, and with `greedy` their argmax into `work.ids[first..]`.
+    fn head_kernels(&self, work: &Workspace, rows: usize, first: usize, wanted_at: u64, greedy: bool) -> Result<()> {
+        let (embd, vocab) = (self.spec.n_embd, self.spec.vocab_size);
+        // SAFETY: the rows index n ≤ max_batch_tokens rows of x; final_rows
+        // and logits hold LOGIT_ROWS rows; ids holds max_batch_tokens.
+        unsafe {
+            self.kernels.rms_norm(
+                work.x,
+                wanted_at + 4 * first as u64,
+                self.output_norm,
+                self.spec.rms_eps,
+                embd,
+                rows,
+                work.final_rows,
+            )?;
+        }
+        self.matmul(work, &self.output, work.final_rows, rows, work.logits, vocab, false)?;
+        if greedy {
+            unsafe { self.kernels.argmax_rows(work.logits, vocab, rows, work.ids + 4 * first as u64)? };
+        }
+        Ok(())
+    }
+
+    /// A decode step (every address and size fixed by `key`) as a CUDA graph:
+    /// captured on first use, replayed after. The step's metadata is already
+    /// on the device; the results are left in `work.logits` / `work.ids`.
+    /// Returns false, having run nothing, if graphs cannot be used here.
+    fn replay(&self, work: &mut Workspace, key: GraphKey, at: &StepAddresses) -> Result<bool> {
+        if work.graphs_unavailable {
+            return Ok(false);
+        }
+        if !work.graphs.contains_key(&key) {
+            let stream = self.device.stream();
+            stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .context(|| "starting a CUDA graph capture".into())?;
+            let captured = self
+                .layers_forward(work, key.tokens, at.tokens, at.positions, at.table_offsets, at.tables, &mut None)
+                .and_then(|()| self.head_kernels(work, key.rows, 0, at.wanted, key.greedy));
+            let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+            match (captured, graph) {
+                (Ok(()), Ok(Some(graph))) => {
+                    work.graphs.insert(key, Graph(graph));
+                }
+                (captured, graph) => {
+                    // Run without graphs from now on; the caller runs this step directly.
+                    let why = match (captured, graph) {
+                        (Err(e), _) => e.to_string(),
+                        (_, Err(e)) => e.to_string(),
+                        _ => "the capture produced no graph".to_string(),
+                    };
+                    eprintln!("CUDA graphs unavailable ({why}); launching kernels one by one");
+                    work.graphs_unavailable = true;
+                    return Ok(false);
+                }
+            }
+        }
+        work.graphs[&key].0.launch().context(|| "launching a decode step's CUDA graph".into())?;
+        Ok(true)
+    }
+
     /// Final norm and LM head of the wanted rows (`wanted_at` holds their
     /// indices on the device), LOGIT_ROWS at a time.
     fn head(
@@ -919,7 +1044,7 @@ impl CudaModel {
         wanted_at: u64,
         greedy: bool,
     ) -> Result<Output> {
-        let (embd, vocab) = (self.spec.n_embd, self.spec.vocab_size);
+        let vocab = self.spec.vocab_size;
         let stream = self.device.stream();
         let mut logits = if greedy {
             Vec::new()
@@ -928,38 +1053,8 @@ impl CudaModel {
         };
         for first in (0..wanted.len()).step_by(LOGIT_ROWS) {
             let rows = LOGIT_ROWS.min(wanted.len() - first);
-            // SAFETY: the rows index n ≤ max_batch_tokens rows of x; final_rows
-            // and logits hold LOGIT_ROWS rows; ids holds max_batch_tokens.
-            unsafe {
-                self.kernels.rms_norm(
-                    work.x,
-                    wanted_at + 4 * first as u64,
-                    self.output_norm,
-                    self.spec.rms_eps,
-                    embd,
-                    rows,
-                    work.final_rows,
-                )?;
-            }
-            self.matmul(
-                work,
-                &self.output,
-                work.final_rows,
-                rows,
-                work.logits,
-                vocab,
-                false,
-            )?;
-            if greedy {
-                unsafe {
-                    self.kernels.argmax_rows(
-                        work.logits,
-                        vocab,
-                        rows,
-                        work.ids + 4 * first as u64,
-                    )?
-                };
-            } else {
+            self.head_kernels(work, rows, first, wanted_at, greedy)?;
+            if !greedy {
                 let dst = &mut logits[first * vocab..(first + rows) * vocab];
                 // SAFETY: `logits` holds rows × vocab f32 written just before on this stream.
                 unsafe { driver::memcpy_dtoh_async(dst, work.logits, stream.cu_stream()) }
@@ -1096,6 +1191,8 @@ impl WorkspaceParts {
             meta: at(14),
             meta_len: self.meta_len,
             bytes: buffer.bytes(),
+            graphs: HashMap::new(),
+            graphs_unavailable: false,
             _buffer: buffer,
         }
     }
