@@ -38,6 +38,32 @@ unsafe fn q45_chunk(qs: &[u8; 128], qh: Option<__m256i>, c: usize) -> (__m256i, 
     }
 }
 
+/// [`q45_chunk`] as f32: for Q4_K widened straight from memory (each byte
+/// to an i32 lane, whose low and high nibbles belong to the two halves).
+#[inline(always)]
+unsafe fn q45_chunk_floats(
+    qs: &[u8; 128],
+    qh: Option<__m256i>,
+    c: usize,
+) -> ([__m256; 4], [__m256; 4]) {
+    match qh {
+        None => {
+            let m4 = _mm256_set1_epi32(0x0f);
+            let bytes: [__m256i; 4] = std::array::from_fn(|k| {
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.as_ptr().add(32 * c + 8 * k).cast()))
+            });
+            (
+                bytes.map(|v| _mm256_cvtepi32_ps(_mm256_and_si256(v, m4))),
+                bytes.map(|v| _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v))),
+            )
+        }
+        Some(_) => {
+            let (lo, hi) = q45_chunk(qs, qh, c);
+            (bytes_to_f32::<false>(lo), bytes_to_f32::<false>(hi))
+        }
+    }
+}
+
 /// The F32 kernel of Q4_K and Q5_K: `Σ_j d·sc_j·Σq·x - dmin·m_j·Σx_j`.
 macro_rules! dot_f32_q45k {
     ($block:ty, |$b:ident| $qh:expr) => {
@@ -54,7 +80,8 @@ macro_rules! dot_f32_q45k {
                 for s in sums {
                     assert_eq!(s.len(), blocks.len() * 8);
                 }
-                let mut acc = [_mm256_setzero_ps(); T];
+                // two chains: the low and the high half of each chunk
+                let mut acc = [[_mm256_setzero_ps(); 2]; T];
                 let mut mins = [_mm256_setzero_ps(); T];
                 for (i, $b) in blocks.iter().enumerate() {
                     let d_dmin = f16x2(head($b));
@@ -62,14 +89,13 @@ macro_rules! dot_f32_q45k {
                     let (sc, mn) = scales_and_mins(&$b.scales);
                     let qh: Option<__m256i> = $qh;
                     for c in 0..4 {
-                        let (lo, hi) = q45_chunk(&$b.qs, qh, c);
-                        let (wl, wh) = (bytes_to_f32::<false>(lo), bytes_to_f32::<false>(hi));
+                        let (wl, wh) = q45_chunk_floats(&$b.qs, qh, c);
                         let dl = _mm256_set1_ps(d * f32::from(sc[2 * c]));
                         let dh = _mm256_set1_ps(d * f32::from(sc[2 * c + 1]));
                         for t in 0..T {
                             let x = x[t].as_ptr().add(QK_K * i + 64 * c);
-                            acc[t] = _mm256_fmadd_ps(dl, dot32(&wl, x), acc[t]);
-                            acc[t] = _mm256_fmadd_ps(dh, dot32(&wh, x.add(32)), acc[t]);
+                            acc[t][0] = _mm256_fmadd_ps(dl, dot32(&wl, x), acc[t][0]);
+                            acc[t][1] = _mm256_fmadd_ps(dh, dot32(&wh, x.add(32)), acc[t][1]);
                         }
                     }
                     // dmin·m_j for the 8 sub-blocks, against their Σx
@@ -84,7 +110,9 @@ macro_rules! dot_f32_q45k {
                         mins[t] = _mm256_fmadd_ps(m, s, mins[t]);
                     }
                 }
-                std::array::from_fn(|t| hsum(_mm256_sub_ps(acc[t], mins[t])))
+                std::array::from_fn(|t| {
+                    hsum(_mm256_sub_ps(_mm256_add_ps(acc[t][0], acc[t][1]), mins[t]))
+                })
             }
         }
     };

@@ -6,12 +6,6 @@
 
 use super::*;
 
-/// The 32 unsigned quants of a Q4 block, in value order.
-#[inline(always)]
-unsafe fn q4(qs: &[u8; 16]) -> __m256i {
-    nibbles(qs.as_ptr())
-}
-
 /// The 32 unsigned quants of a Q5 block, in value order.
 #[inline(always)]
 unsafe fn q5(qh: [u8; 4], qs: &[u8; 16]) -> __m256i {
@@ -24,11 +18,50 @@ unsafe fn lane1(v: __m128) -> f32 {
     _mm_cvtss_f32(_mm_movehdup_ps(v))
 }
 
-/// The F32 kernel of a format whose block is `d·(q - offset)` (the offset
-/// folded into `$quants`) or `d·q + m` (`mins: true`): `$quants` gives the
-/// block's quants as 32 bytes.
+/// The 32 quants of a Q4 block as f32 in value order, widened straight
+/// from memory: each byte to an i32 lane, whose low and high nibbles are
+/// values `j` and `j + 16`.
+#[inline(always)]
+unsafe fn q4_floats(qs: &[u8; 16]) -> [__m256; 4] {
+    let a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.as_ptr().cast()));
+    let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.as_ptr().add(8).cast()));
+    let m4 = _mm256_set1_epi32(0x0f);
+    [
+        _mm256_cvtepi32_ps(_mm256_and_si256(a, m4)),
+        _mm256_cvtepi32_ps(_mm256_and_si256(b, m4)),
+        _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(a)),
+        _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(b)),
+    ]
+}
+
+/// The 32 signed quants of a Q8 block as f32, widened straight from memory.
+#[inline(always)]
+unsafe fn q8_floats(qs: &[i8; 32]) -> [__m256; 4] {
+    std::array::from_fn(|i| {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+            qs.as_ptr().add(8 * i).cast(),
+        )))
+    })
+}
+
+/// `(d, m)` of a block that starts with them, or `(d, -offset·d)` of one
+/// that starts with `d` (`offset` > 0), in the low two lanes.
+#[inline(always)]
+unsafe fn d_and_m<B: bytemuck::Pod>(block: &B, offset: f32) -> __m128 {
+    let v = f16x2(head(block));
+    if offset == 0.0 {
+        v
+    } else {
+        _mm_mul_ps(_mm_broadcastss_ps(v), _mm_setr_ps(1.0, -offset, 0.0, 0.0))
+    }
+}
+
+/// The F32 kernel of a format whose block is `d·q + m`, or `d·(q - offset)`
+/// taken as `m = -offset·d` (`mins: true`, with `$dm` giving `(d, m)`), or
+/// `d·q` (`mins: false`, the offset folded into the quants): `$weights`
+/// gives the block's quants as four vectors of f32.
 macro_rules! dot_f32 {
-    ($block:ty, signed: $signed:expr, mins: $mins:expr, |$b:ident| $quants:expr) => {
+    ($block:ty, mins: $mins:expr, |$b:ident| $weights:expr, $dm:expr) => {
         impl DotF32 for $block {
             const NEEDS_SUMS: bool = $mins;
             #[inline]
@@ -45,33 +78,42 @@ macro_rules! dot_f32 {
                     }
                 }
                 let mut acc = [[_mm256_setzero_ps(); 2]; T];
-                let mut mins = [0f32; T];
+                let mut mins = [_mm_setzero_ps(); T];
                 each_block_2(blocks, |i, $b, k| {
-                    let w = bytes_to_f32::<$signed>($quants);
-                    let dm = f16x2(head($b));
+                    let w: [__m256; 4] = $weights;
+                    let dm: __m128 = $dm;
                     let d = _mm256_broadcastss_ps(dm);
                     for t in 0..T {
                         let s = dot32(&w, x[t].as_ptr().add(QK_LEGACY * i));
                         acc[t][k] = _mm256_fmadd_ps(d, s, acc[t][k]);
                         if $mins {
-                            mins[t] += lane1(dm) * *sums[t].get_unchecked(i);
+                            // lane 1: m·Σx
+                            let sum = _mm_set1_ps(*sums[t].get_unchecked(i));
+                            mins[t] = _mm_fmadd_ps(dm, sum, mins[t]);
                         }
                     }
                 });
-                std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + mins[t])
+                std::array::from_fn(|t| {
+                    let dot = hsum(_mm256_add_ps(acc[t][0], acc[t][1]));
+                    if $mins {
+                        dot + lane1(mins[t])
+                    } else {
+                        dot
+                    }
+                })
             }
         }
     };
 }
 
-dot_f32!(BlockQ4_0, signed: true, mins: false,
-    |b| _mm256_sub_epi8(q4(&b.qs), _mm256_set1_epi8(8)));
-dot_f32!(BlockQ4_1, signed: false, mins: true, |b| q4(&b.qs));
-dot_f32!(BlockQ5_0, signed: true, mins: false,
-    |b| _mm256_sub_epi8(q5(b.qh, &b.qs), _mm256_set1_epi8(16)));
-dot_f32!(BlockQ5_1, signed: false, mins: true, |b| q5(b.qh, &b.qs));
-dot_f32!(BlockQ8_0, signed: true, mins: false, |b| _mm256_loadu_si256(b.qs.as_ptr().cast()));
-dot_f32!(BlockQ8_1, signed: true, mins: false, |b| _mm256_loadu_si256(b.qs.as_ptr().cast()));
+dot_f32!(BlockQ4_0, mins: true, |b| q4_floats(&b.qs), d_and_m(b, 8.0));
+dot_f32!(BlockQ4_1, mins: true, |b| q4_floats(&b.qs), d_and_m(b, 0.0));
+dot_f32!(BlockQ5_0, mins: false,
+    |b| bytes_to_f32::<true>(_mm256_sub_epi8(q5(b.qh, &b.qs), _mm256_set1_epi8(16))),
+    d_and_m(b, 0.0));
+dot_f32!(BlockQ5_1, mins: true, |b| bytes_to_f32::<false>(q5(b.qh, &b.qs)), d_and_m(b, 0.0));
+dot_f32!(BlockQ8_0, mins: false, |b| q8_floats(&b.qs), d_and_m(b, 0.0));
+dot_f32!(BlockQ8_1, mins: false, |b| q8_floats(&b.qs), d_and_m(b, 0.0));
 
 /// The quants of blocks `a` and `b` in [`Q8Pair`] order: values 0..16 of
 /// `a` then of `b`, and values 16..32 of `a` then of `b`.
