@@ -103,9 +103,13 @@ impl ApiError {
                 .collect::<Vec<_>>()
                 .join("; "),
             ApiError::TooLarge => format!("the request body is over {MAX_BODY_BYTES} bytes"),
-            ApiError::Unauthorized => "missing or wrong bearer token (Authorization: Bearer <key>)".into(),
+            ApiError::Unauthorized => {
+                "missing or wrong bearer token (Authorization: Bearer <key>)".into()
+            }
             ApiError::DuplicateJob(id) => format!("job {id:?} is already running"),
-            ApiError::QueueFull => "the worker's queue is full; retry after the Retry-After delay".into(),
+            ApiError::QueueFull => {
+                "the worker's queue is full; retry after the Retry-After delay".into()
+            }
             ApiError::Unavailable(why) | ApiError::Internal(why) => why.clone(),
         }
     }
@@ -224,7 +228,13 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.to_string();
-        let under = |name: String| if path == "." { name } else { format!("{path}.{name}") };
+        let under = |name: String| {
+            if path == "." {
+                name
+            } else {
+                format!("{path}.{name}")
+            }
+        };
         let (field, constraint) = if message.starts_with("unknown field `") {
             // The path already ends with the unknown field's name.
             (path, "unknown_field")
@@ -318,13 +328,22 @@ mod tests {
         let e = first(r#"{"count": -1}"#);
         assert_eq!((e.field.as_str(), e.constraint.as_str()), ("count", "type"));
         let e = first(r#"{"count": 1, "extra": 2}"#);
-        assert_eq!((e.field.as_str(), e.constraint.as_str()), ("extra", "unknown_field"));
+        assert_eq!(
+            (e.field.as_str(), e.constraint.as_str()),
+            ("extra", "unknown_field")
+        );
         let e = first(r#"{"count": 1, "items": [{"text": "a"}, {"text": 3}]}"#);
-        assert_eq!((e.field.as_str(), e.constraint.as_str()), ("items[1].text", "type"));
+        assert_eq!(
+            (e.field.as_str(), e.constraint.as_str()),
+            ("items[1].text", "type")
+        );
         let e = first(r#"{"count": 1, "items": [{"txt": "a"}]}"#);
         assert_eq!(e.field, "items[0].txt");
         let e = first(r#"{}"#);
-        assert_eq!((e.field.as_str(), e.constraint.as_str()), ("count", "required"));
+        assert_eq!(
+            (e.field.as_str(), e.constraint.as_str()),
+            ("count", "required")
+        );
         let e = first(r#"{"count": 1"#);
         assert_eq!((e.field.as_str(), e.constraint.as_str()), ("body", "json"));
         let e = first(r#"{"count": NaN}"#);

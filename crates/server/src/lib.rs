@@ -21,6 +21,7 @@
 //! ```
 
 pub mod callback;
+mod de;
 pub mod error;
 mod jobs;
 pub mod metrics;
@@ -139,7 +140,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     Router::new()
         .route("/health", get(worker_api::health))
         .route("/metrics", get(worker_api::metrics))
@@ -152,11 +156,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Give each request a span carrying its correlation id (the caller's
 /// `X-Correlation-Id`, or a new one), echo the id, count the response.
-async fn observe(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-    next: Next,
-) -> Response {
+async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     let given = request
         .headers()
         .get(&CORRELATION_ID)
@@ -246,9 +246,11 @@ pub async fn run(
         max_concurrent = state.model.info.max_concurrent,
         "serving"
     );
-    let announce = state.config.callback_url.clone().map(|url| {
-        tokio::spawn(callback::announce(url, ready_payload(&state, uri.clone())))
-    });
+    let announce = state
+        .config
+        .callback_url
+        .clone()
+        .map(|url| tokio::spawn(callback::announce(url, ready_payload(&state, uri.clone()))));
 
     let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
     let graceful = {
@@ -283,7 +285,10 @@ pub async fn run(
             tokio::time::sleep(state.config.drain_timeout).await;
             let cancelled = state.jobs.cancel_all();
             if cancelled > 0 {
-                warn!(cancelled, "drain deadline reached: cancelling the jobs still running");
+                warn!(
+                    cancelled,
+                    "drain deadline reached: cancelling the jobs still running"
+                );
             }
             // Cancelled jobs end within a decode step; give their streams time to close.
             tokio::time::sleep(Duration::from_secs(5)).await;

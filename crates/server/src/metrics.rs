@@ -33,7 +33,10 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let http_requests = IntCounterVec::new(
-            Opts::new("worker_http_requests_total", "HTTP requests by route and status"),
+            Opts::new(
+                "worker_http_requests_total",
+                "HTTP requests by route and status",
+            ),
             &["route", "status"],
         )
         .expect("valid metric");
@@ -50,9 +53,8 @@ impl Metrics {
             "Prompt tokens of finished jobs",
         )
         .expect("valid metric");
-        let generated_tokens =
-            IntCounter::new("worker_generated_tokens_total", "Tokens generated")
-                .expect("valid metric");
+        let generated_tokens = IntCounter::new("worker_generated_tokens_total", "Tokens generated")
+            .expect("valid metric");
         let time_to_first_token = Histogram::with_opts(
             HistogramOpts::new(
                 "worker_time_to_first_token_seconds",
@@ -73,8 +75,8 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
-        let queue_depth = IntGauge::new("worker_queue_depth", "Jobs waiting for a slot")
-            .expect("valid metric");
+        let queue_depth =
+            IntGauge::new("worker_queue_depth", "Jobs waiting for a slot").expect("valid metric");
         let running =
             IntGauge::new("worker_running_jobs", "Jobs decoding now").expect("valid metric");
         let kv_pages_used =
@@ -82,9 +84,8 @@ impl Metrics {
                 .expect("valid metric");
         let kv_pages_total = IntGauge::new("worker_kv_pages_total", "KV-cache pages in the pool")
             .expect("valid metric");
-        let uptime =
-            Gauge::new("worker_uptime_seconds", "Seconds since the worker started")
-                .expect("valid metric");
+        let uptime = Gauge::new("worker_uptime_seconds", "Seconds since the worker started")
+            .expect("valid metric");
         for collector in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(jobs.clone()),
@@ -98,7 +99,9 @@ impl Metrics {
             Box::new(kv_pages_total.clone()),
             Box::new(uptime.clone()),
         ] {
-            registry.register(collector).expect("metric names are unique");
+            registry
+                .register(collector)
+                .expect("metric names are unique");
         }
         Metrics {
             registry,

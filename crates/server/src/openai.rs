@@ -18,7 +18,9 @@ use engine::scheduler::{Event, Finish};
 use serde::{Deserialize, Serialize};
 use tokenizer::Message;
 use tracing::{info, warn, Span};
-use utoipa::openapi::schema::{ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::schema::{
+    ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
+};
 use utoipa::openapi::RefOr;
 use utoipa::{PartialSchema, ToSchema};
 
@@ -86,20 +88,25 @@ macro_rules! with_common_fields {
             #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
             pub top_p: Option<f64>,
             /// Extension (llama.cpp, vLLM): 0 disables [0].
+            #[schema(value_type = Option<i64>, minimum = 0, maximum = 4294967295.0)]
+            #[serde(default, deserialize_with = "crate::de::option_u32")]
             pub top_k: Option<u32>,
             /// Extension: in [0, 1] [0].
             #[schema(minimum = 0.0, maximum = 1.0)]
             pub min_p: Option<f64>,
-            /// Extension: in (0, 10]; 1 disables [1].
-            #[schema(exclusive_minimum = 0.0, maximum = 10.0)]
+            /// Extension: in [0.01, 10]; 1 disables [1].
+            #[schema(minimum = 0.01, maximum = 10.0)]
             pub repetition_penalty: Option<f64>,
+            #[schema(value_type = Option<i64>, minimum = 0, maximum = 18446744073709551615.0)]
+            #[serde(default, deserialize_with = "crate::de::option_u64")]
             pub seed: Option<u64>,
             /// At most 16 strings of 1 to 256 bytes.
             pub stop: Option<Stop>,
             pub stream: Option<bool>,
             pub stream_options: Option<StreamOptions>,
             /// Only 1.
-            #[schema(minimum = 1, maximum = 1)]
+            #[schema(value_type = Option<i64>, minimum = 1, maximum = 1)]
+            #[serde(default, deserialize_with = "crate::de::option_u32")]
             pub n: Option<u32>,
             /// Only 0 (use `repetition_penalty`).
             #[schema(minimum = 0.0, maximum = 0.0)]
@@ -136,10 +143,26 @@ macro_rules! with_common_fields {
     };
 }
 
-/// `{}`: the only `logit_bias` accepted.
+/// `false` or null: for flags the worker cannot honour.
+fn only_false() -> Object {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Boolean, Type::Null]))
+        .enum_values(Some([
+            serde_json::Value::Bool(false),
+            serde_json::Value::Null,
+        ]))
+        .build()
+}
+
+/// Null: for fields the worker cannot honour at all.
+fn only_null() -> Object {
+    ObjectBuilder::new().schema_type(Type::Null).build()
+}
+
+/// `{}` or null: the only `logit_bias` accepted.
 fn empty_object_schema() -> Object {
     ObjectBuilder::new()
-        .schema_type(Type::Object)
+        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
         .max_properties(Some(0))
         .build()
 }
@@ -172,7 +195,11 @@ impl CommonFields {
             ("frequency_penalty", self.frequency_penalty),
         ] {
             if value.is_some_and(|v| v != 0.0) {
-                errors.add(field, "unsupported", "only 0 is supported; use repetition_penalty");
+                errors.add(
+                    field,
+                    "unsupported",
+                    "only 0 is supported; use repetition_penalty",
+                );
             }
         }
         if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
@@ -212,15 +239,19 @@ pub struct ChatCompletionRequest {
     #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
     /// Tokens to generate at most [to the end of the context].
-    #[schema(minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0)]
+    #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub max_tokens: Option<u32>,
     /// The newer name of `max_tokens`; wins when both are given.
-    #[schema(minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0)]
+    #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub max_completion_tokens: Option<u32>,
     /// Only `false`.
+    #[schema(schema_with = only_false)]
     pub logprobs: Option<bool>,
     /// Only 0.
-    #[schema(minimum = 0, maximum = 0)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 0)]
+    #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub top_logprobs: Option<u32>,
 }
 }
@@ -228,13 +259,36 @@ pub struct ChatCompletionRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
-    /// `system`, `developer` (treated as `system`), `user`, `assistant` or `tool`.
-    pub role: String,
+    pub role: Role,
     pub content: Option<MessageContent>,
+    /// Accepted and ignored.
     pub name: Option<String>,
 }
 
-/// Text, or a list of parts of which only `text` parts are supported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    /// Treated as `system`.
+    Developer,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    /// The role as the chat template sees it.
+    fn template_name(self) -> &'static str {
+        match self {
+            Role::System | Role::Developer => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
+/// Text, or a list of text parts.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
@@ -245,16 +299,23 @@ pub enum MessageContent {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContentPart {
-    /// Only `text`.
     #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
+    pub kind: PartKind,
+    pub text: String,
 }
 
-const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+/// Only text parts are supported.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PartKind {
+    Text,
+}
 
 impl ChatCompletionRequest {
-    fn validate(mut self, state: &AppState) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
+    fn validate(
+        mut self,
+        state: &AppState,
+    ) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
         let mut errors = Errors::default();
         if self.logprobs == Some(true) {
             errors.add("logprobs", "unsupported", "logprobs are not supported");
@@ -262,42 +323,34 @@ impl ChatCompletionRequest {
         if self.top_logprobs.is_some_and(|n| n > 0) {
             errors.add("top_logprobs", "unsupported", "logprobs are not supported");
         }
+        for (field, value) in [
+            ("max_tokens", self.max_tokens),
+            ("max_completion_tokens", self.max_completion_tokens),
+        ] {
+            if value == Some(0) {
+                errors.add(field, "range", "must be at least 1");
+            }
+        }
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         let (fields, stream) = self.take_common().check(max_tokens, &mut errors);
         let params = validate::check_sampling(&fields, &OPENAI_DEFAULTS, &mut errors);
         if self.messages.is_empty() {
             errors.add("messages", "min_items", "at least one message is needed");
         }
-        let mut messages = Vec::with_capacity(self.messages.len());
-        for (i, m) in self.messages.into_iter().enumerate() {
-            if !ROLES.contains(&m.role.as_str()) {
-                errors.add(
-                    &format!("messages[{i}].role"),
-                    "enum",
-                    format!("must be one of {}", ROLES.join(", ")),
-                );
-            }
-            let role = if m.role == "developer" { "system".to_string() } else { m.role };
-            let content = match m.content {
-                None => String::new(),
-                Some(MessageContent::Text(text)) => text,
-                Some(MessageContent::Parts(parts)) => {
-                    let mut text = String::new();
-                    for (j, part) in parts.into_iter().enumerate() {
-                        match (part.kind.as_str(), part.text) {
-                            ("text", Some(t)) => text.push_str(&t),
-                            _ => errors.add(
-                                &format!("messages[{i}].content[{j}]"),
-                                "unsupported",
-                                "only parts of type \"text\" with a \"text\" field are supported",
-                            ),
-                        }
+        let messages: Vec<Message> = self
+            .messages
+            .into_iter()
+            .map(|m| {
+                let content = match m.content {
+                    None => String::new(),
+                    Some(MessageContent::Text(text)) => text,
+                    Some(MessageContent::Parts(parts)) => {
+                        parts.into_iter().map(|p| p.text).collect()
                     }
-                    text
-                }
-            };
-            messages.push(Message::new(role, content));
-        }
+                };
+                Message::new(m.role.template_name(), content)
+            })
+            .collect();
         if !errors.0.is_empty() {
             return Err(errors.0);
         }
@@ -327,17 +380,22 @@ pub struct CompletionRequest {
     /// The text to continue: a string, or a list holding one string.
     pub prompt: PromptInput,
     /// Tokens to generate at most [16].
-    #[schema(minimum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0)]
+    #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub max_tokens: Option<u32>,
     /// Only `false`.
+    #[schema(schema_with = only_false)]
     pub echo: Option<bool>,
-    /// Only absent.
+    /// Only absent (or null).
+    #[schema(schema_with = only_null)]
     pub suffix: Option<String>,
     /// Only 1.
-    #[schema(minimum = 1, maximum = 1)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 1)]
+    #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub best_of: Option<u32>,
     /// Only 0.
-    #[schema(minimum = 0, maximum = 0)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 0)]
+    #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub logprobs: Option<u32>,
 }
 }
@@ -351,7 +409,11 @@ pub enum PromptInput {
 
 impl PartialSchema for PromptInput {
     fn schema() -> RefOr<Schema> {
-        let text = || ObjectBuilder::new().schema_type(Type::String).min_length(Some(1));
+        let text = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+        };
         OneOfBuilder::new()
             .item(text())
             .item(
@@ -367,7 +429,10 @@ impl PartialSchema for PromptInput {
 impl ToSchema for PromptInput {}
 
 impl CompletionRequest {
-    fn validate(mut self, state: &AppState) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
+    fn validate(
+        mut self,
+        state: &AppState,
+    ) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
         let mut errors = Errors::default();
         if self.echo == Some(true) {
             errors.add("echo", "unsupported", "echo is not supported");
@@ -387,7 +452,11 @@ impl CompletionRequest {
             PromptInput::Text(text) => text,
             PromptInput::Texts(mut texts) if texts.len() == 1 => texts.pop().expect("one"),
             PromptInput::Texts(_) => {
-                errors.add("prompt", "max_items", "exactly one prompt per request is supported");
+                errors.add(
+                    "prompt",
+                    "max_items",
+                    "exactly one prompt per request is supported",
+                );
                 String::new()
             }
         };
@@ -531,7 +600,11 @@ fn unix_now() -> u64 {
 }
 
 fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>())
+    format!(
+        "{prefix}-{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
 }
 
 fn data<T: Serialize>(value: &T) -> Result<SseEvent, Infallible> {
@@ -598,7 +671,7 @@ fn log_outcome(span: &Span, id: &str, outcome: &Outcome) {
         (status = 200, description = "The completion; with `stream: true`, `text/event-stream` of ChatCompletionChunk `data:` lines ending with `data: [DONE]`",
             content(
                 (ChatCompletion = "application/json"),
-                (ChatCompletionChunk = "text/event-stream"),
+                (String = "text/event-stream"),
             )),
         (status = 400, description = "Invalid request (`param` names the field)", body = OpenAiErrorBody),
         (status = 401, description = "Missing or wrong bearer token (with --api-key)", body = OpenAiErrorBody),
@@ -616,7 +689,12 @@ pub async fn chat_completions(
         .await?;
     let id = new_id("chatcmpl");
     let job = jobs::submit(&state, &id, "openai", valid)?;
-    info!(job_id = id, prompt_tokens = job.prompt_tokens, seed = job.seed, "chat completion accepted");
+    info!(
+        job_id = id,
+        prompt_tokens = job.prompt_tokens,
+        seed = job.seed,
+        "chat completion accepted"
+    );
     let model = state.model.info.id.clone();
     let created = unix_now();
     let span = Span::current();
@@ -645,22 +723,24 @@ pub async fn chat_completions(
             Outcome::Failed(message) => Err(ApiError::Internal(message).into()),
         };
     }
-    let chunk = move |delta: Delta, finish_reason: Option<String>, usage: Option<Usage>| ChatCompletionChunk {
-        id: id.clone(),
-        object: "chat.completion.chunk".into(),
-        created,
-        model: model.clone(),
-        choices: if usage.is_some() {
-            Vec::new()
-        } else {
-            vec![ChunkChoice {
-                index: 0,
-                delta,
-                finish_reason,
-                logprobs: None,
-            }]
-        },
-        usage,
+    let chunk = move |delta: Delta, finish_reason: Option<String>, usage: Option<Usage>| {
+        ChatCompletionChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk".into(),
+            created,
+            model: model.clone(),
+            choices: if usage.is_some() {
+                Vec::new()
+            } else {
+                vec![ChunkChoice {
+                    index: 0,
+                    delta,
+                    finish_reason,
+                    logprobs: None,
+                }]
+            },
+            usage,
+        }
     };
     let job_id = chunk(Delta::default(), None, None).id;
     let stream = async_stream::stream! {
@@ -710,7 +790,7 @@ pub async fn chat_completions(
         (status = 200, description = "The completion; with `stream: true`, `text/event-stream` of Completion `data:` lines ending with `data: [DONE]`",
             content(
                 (Completion = "application/json"),
-                (Completion = "text/event-stream"),
+                (String = "text/event-stream"),
             )),
         (status = 400, description = "Invalid request (`param` names the field)", body = OpenAiErrorBody),
         (status = 401, description = "Missing or wrong bearer token (with --api-key)", body = OpenAiErrorBody),
@@ -728,27 +808,33 @@ pub async fn completions(
         .await?;
     let id = new_id("cmpl");
     let job = jobs::submit(&state, &id, "openai", valid)?;
-    info!(job_id = id, prompt_tokens = job.prompt_tokens, seed = job.seed, "completion accepted");
+    info!(
+        job_id = id,
+        prompt_tokens = job.prompt_tokens,
+        seed = job.seed,
+        "completion accepted"
+    );
     let model = state.model.info.id.clone();
     let created = unix_now();
     let span = Span::current();
-    let completion = move |text: String, finish_reason: Option<String>, usage: Option<Usage>| Completion {
-        id: id.clone(),
-        object: "text_completion".into(),
-        created,
-        model: model.clone(),
-        choices: if usage.is_some() && mode.stream {
-            Vec::new()
-        } else {
-            vec![CompletionChoice {
-                index: 0,
-                text,
-                finish_reason,
-                logprobs: None,
-            }]
-        },
-        usage,
-    };
+    let completion =
+        move |text: String, finish_reason: Option<String>, usage: Option<Usage>| Completion {
+            id: id.clone(),
+            object: "text_completion".into(),
+            created,
+            model: model.clone(),
+            choices: if usage.is_some() && mode.stream {
+                Vec::new()
+            } else {
+                vec![CompletionChoice {
+                    index: 0,
+                    text,
+                    finish_reason,
+                    logprobs: None,
+                }]
+            },
+            usage,
+        };
     let job_id = completion(String::new(), None, None).id;
     if !mode.stream {
         let mut job = job;

@@ -5,7 +5,9 @@
 use engine::generate::GenerateParams;
 use engine::sampler::SamplingParams;
 
-use utoipa::openapi::schema::{Array, ArrayBuilder, Object, ObjectBuilder, Type};
+use utoipa::openapi::schema::{
+    Array, ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type,
+};
 
 use crate::error::FieldError;
 use crate::model::Model;
@@ -18,7 +20,10 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_JOB_ID_CHARS: usize = 128;
 /// Highest temperature accepted (higher is noise).
 pub const MAX_TEMPERATURE: f64 = 100.0;
-/// Highest repetition penalty accepted.
+/// Temperatures below this decode greedily (the limit as the temperature goes to 0).
+pub const GREEDY_BELOW: f64 = 1e-4;
+/// Repetition penalties accepted; below 1 they favour repetition, and near 0 they overflow.
+pub const MIN_REPETITION_PENALTY: f64 = 0.01;
 pub const MAX_REPETITION_PENALTY: f64 = 10.0;
 /// Recent tokens the repetition penalty looks at (llama.cpp's default).
 const PENALTY_LAST_N: usize = 64;
@@ -38,6 +43,16 @@ pub fn stop_list_schema() -> Array {
         .items(stop_string_schema())
         .max_items(Some(MAX_STOP_STRINGS))
         .build()
+}
+
+/// Schema of an optional list of stop strings (absent or null: none).
+pub fn nullable_stop_list_schema() -> Schema {
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(stop_list_schema())
+            .item(ObjectBuilder::new().schema_type(Type::Null))
+            .build(),
+    )
 }
 
 /// A request the scheduler can run as it is.
@@ -101,7 +116,8 @@ impl Errors {
     /// Check that `value` is finite and within `[min, max]` (an open end where `*_open`).
     fn range(&mut self, field: &str, value: f64, min: (f64, bool), max: f64) {
         let (lo, lo_open) = min;
-        let ok = value.is_finite() && (if lo_open { value > lo } else { value >= lo }) && value <= max;
+        let ok =
+            value.is_finite() && (if lo_open { value > lo } else { value >= lo }) && value <= max;
         if !ok {
             let bracket = if lo_open { '(' } else { '[' };
             self.add(
@@ -122,7 +138,9 @@ pub fn check_job_id(job_id: &str, errors: &mut Errors) {
         errors.add(
             "job_id",
             "pattern",
-            format!("must be 1 to {MAX_JOB_ID_CHARS} characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"),
+            format!(
+                "must be 1 to {MAX_JOB_ID_CHARS} characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"
+            ),
         );
     }
 }
@@ -144,7 +162,7 @@ pub fn check_sampling(
     errors.range(
         "repetition_penalty",
         repetition_penalty,
-        (0.0, true),
+        (MIN_REPETITION_PENALTY, false),
         MAX_REPETITION_PENALTY,
     );
     if fields.max_tokens == Some(0) {
@@ -170,22 +188,36 @@ pub fn check_sampling(
             }
         }
     }
-    GenerateParams {
+    let params = GenerateParams {
         max_tokens: fields
             .max_tokens
             .or(defaults.max_tokens)
             .map_or(usize::MAX, |n| n as usize),
         sampling: SamplingParams {
-            temperature: temperature as f32,
+            // Dividing logits by a vanishing temperature overflows; its limit is greedy decoding.
+            temperature: if temperature < GREEDY_BELOW {
+                0.0
+            } else {
+                temperature as f32
+            },
             top_k: fields.top_k.unwrap_or(defaults.top_k) as usize,
-            top_p: top_p as f32,
+            // A positive top_p that rounds to 0 as an f32 keeps the most likely token, as any tiny one does.
+            top_p: (top_p as f32).max(f32::MIN_POSITIVE),
             min_p: min_p as f32,
             repetition_penalty: repetition_penalty as f32,
             penalty_last_n: PENALTY_LAST_N,
             seed: fields.seed.unwrap_or_else(rand::random),
         },
         stop: fields.stop.clone(),
+    };
+    // The sampler's own check, so that nothing it would refuse gets past here.
+    if errors.0.is_empty() {
+        if let Err(message) = params.sampling.validate() {
+            let field = message.split_whitespace().next().unwrap_or("sampling");
+            errors.add(field, "range", message.clone());
+        }
     }
+    params
 }
 
 /// Tokenize `text` (special tokens in it are parsed, as llama.cpp's server
@@ -262,14 +294,46 @@ mod tests {
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["temperature", "top_p", "min_p", "repetition_penalty", "max_tokens", "stop[1]"]
+            [
+                "temperature",
+                "top_p",
+                "min_p",
+                "repetition_penalty",
+                "max_tokens",
+                "stop[1]"
+            ]
         );
+        let errors = check(SamplingFields {
+            repetition_penalty: Some(0.001),
+            ..Default::default()
+        });
+        assert_eq!(errors[0].field, "repetition_penalty");
         let errors = check(SamplingFields {
             stop: vec!["x".into(); 1000],
             ..Default::default()
         });
         assert_eq!(errors.len(), 1);
-        assert_eq!((errors[0].field.as_str(), errors[0].constraint.as_str()), ("stop", "max_items"));
+        assert_eq!(
+            (errors[0].field.as_str(), errors[0].constraint.as_str()),
+            ("stop", "max_items")
+        );
+    }
+
+    /// Values the schema allows but an f32 cannot hold become their limits.
+    #[test]
+    fn vanishing_values_take_their_limits() {
+        let mut errors = Errors::default();
+        let fields = SamplingFields {
+            temperature: Some(1e-300),
+            top_p: Some(5e-324),
+            min_p: Some(1e-300),
+            ..Default::default()
+        };
+        let params = check_sampling(&fields, &WORKER_DEFAULTS, &mut errors);
+        assert!(errors.0.is_empty());
+        assert_eq!(params.sampling.temperature, 0.0);
+        assert!(params.sampling.top_p > 0.0);
+        assert!(params.sampling.validate().is_ok());
     }
 
     #[test]

@@ -30,13 +30,19 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 #[serde(deny_unknown_fields)]
 pub struct ExecuteRequest {
     /// The caller's id for the job, used by `/cancel`; unique among running jobs.
-    #[schema(min_length = 1, max_length = 128, pattern = "^[A-Za-z0-9._:-]+$", example = "job-42")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = "^[A-Za-z0-9._:-]+$",
+        example = "job-42"
+    )]
     pub job_id: String,
     /// Text to continue, used as given (special tokens in it are parsed); it must leave room in the context.
     #[schema(min_length = 1, example = "Once upon a time")]
     pub prompt: String,
     /// Tokens to generate at most [256]; generation also ends where the context does.
-    #[schema(minimum = 1, example = 32)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0, example = 32)]
+    #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub max_tokens: Option<u32>,
     /// 0 is greedy [0.8].
     #[schema(minimum = 0.0, maximum = 100.0)]
@@ -45,17 +51,21 @@ pub struct ExecuteRequest {
     #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub top_p: Option<f64>,
     /// 0 disables [40].
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 4294967295.0)]
+    #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub top_k: Option<u32>,
     /// In [0, 1]; 0 disables [0.05].
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub min_p: Option<f64>,
-    /// In (0, 10]; 1 disables [1].
-    #[schema(exclusive_minimum = 0.0, maximum = 10.0)]
+    /// In [0.01, 10]; 1 disables [1].
+    #[schema(minimum = 0.01, maximum = 10.0)]
     pub repetition_penalty: Option<f64>,
     /// Random seed; one is drawn (and reported in `started`) when absent.
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 18446744073709551615.0)]
+    #[serde(default, deserialize_with = "crate::de::option_u64")]
     pub seed: Option<u64>,
     /// Generation stops before any of these (at most 16, 1 to 256 bytes each); they are not emitted.
-    #[schema(schema_with = validate::stop_list_schema, nullable = true)]
+    #[schema(schema_with = validate::nullable_stop_list_schema)]
     pub stop: Option<Vec<String>>,
 }
 
@@ -78,19 +88,6 @@ impl ExecuteRequest {
         let prompt = validate::check_prompt(&state.model, "prompt", &self.prompt, &mut errors);
         validate::finish(errors, prompt, params)
     }
-}
-
-/// The events of an `/execute` stream, in order: `started`, one `token` per
-/// generated token, an optional `metrics`, then exactly one `end` or `error`.
-/// Each is an SSE event whose `event:` is the name below and whose `data:` is the JSON object.
-#[derive(Serialize, ToSchema)]
-#[serde(tag = "event", content = "data", rename_all = "lowercase")]
-pub enum ExecuteEvent {
-    Started(StartedEvent),
-    Token(TokenEvent),
-    Metrics(MetricsEvent),
-    End(EndEvent),
-    Error(ErrorEvent),
 }
 
 /// The job was accepted and queued.
@@ -160,7 +157,9 @@ fn sse<T: Serialize>(name: &'static str, data: &T) -> Result<SseEvent, Infallibl
     request_body = ExecuteRequest,
     params(("X-Correlation-Id" = Option<String>, Header, description = "Echoed back and attached to the job's log lines")),
     responses(
-        (status = 200, description = "The job's events (see ExecuteEvent)", content_type = "text/event-stream", body = ExecuteEvent),
+        (status = 200, description = "The job's events, in order: `started`, one `token` per generated token, \
+            `metrics`, then exactly one `end` or `error`; each event's `data` is the JSON object named after it \
+            (StartedEvent, TokenEvent, MetricsEvent, EndEvent, ErrorEvent)", content_type = "text/event-stream", body = String),
         (status = 400, description = "Invalid fields, each named", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token (with --api-key)", body = ErrorBody),
         (status = 409, description = "A job with this id is running", body = ErrorBody),
@@ -173,10 +172,18 @@ pub async fn execute(
     WorkerJson(request): WorkerJson<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
     let job_id = request.job_id.clone();
-    let valid = state.validate_off_thread(move |s| request.validate(s)).await?;
+    let valid = state
+        .validate_off_thread(move |s| request.validate(s))
+        .await?;
     let max_tokens = valid.params.max_tokens;
     let job = jobs::submit(&state, &job_id, "worker", valid)?;
-    info!(job_id, prompt_tokens = job.prompt_tokens, max_tokens, seed = job.seed, "job accepted");
+    info!(
+        job_id,
+        prompt_tokens = job.prompt_tokens,
+        max_tokens,
+        seed = job.seed,
+        "job accepted"
+    );
     let started = StartedEvent {
         job_id,
         model: state.model.info.id.clone(),
@@ -350,7 +357,12 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> 
     let pool = state.model.scheduler.pool();
     let kv_cache_bytes = state.model.kv_bytes_used();
     Json(HealthResponse {
-        status: if state.is_draining() { "draining" } else { "ok" }.into(),
+        status: if state.is_draining() {
+            "draining"
+        } else {
+            "ok"
+        }
+        .into(),
         model: info.id.clone(),
         architecture: info.architecture.clone(),
         quant: info.quant.clone(),
@@ -383,11 +395,12 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> 
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
 )]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state
-        .metrics
-        .render(&state.model, state.started.elapsed());
+    let text = state.metrics.render(&state.model, state.started.elapsed());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()

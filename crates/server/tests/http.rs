@@ -36,8 +36,14 @@ async fn execute_streams_started_tokens_metrics_end() {
     assert_eq!(started["job_id"], "order-1");
     assert_eq!(started["model"], "SmolLM2-135M-Instruct.Q4_1");
     let started_at = started["started_at"].as_str().unwrap();
-    assert!(started_at.len() == 24 && started_at.ends_with('Z'), "{started_at}");
-    assert!(started["seed"].is_u64(), "a seed is drawn and reported: {started}");
+    assert!(
+        started_at.len() == 24 && started_at.ends_with('Z'),
+        "{started_at}"
+    );
+    assert!(
+        started["seed"].is_u64(),
+        "a seed is drawn and reported: {started}"
+    );
     assert_eq!(end["stop_reason"], "MAX_TOKENS");
     assert_eq!(end["tokens_out"], 6);
     assert!(end["decode_time_ms"].as_f64().unwrap() > 0.0);
@@ -75,28 +81,108 @@ async fn invalid_requests_get_400_naming_the_field() {
     let cases: Vec<(Value, &str, &str)> = vec![
         (json!({"prompt": "hi"}), "job_id", "required"),
         (json!({"job_id": "v"}), "prompt", "required"),
-        (json!({"job_id": "v", "prompt": "hi", "max_tokens": -1}), "max_tokens", "type"),
-        (json!({"job_id": "v", "prompt": "hi", "max_tokens": 0}), "max_tokens", "range"),
-        (json!({"job_id": "v", "prompt": "hi", "max_tokens": 1.5}), "max_tokens", "type"),
-        (json!({"job_id": "v", "prompt": "hi", "temperature": -0.5}), "temperature", "range"),
-        (json!({"job_id": "v", "prompt": "hi", "temperature": 1e300}), "temperature", "range"),
-        (json!({"job_id": "v", "prompt": "hi", "temperature": "hot"}), "temperature", "type"),
-        (json!({"job_id": "v", "prompt": "hi", "top_p": 0}), "top_p", "range"),
-        (json!({"job_id": "v", "prompt": "hi", "top_p": 1.01}), "top_p", "range"),
-        (json!({"job_id": "v", "prompt": "hi", "top_k": -5}), "top_k", "type"),
-        (json!({"job_id": "v", "prompt": "hi", "min_p": 2}), "min_p", "range"),
-        (json!({"job_id": "v", "prompt": "hi", "repetition_penalty": 0}), "repetition_penalty", "range"),
-        (json!({"job_id": "v", "prompt": "hi", "seed": -3}), "seed", "type"),
-        (json!({"job_id": "v", "prompt": "hi", "stop": thousand_stops}), "stop", "max_items"),
-        (json!({"job_id": "v", "prompt": "hi", "stop": ["ok", ""]}), "stop[1]", "length"),
-        (json!({"job_id": "v", "prompt": "hi", "stop": ["x".repeat(300)]}), "stop[0]", "length"),
-        (json!({"job_id": "v", "prompt": "hi", "stop": [1]}), "stop[0]", "type"),
-        (json!({"job_id": "v", "prompt": "hi", "stream": true}), "stream", "unknown_field"),
-        (json!({"job_id": "has space", "prompt": "hi"}), "job_id", "pattern"),
-        (json!({"job_id": "x".repeat(129), "prompt": "hi"}), "job_id", "pattern"),
+        (
+            json!({"job_id": "v", "prompt": "hi", "max_tokens": -1}),
+            "max_tokens",
+            "type",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "max_tokens": 0}),
+            "max_tokens",
+            "range",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "max_tokens": 1.5}),
+            "max_tokens",
+            "type",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "temperature": -0.5}),
+            "temperature",
+            "range",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "temperature": 1e300}),
+            "temperature",
+            "range",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "temperature": "hot"}),
+            "temperature",
+            "type",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "top_p": 0}),
+            "top_p",
+            "range",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "top_p": 1.01}),
+            "top_p",
+            "range",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "top_k": -5}),
+            "top_k",
+            "type",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "min_p": 2}),
+            "min_p",
+            "range",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "repetition_penalty": 0}),
+            "repetition_penalty",
+            "range",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "seed": -3}),
+            "seed",
+            "type",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "stop": thousand_stops}),
+            "stop",
+            "max_items",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "stop": ["ok", ""]}),
+            "stop[1]",
+            "length",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "stop": ["x".repeat(300)]}),
+            "stop[0]",
+            "length",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "stop": [1]}),
+            "stop[0]",
+            "type",
+        ),
+        (
+            json!({"job_id": "v", "prompt": "hi", "stream": true}),
+            "stream",
+            "unknown_field",
+        ),
+        (
+            json!({"job_id": "has space", "prompt": "hi"}),
+            "job_id",
+            "pattern",
+        ),
+        (
+            json!({"job_id": "x".repeat(129), "prompt": "hi"}),
+            "job_id",
+            "pattern",
+        ),
         (json!({"job_id": "v", "prompt": ""}), "prompt", "length"),
         (json!({"job_id": "v", "prompt": 5}), "prompt", "type"),
-        (json!({"job_id": "v", "prompt": long_prompt}), "prompt", "context"),
+        (
+            json!({"job_id": "v", "prompt": long_prompt}),
+            "prompt",
+            "context",
+        ),
         (json!(["job_id"]), "body", "type"),
     ];
     for (body, field, constraint) in cases {
@@ -107,7 +193,10 @@ async fn invalid_requests_get_400_naming_the_field() {
         assert_eq!(error["retriable"], false);
         let first = &error["errors"][0];
         assert_eq!(
-            (first["field"].as_str().unwrap(), first["constraint"].as_str().unwrap()),
+            (
+                first["field"].as_str().unwrap(),
+                first["constraint"].as_str().unwrap()
+            ),
             (field, constraint),
             "{error}"
         );
@@ -116,7 +205,10 @@ async fn invalid_requests_get_400_naming_the_field() {
 
     // Every wrong field at once.
     let response = server
-        .post("/execute", &json!({"job_id": "", "prompt": "", "temperature": -1, "min_p": 3}))
+        .post(
+            "/execute",
+            &json!({"job_id": "", "prompt": "", "temperature": -1, "min_p": 3}),
+        )
         .await;
     let error: Value = response.json().await.unwrap();
     let fields: Vec<&str> = error["errors"]
@@ -150,10 +242,7 @@ async fn invalid_requests_get_400_naming_the_field() {
     }
 
     // Hostile sizes: a 10 MB body is refused with 413 before it is parsed.
-    let huge = format!(
-        r#"{{"job_id": "v", "prompt": "{}"}}"#,
-        "a".repeat(10 << 20)
-    );
+    let huge = format!(r#"{{"job_id": "v", "prompt": "{}"}}"#, "a".repeat(10 << 20));
     let response = server
         .client
         .post(server.url("/execute"))
@@ -169,14 +258,42 @@ async fn invalid_requests_get_400_naming_the_field() {
     // The OpenAI routes refuse the same way, in OpenAI's shape.
     for (path, body, param) in [
         ("/v1/chat/completions", json!({"messages": []}), "messages"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "n"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "wizard", "content": "hi"}]}), "messages[0].role"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}), "bogus"),
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": long_prompt_text()}]}), "messages"),
-        ("/v1/completions", json!({"prompt": "hi", "temperature": -1}), "temperature"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}),
+            "n",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+            "messages[0].role",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}),
+            "bogus",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": long_prompt_text()}]}),
+            "messages",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "temperature": -1}),
+            "temperature",
+        ),
         ("/v1/completions", json!({"prompt": ["a", "b"]}), "prompt"),
-        ("/v1/completions", json!({"prompt": "hi", "logprobs": 2}), "logprobs"),
-        ("/v1/completions", json!({"prompt": "hi", "stop": vec!["x"; 17]}), "stop"),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "logprobs": 2}),
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "stop": vec!["x"; 17]}),
+            "stop",
+        ),
     ] {
         let response = server.post(path, &body).await;
         assert_eq!(response.status(), 400, "{path} {body}");
@@ -201,7 +318,8 @@ fn long_prompt_text() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_ends_a_running_job_with_cancelled() {
     let server = TestServer::start().await;
-    let body = json!({"job_id": "to-cancel", "prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    let body =
+        json!({"job_id": "to-cancel", "prompt": PROMPT, "max_tokens": 400, "temperature": 0});
     let mut reader = SseReader::new(server.post("/execute", &body).await);
     let mut events = vec![reader.next().await.unwrap()];
     while events.iter().filter(|e| e.event == "token").count() < 2 {
@@ -211,7 +329,9 @@ async fn cancel_ends_a_running_job_with_cancelled() {
     let duplicate = server.post("/execute", &body).await;
     assert_eq!(duplicate.status(), 409);
 
-    let response = server.post("/cancel", &json!({"job_id": "to-cancel"})).await;
+    let response = server
+        .post("/cancel", &json!({"job_id": "to-cancel"}))
+        .await;
     assert_eq!(response.status(), 202);
     assert_eq!(response.json::<Value>().await.unwrap()["found"], true);
     let tokens_at_cancel = events.iter().filter(|e| e.event == "token").count();
@@ -322,7 +442,10 @@ async fn a_full_queue_gets_503_with_retry_after() {
     assert_eq!(response.status(), 503);
     assert_eq!(response.headers()["retry-after"], "1");
     let error: Value = response.json().await.unwrap();
-    assert_eq!((error["code"].as_str(), error["retriable"].as_bool()), (Some("QUEUE_FULL"), Some(true)));
+    assert_eq!(
+        (error["code"].as_str(), error["retriable"].as_bool()),
+        (Some("QUEUE_FULL"), Some(true))
+    );
     let response = server
         .post("/v1/completions", &json!({"prompt": PROMPT}))
         .await;
@@ -333,7 +456,10 @@ async fn a_full_queue_gets_503_with_retry_after() {
     server.post("/cancel", &json!({"job_id": "queued"})).await;
     let events = queued.collect().await;
     let (_, end) = check_execute_stream(&events);
-    assert_eq!((end["stop_reason"].as_str(), end["tokens_out"].as_u64()), (Some("CANCELLED"), Some(0)));
+    assert_eq!(
+        (end["stop_reason"].as_str(), end["tokens_out"].as_u64()),
+        (Some("CANCELLED"), Some(0))
+    );
     server.post("/cancel", &json!({"job_id": "running"})).await;
     running_events.extend(running.collect().await);
     let (_, end) = check_execute_stream(&running_events);
@@ -395,7 +521,10 @@ async fn health_answers_while_the_model_runs() {
         assert!(health["memory"]["kv_cache_bytes"].as_u64().unwrap() > 0);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(slowest < Duration::from_millis(500), "/health took {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "/health took {slowest:?}"
+    );
     drop(jobs);
     server.wait_idle(Duration::from_secs(10)).await;
 }
@@ -410,9 +539,17 @@ async fn openai_routes_stream_and_report_usage() {
     let auth = |r: reqwest::RequestBuilder| r.bearer_auth("sekrit");
 
     // Bearer auth on the API routes, not on /health or /metrics.
-    let response = server.client.get(server.url("/v1/models")).send().await.unwrap();
+    let response = server
+        .client
+        .get(server.url("/v1/models"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"]["type"], "authentication_error");
+    assert_eq!(
+        response.json::<Value>().await.unwrap()["error"]["type"],
+        "authentication_error"
+    );
     let response = server.post("/execute", &greedy("x", 1)).await;
     assert_eq!(response.status(), 401);
     let response = server
@@ -447,18 +584,25 @@ async fn openai_routes_stream_and_report_usage() {
         .unwrap();
     assert_eq!(chat["object"], "chat.completion");
     assert!(chat["id"].as_str().unwrap().starts_with("chatcmpl-"));
-    let content = chat["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let content = chat["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let usage = &chat["usage"];
     assert!(usage["prompt_tokens"].as_u64().unwrap() > 5);
     assert_eq!(
         usage["total_tokens"].as_u64(),
-        Some(usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap())
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
     );
 
     // Streaming: role first, content deltas, finish_reason, usage, [DONE]; the same text as above.
     let response = auth(server.client.post(server.url("/v1/chat/completions")))
-        .json(&json!({"messages": messages, "max_tokens": 5, "temperature": 0, "stream": true,
-                      "stream_options": {"include_usage": true}}))
+        .json(
+            &json!({"messages": messages, "max_tokens": 5, "temperature": 0, "stream": true,
+                      "stream_options": {"include_usage": true}}),
+        )
         .send()
         .await
         .unwrap();
@@ -473,11 +617,19 @@ async fn openai_routes_stream_and_report_usage() {
         .collect();
     assert_eq!(streamed, content);
     let finish = &chunks[chunks.len() - 2];
-    assert!(finish["choices"][0]["finish_reason"].is_string(), "{finish}");
+    assert!(
+        finish["choices"][0]["finish_reason"].is_string(),
+        "{finish}"
+    );
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"], json!([]));
-    assert_eq!(last["usage"]["completion_tokens"], usage["completion_tokens"]);
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert_eq!(
+        last["usage"]["completion_tokens"],
+        usage["completion_tokens"]
+    );
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
 
     // Text completion, streamed.
     let response = auth(server.client.post(server.url("/v1/completions")))
@@ -493,7 +645,10 @@ async fn openai_routes_stream_and_report_usage() {
         .map(|c| c["choices"][0]["text"].as_str().unwrap())
         .collect();
     assert!(text.contains("Paris"), "{text:?}");
-    assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
     assert!(chunks.iter().all(|c| c["usage"].is_null()));
 }
 
@@ -600,7 +755,9 @@ async fn metrics_are_valid_prometheus_text() {
         .iter()
         .find(|s| s.name == "worker_jobs_total")
         .unwrap();
-    assert!(jobs.labels.contains(&("stop_reason".into(), "MAX_TOKENS".into())));
+    assert!(jobs
+        .labels
+        .contains(&("stop_reason".into(), "MAX_TOKENS".into())));
 }
 
 /// The ready callback reaches the orchestrator, retried after a refusal.
@@ -637,7 +794,10 @@ async fn ready_callback_is_retried_until_accepted() {
     let server = TestServer::start_with(common::options(), config).await;
     let start = Instant::now();
     while received.lock().unwrap().len() < 2 {
-        assert!(start.elapsed() < Duration::from_secs(10), "no second callback");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no second callback"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The server served all along, and no third attempt follows an accepted one.
@@ -647,7 +807,10 @@ async fn ready_callback_is_retried_until_accepted() {
     assert_eq!(received.len(), 2, "{received:?}");
     let ready = &received[1];
     assert_eq!(ready["worker_id"], "worker-7");
-    assert!(ready["model_ref"].as_str().unwrap().ends_with(common::MODEL_FILE));
+    assert!(ready["model_ref"]
+        .as_str()
+        .unwrap()
+        .ends_with(common::MODEL_FILE));
     assert!(ready["vram_bytes"].as_u64().unwrap() > 50_000_000);
     assert_eq!(ready["uri"], format!("http://{}", server.addr));
     assert_eq!(ready["capabilities"]["context_length"], 512);
@@ -665,7 +828,10 @@ async fn shutdown_drains_running_jobs() {
     let mut server = TestServer::start_with(common::options(), config).await;
     let mut long = SseReader::new(
         server
-            .post("/execute", &json!({"job_id": "long", "prompt": PROMPT, "max_tokens": 400}))
+            .post(
+                "/execute",
+                &json!({"job_id": "long", "prompt": PROMPT, "max_tokens": 400}),
+            )
             .await,
     );
     let short = SseReader::new(server.post("/execute", &greedy("short", 3)).await);
@@ -682,7 +848,10 @@ async fn shutdown_drains_running_jobs() {
     let response = server.post("/execute", &greedy("late", 2)).await;
     assert_eq!(response.status(), 503);
     let error: Value = response.json().await.unwrap();
-    assert_eq!((error["code"].as_str(), error["retriable"].as_bool()), (Some("UNAVAILABLE"), Some(true)));
+    assert_eq!(
+        (error["code"].as_str(), error["retriable"].as_bool()),
+        (Some("UNAVAILABLE"), Some(true))
+    );
 
     let short = short.collect().await;
     let (_, end) = check_execute_stream(&short);
@@ -696,7 +865,12 @@ async fn shutdown_drains_running_jobs() {
         .expect("the server returns once drained")
         .unwrap()
         .unwrap();
-    assert!(server.client.get(server.url("/health")).send().await.is_err());
+    assert!(server
+        .client
+        .get(server.url("/health"))
+        .send()
+        .await
+        .is_err());
 }
 
 /// A request's correlation id is echoed and marks its job's log lines.
@@ -714,13 +888,19 @@ async fn correlation_id_is_in_the_jobs_log_lines() {
         .unwrap();
     assert_eq!(response.headers()["x-correlation-id"], "corr-log-5150");
     check_execute_stream(&SseReader::new(response).collect().await);
-    let response = server.client.get(server.url("/health")).send().await.unwrap();
+    let response = server
+        .client
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap();
     let generated = response.headers()["x-correlation-id"].to_str().unwrap();
     assert_eq!(generated.len(), 16, "a missing id is generated");
     let text = logs.text();
     let lines: Vec<&str> = text.lines().filter(|l| l.contains("logged-job")).collect();
     assert!(
-        lines.iter().any(|l| l.contains("job accepted")) && lines.iter().any(|l| l.contains("job finished")),
+        lines.iter().any(|l| l.contains("job accepted"))
+            && lines.iter().any(|l| l.contains("job finished")),
         "{text}"
     );
     for line in lines {

@@ -1,6 +1,5 @@
 //! `serve`: run the worker's HTTP service (crates/server) on one model.
 
-use std::future::Future;
 use std::io::IsTerminal;
 use std::time::Duration;
 
@@ -94,26 +93,24 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
-fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
-    async {
-        let ctrl_c = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
-        #[cfg(unix)]
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut signal) => {
-                    signal.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
             }
-        };
-        #[cfg(not(unix))]
-        let term = std::future::pending::<()>();
-        tokio::select! {
-            () = ctrl_c => {}
-            () = term => {}
+            Err(_) => std::future::pending::<()>().await,
         }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
     }
 }
 

@@ -147,8 +147,12 @@ pub struct Sse {
 
 impl Sse {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.data)
-            .unwrap_or_else(|e| panic!("event {:?} data is not JSON ({e}): {}", self.event, self.data))
+        serde_json::from_str(&self.data).unwrap_or_else(|e| {
+            panic!(
+                "event {:?} data is not JSON ({e}): {}",
+                self.event, self.data
+            )
+        })
     }
 }
 
@@ -161,8 +165,14 @@ pub struct SseReader {
 impl SseReader {
     pub fn new(response: reqwest::Response) -> SseReader {
         assert_eq!(response.status(), 200);
-        let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
-        assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
         SseReader {
             body: response.bytes_stream().boxed(),
             buffer: String::new(),
@@ -195,7 +205,8 @@ impl SseReader {
                 .await
                 .expect("no event for 60 s")?
                 .expect("reading the stream");
-            self.buffer.push_str(std::str::from_utf8(&chunk).expect("UTF-8 chunk"));
+            self.buffer
+                .push_str(std::str::from_utf8(&chunk).expect("UTF-8 chunk"));
         }
     }
 
@@ -254,7 +265,11 @@ pub fn check_execute_stream(events: &[Sse]) -> (String, Value) {
     }
     let end = last.json();
     if last.event == "end" {
-        assert_eq!(end["tokens_out"].as_u64().unwrap(), next_index, "{events:?}");
+        assert_eq!(
+            end["tokens_out"].as_u64().unwrap(),
+            next_index,
+            "{events:?}"
+        );
     }
     (text, end)
 }
@@ -358,7 +373,10 @@ pub mod prometheus {
                         ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
                         "{line}"
                     );
-                    assert!(types.insert(name.into(), kind.into()).is_none(), "TYPE twice: {line}");
+                    assert!(
+                        types.insert(name.into(), kind.into()).is_none(),
+                        "TYPE twice: {line}"
+                    );
                 } else {
                     assert_eq!(keyword, "HELP", "{line}");
                 }
@@ -372,7 +390,10 @@ pub mod prometheus {
                 None => line.split_once(' ').expect("name and value"),
             };
             let (name, labels) = match series.find('{') {
-                Some(open) => (&series[..open], parse_labels(&series[open + 1..series.len() - 1])),
+                Some(open) => (
+                    &series[..open],
+                    parse_labels(&series[open + 1..series.len() - 1]),
+                ),
                 None => (series, Vec::new()),
             };
             assert!(is_name(name), "{line}");
@@ -383,26 +404,45 @@ pub mod prometheus {
             }
             let family = ["_bucket", "_sum", "_count"]
                 .iter()
-                .find_map(|s| name.strip_suffix(s).filter(|f| types.get(*f).is_some_and(|t| t == "histogram")))
+                .find_map(|s| {
+                    name.strip_suffix(s)
+                        .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+                })
                 .unwrap_or(name);
             assert!(types.contains_key(family), "no TYPE before {line}");
-            samples.push(Sample { name: name.into(), labels, value: v });
+            samples.push(Sample {
+                name: name.into(),
+                labels,
+                value: v,
+            });
         }
         for (family, kind) in &types {
             if kind != "histogram" {
                 continue;
             }
-            let buckets: Vec<&Sample> = samples.iter().filter(|s| s.name == format!("{family}_bucket")).collect();
+            let buckets: Vec<&Sample> = samples
+                .iter()
+                .filter(|s| s.name == format!("{family}_bucket"))
+                .collect();
             assert!(!buckets.is_empty(), "{family} has no buckets");
             let mut previous = (f64::NEG_INFINITY, 0.0);
             for b in &buckets {
                 let le = value(&b.labels.iter().find(|(k, _)| k == "le").expect("le").1);
-                assert!(le > previous.0 && b.value >= previous.1, "{family} buckets out of order");
+                assert!(
+                    le > previous.0 && b.value >= previous.1,
+                    "{family} buckets out of order"
+                );
                 previous = (le, b.value);
             }
             assert_eq!(previous.0, f64::INFINITY, "{family}: last bucket is +Inf");
-            let count = samples.iter().find(|s| s.name == format!("{family}_count")).expect("_count");
-            assert_eq!(count.value, previous.1, "{family}: +Inf bucket equals _count");
+            let count = samples
+                .iter()
+                .find(|s| s.name == format!("{family}_count"))
+                .expect("_count");
+            assert_eq!(
+                count.value, previous.1,
+                "{family}: +Inf bucket equals _count"
+            );
         }
         samples
     }
