@@ -7,13 +7,48 @@
 //! offset (Q6_K) come from the activations' 16-value sums.
 
 use super::*;
-use crate::kquants::scale_min_k4;
 
-/// The 6-bit scales and mins of the 8 sub-blocks of a Q4_K/Q5_K block.
+/// The 6-bit scales and mins of the 8 sub-blocks of a Q4_K/Q5_K block, as
+/// [`crate::kquants::scale_min_k4`] reads them, unpacked a word at a time
+/// (llama.cpp's `utmp` trick): the low 6 bits of bytes 0..4 are scales
+/// 0..4 and of bytes 4..8 mins 0..4; byte `8 + i` holds the low nibbles of
+/// scale and min `4 + i`, whose top two bits are those of bytes `i` and `4 + i`.
 #[inline(always)]
 fn scales_and_mins(scales: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
-    let pairs: [(u8, u8); 8] = std::array::from_fn(|j| scale_min_k4(j, scales));
-    (pairs.map(|p| p.0), pairs.map(|p| p.1))
+    let word = |i: usize| u32::from_le_bytes(scales[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const NIBBLE: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    let sc_low = w0 & LOW6;
+    let sc_high = (w2 & NIBBLE) | (((w0 >> 6) & TOP2) << 4);
+    let min_low = w1 & LOW6;
+    let min_high = ((w2 >> 4) & NIBBLE) | (((w1 >> 6) & TOP2) << 4);
+    let join = |low: u32, high: u32| (u64::from(low) | (u64::from(high) << 32)).to_le_bytes();
+    (join(sc_low, sc_high), join(min_low, min_high))
+}
+
+/// The 8 scales of [`scales_and_mins`] as i16 in both 128-bit halves, and
+/// the two of chunk `c` (sub-blocks `2c` and `2c + 1`) picked out of them,
+/// each over all 16 lanes.
+#[inline(always)]
+unsafe fn chunk_scales(scales16: __m256i, c: usize) -> (__m256i, __m256i) {
+    let pick = |j: usize| {
+        let pair = (2 * j as i64) | ((2 * j as i64 + 1) << 8);
+        _mm256_set1_epi16(pair as i16)
+    };
+    (
+        _mm256_shuffle_epi8(scales16, pick(2 * c)),
+        _mm256_shuffle_epi8(scales16, pick(2 * c + 1)),
+    )
+}
+
+/// 8 unsigned bytes as f32.
+#[inline(always)]
+unsafe fn bytes8_to_f32(bytes: [u8; 8]) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(
+        bytes,
+    ))))
 }
 
 /// Bit `bit` of every byte of `bits`, as 0x10 where set.
@@ -85,25 +120,28 @@ macro_rules! dot_f32_q45k {
                 let mut mins = [_mm256_setzero_ps(); T];
                 for (i, $b) in blocks.iter().enumerate() {
                     let d_dmin = f16x2(head($b));
-                    let d = _mm_cvtss_f32(d_dmin);
                     let (sc, mn) = scales_and_mins(&$b.scales);
+                    // d·sc_j for the 8 sub-blocks, converted together
+                    let mut dl = [0f32; 8];
+                    _mm256_storeu_ps(
+                        dl.as_mut_ptr(),
+                        _mm256_mul_ps(_mm256_broadcastss_ps(d_dmin), bytes8_to_f32(sc)),
+                    );
                     let qh: Option<__m256i> = $qh;
                     for c in 0..4 {
                         let (wl, wh) = q45_chunk_floats(&$b.qs, qh, c);
-                        let dl = _mm256_set1_ps(d * f32::from(sc[2 * c]));
-                        let dh = _mm256_set1_ps(d * f32::from(sc[2 * c + 1]));
+                        let dl_c = _mm256_set1_ps(dl[2 * c]);
+                        let dh = _mm256_set1_ps(dl[2 * c + 1]);
                         for t in 0..T {
                             let x = x[t].as_ptr().add(QK_K * i + 64 * c);
-                            acc[t][0] = _mm256_fmadd_ps(dl, dot32(&wl, x), acc[t][0]);
+                            acc[t][0] = _mm256_fmadd_ps(dl_c, dot32(&wl, x), acc[t][0]);
                             acc[t][1] = _mm256_fmadd_ps(dh, dot32(&wh, x.add(32)), acc[t][1]);
                         }
                     }
                     // dmin·m_j for the 8 sub-blocks, against their Σx
                     let m = _mm256_mul_ps(
                         _mm256_broadcastss_ps(_mm_movehdup_ps(d_dmin)),
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                            mn.as_ptr().cast(),
-                        ))),
+                        bytes8_to_f32(mn),
                     );
                     for t in 0..T {
                         let s = _mm256_loadu_ps(sums[t].as_ptr().add(8 * i));
@@ -139,12 +177,14 @@ macro_rules! dot_q8_q45k {
                 let mut mins = [_mm_setzero_ps(); T];
                 for (i, $b) in blocks.iter().enumerate() {
                     let (sc, mn) = scales_and_mins(&$b.scales);
+                    let scales16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(
+                        _mm_cvtsi64_si128(i64::from_le_bytes(sc)),
+                    ));
                     let qh: Option<__m256i> = $qh;
                     let mut sumi = [_mm256_setzero_si256(); T];
                     for c in 0..4 {
                         let (lo, hi) = q45_chunk(&$b.qs, qh, c);
-                        let sl = _mm256_set1_epi16(i16::from(sc[2 * c]));
-                        let sh = _mm256_set1_epi16(i16::from(sc[2 * c + 1]));
+                        let (sl, sh) = chunk_scales(scales16, c);
                         for t in 0..T {
                             let q8 = y[t].get_unchecked(i).qs.as_ptr().add(64 * c);
                             let pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q8.cast()));
@@ -162,7 +202,7 @@ macro_rules! dot_q8_q45k {
                         _mm_cvtss_f32(d_dmin),
                         _mm_cvtss_f32(_mm_movehdup_ps(d_dmin)),
                     );
-                    let mins16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr().cast()));
+                    let mins16 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(i64::from_le_bytes(mn)));
                     for t in 0..T {
                         let a = y[t].get_unchecked(i);
                         acc[t] = _mm256_fmadd_ps(
@@ -219,14 +259,26 @@ impl DotF32 for BlockQ6K {
         let mut acc = [_mm256_setzero_ps(); T];
         for (i, b) in blocks.iter().enumerate() {
             // `d` is the block's last field
-            let d = _mm_cvtss_f32(_mm_movehdup_ps(f16x2(tail(b))));
+            let d = _mm256_broadcastss_ps(_mm_movehdup_ps(f16x2(tail(b))));
+            // d·sc_g for the 16 groups, converted together
+            let scales = _mm_loadu_si128(b.scales.as_ptr().cast());
+            let mut dl = [0f32; 16];
+            for half in 0..2 {
+                let sc = if half == 0 {
+                    scales
+                } else {
+                    _mm_unpackhi_epi64(scales, scales)
+                };
+                let sc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc));
+                _mm256_storeu_ps(dl.as_mut_ptr().add(8 * half), _mm256_mul_ps(d, sc));
+            }
             for h in 0..2 {
                 let q = q6_half(b, h);
                 for (k, q) in q.into_iter().enumerate() {
                     let w = bytes_to_f32::<true>(_mm256_sub_epi8(q, _mm256_set1_epi8(32)));
                     let g = 8 * h + 2 * k;
-                    let d0 = _mm256_set1_ps(d * f32::from(b.scales[g]));
-                    let d1 = _mm256_set1_ps(d * f32::from(b.scales[g + 1]));
+                    let d0 = _mm256_set1_ps(dl[g]);
+                    let d1 = _mm256_set1_ps(dl[g + 1]);
                     for t in 0..T {
                         let x = x[t].as_ptr().add(QK_K * i + 128 * h + 32 * k);
                         acc[t] = _mm256_fmadd_ps(d0, dot16(&[w[0], w[1]], x), acc[t]);
