@@ -118,8 +118,7 @@ pub fn submit(
     }
     // The scheduler's own channel is drained into its waiting list every
     // step, so the bound on waiting jobs is kept here, from its count.
-    let queued = state.model.scheduler.stats().queued.load(Ordering::Acquire);
-    if queued >= state.model.info.max_queue {
+    if state.model.queued() >= state.model.info.max_queue {
         return Err(ApiError::QueueFull);
     }
     let guard = state.jobs.register(id)?;

@@ -121,12 +121,8 @@ impl Metrics {
 
     /// The text exposition, with the gauges read now.
     pub fn render(&self, model: &Model, uptime: Duration) -> String {
-        let stats = model.scheduler.stats();
-        let load = |a: &std::sync::atomic::AtomicUsize| {
-            a.load(std::sync::atomic::Ordering::Acquire) as i64
-        };
-        self.queue_depth.set(load(&stats.queued));
-        self.running.set(load(&stats.running));
+        self.queue_depth.set(model.queued() as i64);
+        self.running.set(model.running() as i64);
         let pool = model.scheduler.pool();
         self.kv_pages_used.set(pool.used_pages() as i64);
         self.kv_pages_total.set(pool.total_pages() as i64);

@@ -3,6 +3,7 @@
 //! computed at load so that answering them never touches the model.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -135,6 +136,19 @@ impl Model {
             template,
             scheduler,
         })
+    }
+
+    /// Sequences decoding now. Every running sequence holds at least one KV
+    /// page, and the scheduler's count can lag when its last sequence is
+    /// cancelled between steps, so the page count bounds it.
+    pub fn running(&self) -> usize {
+        let running = self.scheduler.stats().running.load(Ordering::Acquire);
+        running.min(self.scheduler.pool().used_pages())
+    }
+
+    /// Jobs waiting for a slot.
+    pub fn queued(&self) -> usize {
+        self.scheduler.stats().queued.load(Ordering::Acquire)
     }
 
     /// Bytes of KV cache held now.

@@ -351,9 +351,7 @@ pub struct KvPages {
     responses((status = 200, description = "Worker state", body = HealthResponse))
 )]
 pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> {
-    use std::sync::atomic::Ordering::Acquire;
     let info = &state.model.info;
-    let stats = state.model.scheduler.stats();
     let pool = state.model.scheduler.pool();
     let kv_cache_bytes = state.model.kv_bytes_used();
     Json(HealthResponse {
@@ -376,9 +374,9 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> 
             total_bytes: info.weight_bytes + kv_cache_bytes,
         },
         slots: Slots {
-            in_use: stats.running.load(Acquire),
+            in_use: state.model.running(),
             total: info.max_concurrent,
-            queued: stats.queued.load(Acquire),
+            queued: state.model.queued(),
         },
         kv_pages: KvPages {
             used: pool.used_pages(),

@@ -12,6 +12,13 @@ use serde_json::{json, Value};
 use server::{ModelOptions, ServerConfig};
 
 const PROMPT: &str = "The capital of France is";
+/// Greedy decoding counts on from here for hundreds of tokens without an
+/// end-of-text token: the tests' long-running job.
+const COUNTING: &str = "1, 2, 3, 4, 5, 6, 7, 8,";
+
+fn long_job(job_id: &str) -> Value {
+    json!({"job_id": job_id, "prompt": COUNTING, "max_tokens": 400, "temperature": 0})
+}
 
 fn greedy(job_id: &str, max_tokens: u32) -> Value {
     json!({"job_id": job_id, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0})
@@ -241,19 +248,14 @@ async fn invalid_requests_get_400_naming_the_field() {
         assert_eq!(error["errors"][0]["constraint"], "json", "{raw:?}: {error}");
     }
 
-    // Hostile sizes: a 10 MB body is refused with 413 before it is parsed.
-    let huge = format!(r#"{{"job_id": "v", "prompt": "{}"}}"#, "a".repeat(10 << 20));
-    let response = server
-        .client
-        .post(server.url("/execute"))
-        .header("content-type", "application/json")
-        .body(huge)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 413);
-    let error: Value = response.json().await.unwrap();
-    assert_eq!(error["code"], "BODY_TOO_LARGE");
+    // Hostile sizes: a 10 MB body is refused with 413, whether its length is
+    // announced or it comes chunked. (The server answers without reading it
+    // all and closes, so the client must read while it writes.)
+    for chunked in [false, true] {
+        let (status, body) = common::post_raw(server.addr, "/execute", 10 << 20, chunked).await;
+        assert_eq!(status, 413, "chunked: {chunked}");
+        assert!(body.contains("BODY_TOO_LARGE"), "{body}");
+    }
 
     // The OpenAI routes refuse the same way, in OpenAI's shape.
     for (path, body, param) in [
@@ -318,8 +320,7 @@ fn long_prompt_text() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_ends_a_running_job_with_cancelled() {
     let server = TestServer::start().await;
-    let body =
-        json!({"job_id": "to-cancel", "prompt": PROMPT, "max_tokens": 400, "temperature": 0});
+    let body = long_job("to-cancel");
     let mut reader = SseReader::new(server.post("/execute", &body).await);
     let mut events = vec![reader.next().await.unwrap()];
     while events.iter().filter(|e| e.event == "token").count() < 2 {
@@ -334,16 +335,25 @@ async fn cancel_ends_a_running_job_with_cancelled() {
         .await;
     assert_eq!(response.status(), 202);
     assert_eq!(response.json::<Value>().await.unwrap()["found"], true);
-    let tokens_at_cancel = events.iter().filter(|e| e.event == "token").count();
+    // Tokens generated so far, counted by the scheduler as they happen (the
+    // client may lag behind); this is the only job of this server.
+    let generated = |text: &str| {
+        common::prometheus::parse(text)
+            .iter()
+            .find(|s| s.name == "worker_generated_tokens_total")
+            .map(|s| s.value as u64)
+            .unwrap()
+    };
+    let at_cancel = generated(&server.metrics().await);
     events.extend(reader.collect().await);
     let (_, end) = check_execute_stream(&events);
     assert_eq!(end["stop_reason"], "CANCELLED");
-    let tokens_out = end["tokens_out"].as_u64().unwrap() as usize;
-    // The scheduler checks cancel flags before every step: at most the
-    // step under way when the flag was set (and the event in flight) follow.
+    let tokens_out = end["tokens_out"].as_u64().unwrap();
+    // The scheduler checks cancel flags before every step: at most the step
+    // under way when the flag was set adds a token.
     assert!(
-        tokens_out <= tokens_at_cancel + 2,
-        "{tokens_out} tokens after cancelling at {tokens_at_cancel}"
+        tokens_out <= at_cancel + 1,
+        "{tokens_out} tokens; {at_cancel} when the cancel was acknowledged"
     );
 
     // Idempotent: again, and for ids never seen.
@@ -364,9 +374,9 @@ async fn client_disconnect_cancels_the_job_and_frees_its_pages() {
     let server = TestServer::start().await;
     for path in ["/execute", "/v1/chat/completions"] {
         let body = if path == "/execute" {
-            json!({"job_id": "gone", "prompt": PROMPT, "max_tokens": 400})
+            long_job("gone")
         } else {
-            json!({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 400, "stream": true})
+            json!({"messages": [{"role": "user", "content": COUNTING}], "max_tokens": 400, "temperature": 0, "stream": true})
         };
         let mut reader = SseReader::new(server.post(path, &body).await);
         let mut tokens = 0;
@@ -431,7 +441,7 @@ async fn a_full_queue_gets_503_with_retry_after() {
         ..common::options()
     };
     let server = TestServer::start_with(options, ServerConfig::default()).await;
-    let long = |id: &str| json!({"job_id": id, "prompt": PROMPT, "max_tokens": 400});
+    let long = long_job;
     let mut running = SseReader::new(server.post("/execute", &long("running")).await);
     let mut running_events = vec![running.next().await.unwrap()];
     while running_events.last().unwrap().event != "token" {
@@ -508,10 +518,18 @@ async fn health_answers_while_the_model_runs() {
 
     let mut jobs = Vec::new();
     for i in 0..3 {
-        let body = json!({"job_id": format!("busy-{i}"), "prompt": PROMPT, "max_tokens": 400});
+        let body = long_job(&format!("busy-{i}"));
         jobs.push(SseReader::new(server.post("/execute", &body).await));
     }
     while jobs[0].next().await.unwrap().event != "token" {}
+    let start = Instant::now();
+    while server.get_json("/health").await["slots"]["in_use"] != 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the jobs never all ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut slowest = Duration::ZERO;
     for _ in 0..10 {
         let start = Instant::now();
@@ -521,10 +539,9 @@ async fn health_answers_while_the_model_runs() {
         assert!(health["memory"]["kv_cache_bytes"].as_u64().unwrap() > 0);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        slowest < Duration::from_millis(500),
-        "/health took {slowest:?}"
-    );
+    // A decode step of three sequences takes tens of milliseconds; /health
+    // waits for none (the bound leaves room for a loaded machine).
+    assert!(slowest < Duration::from_secs(1), "/health took {slowest:?}");
     drop(jobs);
     server.wait_idle(Duration::from_secs(10)).await;
 }
@@ -722,6 +739,8 @@ async fn metrics_are_valid_prometheus_text() {
     let server = TestServer::start().await;
     check_execute_stream(&execute(&server, &greedy("m1", 3)).await);
     server.post("/execute", &json!({"job_id": "m2"})).await;
+    // The pages go back just after the final event is sent.
+    server.wait_idle(Duration::from_secs(5)).await;
     let text = server.metrics().await;
     let samples = common::prometheus::parse(&text);
     let value = |name: &str| {
@@ -822,18 +841,11 @@ async fn ready_callback_is_retried_until_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_running_jobs() {
     let config = ServerConfig {
-        drain_timeout: Duration::from_millis(1500),
+        drain_timeout: Duration::from_secs(3),
         ..ServerConfig::default()
     };
     let mut server = TestServer::start_with(common::options(), config).await;
-    let mut long = SseReader::new(
-        server
-            .post(
-                "/execute",
-                &json!({"job_id": "long", "prompt": PROMPT, "max_tokens": 400}),
-            )
-            .await,
-    );
+    let mut long = SseReader::new(server.post("/execute", &long_job("long")).await);
     let short = SseReader::new(server.post("/execute", &greedy("short", 3)).await);
     let mut long_events = vec![long.next().await.unwrap()];
     while long_events.last().unwrap().event != "token" {
@@ -859,7 +871,7 @@ async fn shutdown_drains_running_jobs() {
     long_events.extend(long.collect().await);
     let (_, end) = check_execute_stream(&long_events);
     assert_eq!(end["stop_reason"], "CANCELLED");
-    assert!(started.elapsed() >= Duration::from_millis(1400));
+    assert!(started.elapsed() >= Duration::from_millis(2900));
     tokio::time::timeout(Duration::from_secs(10), stopped)
         .await
         .expect("the server returns once drained")

@@ -274,6 +274,77 @@ pub fn check_execute_stream(events: &[Sse]) -> (String, Value) {
     (text, end)
 }
 
+/// POST a body of `size` bytes of JSON string (`{"prompt": "aaaa…"}`) over a
+/// raw connection, reading the response while writing; returns the status
+/// and the response body (what arrived before the server closed).
+pub async fn post_raw(addr: SocketAddr, path: &str, size: usize, chunked: bool) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let length = if chunked {
+        "Transfer-Encoding: chunked".to_string()
+    } else {
+        format!("Content-Length: {}", size + 14)
+    };
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{length}\r\n\r\n"
+    );
+    let writer = tokio::spawn(async move {
+        write.write_all(head.as_bytes()).await?;
+        let mut body = Vec::with_capacity(size + 14);
+        body.extend_from_slice(br#"{"prompt": ""#);
+        body.resize(size + 12, b'a');
+        body.extend_from_slice(br#""}"#);
+        for piece in body.chunks(64 << 10) {
+            if chunked {
+                write
+                    .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+                    .await?;
+                write.write_all(piece).await?;
+                write.write_all(b"\r\n").await?;
+            } else {
+                write.write_all(piece).await?;
+            }
+        }
+        if chunked {
+            write.write_all(b"0\r\n\r\n").await?;
+        }
+        std::io::Result::Ok(())
+    });
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let text = loop {
+        let n = tokio::time::timeout(Duration::from_secs(30), read.read(&mut buffer))
+            .await
+            .expect("a response within 30 s")
+            .unwrap_or(0);
+        response.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let complete = text.find("\r\n\r\n").is_some_and(|end| {
+            let length = text[..end].lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+            });
+            length.is_some_and(|l| text.len() >= end + 4 + l)
+        });
+        if n == 0 || complete {
+            break text;
+        }
+    };
+    // The server may close before the whole body was sent: that is not a failure.
+    writer.abort();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
 /// The tests' Python: `$WORKER_ORCD_PYTHON`, else the repository's target/pyenv.
 pub fn python() -> PathBuf {
     let path = match std::env::var_os("WORKER_ORCD_PYTHON") {
