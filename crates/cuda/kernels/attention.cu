@@ -2,10 +2,10 @@
 // query heads over its sequence's cached keys and values (f16, in pages),
 // with grouped-query heads sharing a key/value head.
 //
-// One warp per (token, query head), streaming over the keys 32 at a time
-// with an online softmax: lane l scores key base + l (a whole dot product
-// from the f16 row, 16 bytes at a time), then each key's weight is
-// broadcast and every lane accumulates its own dimensions of the values.
+// Each warp streams over key chunks of 32 with an online softmax: lane l
+// scores key base + l (a whole dot product from the f16 row, 16 bytes at a
+// time), then each key's weight is broadcast and every lane accumulates its
+// own dimensions of the values.
 #include "common.cuh"
 #include "warp.cuh"
 
@@ -22,17 +22,28 @@ __device__ __forceinline__ const __half *cache_row(const __half *cache, const u3
 //   q: [n][n_heads * head_dim] (after RoPE); out: same shape
 //   window: 0 for full causal attention, else keys pos - window + 1 ..= pos
 // head_dim must be a multiple of 8 and at most MAX_HEAD_DIM.
-extern "C" __global__ void __launch_bounds__(WARP_SIZE) attention(
+//
+// A block of ATTENTION_WARPS warps per (token, query head): warp w takes the
+// key chunks w, w + ATTENTION_WARPS, ... (so a decode step's few heads still
+// spread over several warps), each with its own online softmax; the block
+// then merges the warps' (max, sum, accumulator) triples.
+#define ATTENTION_WARPS 4
+
+extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP_SIZE) attention(
     const float *__restrict__ q, const __half *__restrict__ k_cache, const __half *__restrict__ v_cache,
     const u32 *__restrict__ positions, const u32 *__restrict__ table_offsets,
     const u32 *__restrict__ block_tables, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 window, float scale,
     float *__restrict__ out) {
     __shared__ float query[MAX_HEAD_DIM];
-    const u32 t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    __shared__ float warp_max_of[ATTENTION_WARPS];
+    __shared__ float warp_sum_of[ATTENTION_WARPS];
+    __shared__ float warp_acc[ATTENTION_WARPS][MAX_HEAD_DIM];
+    const u32 t = blockIdx.x, h = blockIdx.y;
+    const u32 lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
     const u32 q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
     const u32 head_offset = (h / (n_heads / n_kv_heads)) * head_dim;
-    for (u32 d = lane; d < head_dim; d += WARP_SIZE) query[d] = q[(u64)t * q_dim + h * head_dim + d];
-    __syncwarp();
+    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) query[d] = q[(u64)t * q_dim + h * head_dim + d];
+    __syncthreads();
 
     const u32 pos = positions[t];
     const u32 first = (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
@@ -42,12 +53,13 @@ extern "C" __global__ void __launch_bounds__(WARP_SIZE) attention(
 #pragma unroll
     for (int j = 0; j < VALUES_PER_LANE; ++j) acc[j] = 0.0f;
 
-    for (u32 base = first; base <= pos; base += WARP_SIZE) {
+    for (u32 base = first + warp * WARP_SIZE; base <= pos; base += ATTENTION_WARPS * WARP_SIZE) {
         const u32 p = base + lane;
         float score = NEG_INFINITY;
         if (p <= pos) {
             const __half *key = cache_row(k_cache, table, p, kv_dim, head_offset);
             float dot = 0.0f;
+#pragma unroll 8
             for (u32 d = 0; d < head_dim; d += 8) {
                 const uint4 packed = *reinterpret_cast<const uint4 *>(key + d);
                 const __half2 *pairs = reinterpret_cast<const __half2 *>(&packed);
@@ -66,6 +78,7 @@ extern "C" __global__ void __launch_bounds__(WARP_SIZE) attention(
 #pragma unroll
         for (int j = 0; j < VALUES_PER_LANE; ++j) acc[j] *= correction;
         const u32 n_keys = min((u32)WARP_SIZE, pos + 1 - base);
+#pragma unroll 2
         for (u32 key = 0; key < n_keys; ++key) {
             const float w = __shfl_sync(FULL_MASK, weight, key);
             const __half *value = cache_row(v_cache, table, base + key, kv_dim, head_offset);
@@ -77,10 +90,33 @@ extern "C" __global__ void __launch_bounds__(WARP_SIZE) attention(
         }
         running_max = new_max;
     }
-    const float inverse = 1.0f / denominator;
+
+    // Merge the warps: a warp that saw no key has max -inf, sum 0 and weight 0.
+    if (lane == 0) {
+        warp_max_of[warp] = running_max;
+        warp_sum_of[warp] = denominator;
+    }
 #pragma unroll
     for (int j = 0; j < VALUES_PER_LANE; ++j) {
         const u32 d = lane + WARP_SIZE * j;
-        if (d < head_dim) out[(u64)t * q_dim + h * head_dim + d] = acc[j] * inverse;
+        if (d < head_dim) warp_acc[warp][d] = acc[j];
+    }
+    __syncthreads();
+    float block_max = NEG_INFINITY;
+#pragma unroll
+    for (int w = 0; w < ATTENTION_WARPS; ++w) block_max = fmaxf(block_max, warp_max_of[w]);
+    float factor[ATTENTION_WARPS];
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < ATTENTION_WARPS; ++w) {
+        factor[w] = warp_max_of[w] == NEG_INFINITY ? 0.0f : expf(warp_max_of[w] - block_max);
+        total += warp_sum_of[w] * factor[w];
+    }
+    const float inverse = 1.0f / total;
+    for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < ATTENTION_WARPS; ++w) sum += warp_acc[w][d] * factor[w];
+        out[(u64)t * q_dim + h * head_dim + d] = sum * inverse;
     }
 }

@@ -11,6 +11,7 @@
 #include "common.cuh"
 #include "formats.cuh"
 #include "warp.cuh"
+#include "activation.cuh"
 
 #define MATVEC_WARPS 4  // weight rows per block
 
@@ -30,6 +31,9 @@ __device__ __forceinline__ void matvec(const u8 *__restrict__ w, u64 row_bytes, 
     float acc[TOKENS];
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) acc[t] = 0.0f;
+    // Unrolled so that several stretches' loads are in flight at once: a
+    // decode step is a chain of small products, each bound by its latency.
+#pragma unroll 4
     for (u32 first = lane * 8; first < cols; first += WARP_SIZE * 8) {
         float v[8];
         row_values8<Format>(row, first, v);
@@ -53,6 +57,52 @@ __device__ __forceinline__ void matvec(const u8 *__restrict__ w, u64 row_bytes, 
     }
 }
 
+// The FFN's first half in one pass: y[t][r] = act(gate[r]·x[t]) * (up[r]·x[t]),
+// gate and up of one format and shape, each warp taking row r of both.
+template <typename Format, int TOKENS, bool GELU>
+__device__ __forceinline__ void matvec_gated(const u8 *__restrict__ gate, const u8 *__restrict__ up, u64 row_bytes,
+                                             u32 rows, u32 cols, const float *__restrict__ x, u32 n_tokens,
+                                             float *__restrict__ y) {
+    const u32 lane = threadIdx.x % WARP_SIZE;
+    const u32 r = blockIdx.x * MATVEC_WARPS + threadIdx.x / WARP_SIZE;
+    if (r >= rows) return;
+    const u32 t0 = blockIdx.y * TOKENS;
+    const u32 nt = min((u32)TOKENS, n_tokens - t0);
+    x += (u64)t0 * cols;
+    y += (u64)t0 * rows;
+    const u8 *gate_row = gate + (u64)r * row_bytes;
+    const u8 *up_row = up + (u64)r * row_bytes;
+    float acc_gate[TOKENS], acc_up[TOKENS];
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) acc_gate[t] = acc_up[t] = 0.0f;
+    // Two rows' loads per step are in flight already; unrolling further spills.
+#pragma unroll 1
+    for (u32 first = lane * 8; first < cols; first += WARP_SIZE * 8) {
+        float g[8], u[8];
+        row_values8<Format>(gate_row, first, g);
+        row_values8<Format>(up_row, first, u);
+#pragma unroll
+        for (int t = 0; t < TOKENS; ++t) {
+            if (t < nt) {
+                const float4 a = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first);
+                const float4 b = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first + 4);
+                acc_gate[t] += g[0] * a.x + g[1] * a.y + g[2] * a.z + g[3] * a.w +
+                               g[4] * b.x + g[5] * b.y + g[6] * b.z + g[7] * b.w;
+                acc_up[t] += u[0] * a.x + u[1] * a.y + u[2] * a.z + u[3] * a.w +
+                             u[4] * b.x + u[5] * b.y + u[6] * b.z + u[7] * b.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) {
+        const float g_sum = warp_sum(acc_gate[t]);
+        const float u_sum = warp_sum(acc_up[t]);
+        if (lane == 0 && t < nt) {
+            y[(u64)t * rows + r] = GELU ? gelu_tanh_times(g_sum, u_sum) : silu_times(g_sum, u_sum);
+        }
+    }
+}
+
 // Rows tokens[t] of the table, times `scale`, into x[t] (n_embd = cols values each).
 template <typename Format>
 __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_bytes, u32 cols,
@@ -68,6 +118,12 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
     }
 }
 
+#define MATVEC_GATED_KERNEL(name, Format, act, gelu, tokens)                                                   \
+    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE) matvec_gated_##act##_##name##_##tokens( \
+        const u8 *gate, const u8 *up, u64 row_bytes, u32 rows, u32 cols, const float *x, u32 n_tokens, float *y) { \
+        matvec_gated<Format, tokens, gelu>(gate, up, row_bytes, rows, cols, x, n_tokens, y);                  \
+    }
+
 #define MATVEC_KERNELS(name, Format)                                                                          \
     extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE) matvec_##name##_1(                  \
         const u8 *w, u64 row_bytes, u32 rows, u32 cols, const float *x, u32 n_tokens, float *y, u32 ldy,        \
@@ -79,6 +135,10 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
         u32 accumulate) {                                                                                     \
         matvec<Format, 8>(w, row_bytes, rows, cols, x, n_tokens, y, ldy, accumulate);                         \
     }                                                                                                         \
+    MATVEC_GATED_KERNEL(name, Format, silu, false, 1)                                                          \
+    MATVEC_GATED_KERNEL(name, Format, silu, false, 8)                                                          \
+    MATVEC_GATED_KERNEL(name, Format, gelu, true, 1)                                                           \
+    MATVEC_GATED_KERNEL(name, Format, gelu, true, 8)                                                           \
     extern "C" __global__ void embed_##name(const u8 *table, u64 row_bytes, u32 cols, const u32 *tokens,      \
                                             float scale, float *x) {                                          \
         embed<Format>(table, row_bytes, cols, tokens, scale, x);                                              \

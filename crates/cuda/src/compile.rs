@@ -24,6 +24,7 @@ pub const HEADERS: &[(&str, &str)] = &[
     ("common.cuh", include_str!("../kernels/common.cuh")),
     ("formats.cuh", include_str!("../kernels/formats.cuh")),
     ("warp.cuh", include_str!("../kernels/warp.cuh")),
+    ("activation.cuh", include_str!("../kernels/activation.cuh")),
 ];
 
 /// One `kernels/<name>.cu` file and the NVRTC options it is built with.

@@ -143,7 +143,7 @@ impl Dequantizer {
             .iter()
             .position(|(t, _)| *t == ty)
             .ok_or(CudaError::UnsupportedType(ty))?;
-        if n_values % ty.block_size() as u64 != 0 {
+        if !n_values.is_multiple_of(ty.block_size() as u64) {
             return Err(CudaError::Invalid {
                 what: format!("dequantizing {ty}"),
                 reason: format!("{n_values} values are not whole blocks"),

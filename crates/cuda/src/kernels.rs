@@ -19,6 +19,8 @@ pub const MATVEC_MAX_TOKENS: usize = 8;
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 const ELEMENTWISE_THREADS: u32 = 256;
+/// Threads per attention block (ATTENTION_WARPS warps in attention.cu).
+const ATTENTION_THREADS: u32 = 4 * 32;
 /// Largest head the attention and RoPE kernels handle (MAX_HEAD_DIM).
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -37,6 +39,8 @@ pub struct DeviceMatrix {
 struct FormatKernels {
     matvec_1: CudaFunction,
     matvec_8: CudaFunction,
+    /// Indexed [gelu][tokens 8], as matvec_gated_{silu,gelu}_<format>_{1,8}.
+    gated: [[CudaFunction; 2]; 2],
     embed: CudaFunction,
 }
 
@@ -87,9 +91,20 @@ impl Kernels {
         let formats = TYPES
             .iter()
             .map(|(_, stem)| {
+                let gated = |act: &str, tokens: usize| {
+                    function(
+                        &matvec,
+                        "matvec",
+                        &format!("matvec_gated_{act}_{stem}_{tokens}"),
+                    )
+                };
                 Ok(FormatKernels {
                     matvec_1: function(&matvec, "matvec", &format!("matvec_{stem}_1"))?,
                     matvec_8: function(&matvec, "matvec", &format!("matvec_{stem}_8"))?,
+                    gated: [
+                        [gated("silu", 1)?, gated("silu", 8)?],
+                        [gated("gelu", 1)?, gated("gelu", 8)?],
+                    ],
                     embed: function(&matvec, "matvec", &format!("embed_{stem}"))?,
                 })
             })
@@ -175,6 +190,67 @@ impl Kernels {
         Ok(())
     }
 
+    /// `y[t][r] = act(Σ_c gate[r][c] · x[t][c]) · Σ_c up[r][c] · x[t][c]`:
+    /// the FFN's first half in one launch (`gelu`: GELU-tanh, else SiLU).
+    /// x is `n × cols` f32, y `n × rows` f32; gate and up share type and shape.
+    ///
+    /// # Safety
+    /// As for [`Self::matvec`].
+    pub unsafe fn matvec_gated(
+        &self,
+        gate: &DeviceMatrix,
+        up: &DeviceMatrix,
+        x: u64,
+        n: usize,
+        y: u64,
+        gelu: bool,
+    ) -> Result<()> {
+        if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) {
+            return Err(CudaError::Invalid {
+                what: "fused gate/up product".into(),
+                reason: format!(
+                    "gate is {} {}×{}, up {} {}×{}",
+                    gate.ty, gate.rows, gate.cols, up.ty, up.rows, up.cols
+                ),
+            });
+        }
+        let format = self.format(gate.ty)?;
+        let (kernel, tokens_per_block) = if n == 1 {
+            (&format.gated[usize::from(gelu)][0], 1)
+        } else {
+            (&format.gated[usize::from(gelu)][1], MATVEC_MAX_TOKENS)
+        };
+        let (row_bytes, rows, cols) = (
+            gate.row_bytes as u64,
+            u32_of("rows", gate.rows)?,
+            u32_of("cols", gate.cols)?,
+        );
+        let n_tokens = u32_of("tokens", n)?;
+        let config = grid(
+            rows.div_ceil(MATVEC_ROWS_PER_BLOCK),
+            u32_of("token blocks", n.div_ceil(tokens_per_block))?,
+            MATVEC_ROWS_PER_BLOCK * 32,
+        );
+        let mut launch = self.stream.launch_builder(kernel);
+        launch
+            .arg(&gate.ptr)
+            .arg(&up.ptr)
+            .arg(&row_bytes)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&x)
+            .arg(&n_tokens)
+            .arg(&y);
+        // SAFETY: the caller vouches for the buffers; the arguments match the kernel's.
+        unsafe { launch.launch(config) }.context(|| {
+            format!(
+                "launching the gated matvec for {} {}×{}",
+                gate.ty, gate.rows, gate.cols
+            )
+        })?;
+        Ok(())
+    }
+
     /// `x[t] = table[tokens[t]] · scale` for `n` tokens (x: `n × table.cols` f32).
     ///
     /// # Safety
@@ -207,6 +283,7 @@ impl Kernels {
     ///
     /// # Safety
     /// The addresses must hold those shapes.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn rms_norm(
         &self,
         x: u64,
@@ -355,7 +432,7 @@ impl Kernels {
             .arg(&window)
             .arg(&a.scale)
             .arg(&a.out);
-        let config = grid(u32_of("tokens", a.n_tokens)?, n_heads, 32);
+        let config = grid(u32_of("tokens", a.n_tokens)?, n_heads, ATTENTION_THREADS);
         // SAFETY: as the caller vouches.
         unsafe { launch.launch(config) }.context(|| "launching attention".into())?;
         Ok(())

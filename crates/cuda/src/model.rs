@@ -550,7 +550,7 @@ impl CudaModel {
         &self,
         cache: &mut GpuCache,
         tokens: &[u32],
-    ) -> Result<(Vec<f32>, Vec<(String, Vec<f32>)>), EngineError> {
+    ) -> Result<(Vec<f32>, crate::reference::Trace), EngineError> {
         let mut trace = Vec::new();
         let mut batch = [Segment {
             kv: cache,
@@ -663,14 +663,13 @@ impl CudaModel {
             tables: tables_at,
         };
         // Decode steps (few tokens, one LM-head pass) run as CUDA graphs.
-        let graph_key = (trace.is_none()
-            && n <= MATVEC_MAX_TOKENS
-            && (1..=LOGIT_ROWS).contains(&wanted.len()))
-        .then_some(GraphKey {
-            tokens: n,
-            rows: wanted.len(),
-            greedy,
-        });
+        let graph_key =
+            (trace.is_none() && n <= MATVEC_MAX_TOKENS && (1..=LOGIT_ROWS).contains(&wanted.len()))
+                .then_some(GraphKey {
+                    tokens: n,
+                    rows: wanted.len(),
+                    greedy,
+                });
         let result = (|| -> Result<Output> {
             // The raw copies below use the thread's current context (the
             // scheduler runs this on its own thread).
@@ -687,7 +686,15 @@ impl CudaModel {
                     return self.collect(&work, wanted.len(), greedy);
                 }
             }
-            self.layers_forward(&work, n, at.tokens, at.positions, at.table_offsets, at.tables, &mut trace)?;
+            self.layers_forward(
+                &work,
+                n,
+                at.tokens,
+                at.positions,
+                at.table_offsets,
+                at.tables,
+                &mut trace,
+            )?;
             self.head(&work, &wanted, at.wanted, greedy)
         })();
         // Nothing queued may outlive this call (caches may drop their pages next).
@@ -747,7 +754,9 @@ impl CudaModel {
             // SAFETY: `ids` holds `rows` u32 written by the step on this stream.
             unsafe { driver::memcpy_dtoh_async(&mut ids, work.ids, stream.cu_stream()) }
                 .context(|| "copying token ids to the host".into())?;
-            stream.synchronize().context(|| "waiting for token ids".into())?;
+            stream
+                .synchronize()
+                .context(|| "waiting for token ids".into())?;
             Ok(Output::Tokens(vec![ids]))
         } else {
             let logits = self.fetch(work.logits, rows * self.spec.vocab_size)?;
@@ -931,16 +940,18 @@ impl CudaModel {
             }
 
             unsafe { k.rms_norm(work.x, 0, layer.ffn_norm, eps, embd, n, work.normed)? };
-            self.matmul(work, &layer.gate, work.normed, n, work.gate, ff, false)?;
-            self.matmul(work, &layer.up, work.normed, n, work.up, ff, false)?;
-            unsafe {
-                k.gated_activation(
-                    work.gate,
-                    work.up,
-                    n * ff,
-                    spec.activation == Activation::GeluTanh,
-                )?
-            };
+            let gelu = spec.activation == Activation::GeluTanh;
+            let fused = self.mode == WeightsMode::Quantized
+                && n <= MATVEC_MAX_TOKENS
+                && layer.gate.ty == layer.up.ty;
+            if fused {
+                // SAFETY: gate and up are ff × n_embd, normed and gate hold n rows.
+                unsafe { k.matvec_gated(&layer.gate, &layer.up, work.normed, n, work.gate, gelu)? };
+            } else {
+                self.matmul(work, &layer.gate, work.normed, n, work.gate, ff, false)?;
+                self.matmul(work, &layer.up, work.normed, n, work.up, ff, false)?;
+                unsafe { k.gated_activation(work.gate, work.up, n * ff, gelu)? };
+            }
             if first {
                 record("layer0.ffn_norm".into(), work.normed, embd)?;
                 record("layer0.ffn_act".into(), work.gate, ff)?;
@@ -975,7 +986,14 @@ impl CudaModel {
     /// Final norm and LM head of `rows` (≤ LOGIT_ROWS) wanted rows from
     /// number `first` on (`wanted_at` holds their indices on the device) into
     /// `work.logits`, and with `greedy` their argmax into `work.ids[first..]`.
-    fn head_kernels(&self, work: &Workspace, rows: usize, first: usize, wanted_at: u64, greedy: bool) -> Result<()> {
+    fn head_kernels(
+        &self,
+        work: &Workspace,
+        rows: usize,
+        first: usize,
+        wanted_at: u64,
+        greedy: bool,
+    ) -> Result<()> {
         let (embd, vocab) = (self.spec.n_embd, self.spec.vocab_size);
         // SAFETY: the rows index n ≤ max_batch_tokens rows of x; final_rows
         // and logits hold LOGIT_ROWS rows; ids holds max_batch_tokens.
@@ -990,9 +1008,20 @@ impl CudaModel {
                 work.final_rows,
             )?;
         }
-        self.matmul(work, &self.output, work.final_rows, rows, work.logits, vocab, false)?;
+        self.matmul(
+            work,
+            &self.output,
+            work.final_rows,
+            rows,
+            work.logits,
+            vocab,
+            false,
+        )?;
         if greedy {
-            unsafe { self.kernels.argmax_rows(work.logits, vocab, rows, work.ids + 4 * first as u64)? };
+            unsafe {
+                self.kernels
+                    .argmax_rows(work.logits, vocab, rows, work.ids + 4 * first as u64)?
+            };
         }
         Ok(())
     }
@@ -1011,7 +1040,15 @@ impl CudaModel {
                 .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                 .context(|| "starting a CUDA graph capture".into())?;
             let captured = self
-                .layers_forward(work, key.tokens, at.tokens, at.positions, at.table_offsets, at.tables, &mut None)
+                .layers_forward(
+                    work,
+                    key.tokens,
+                    at.tokens,
+                    at.positions,
+                    at.table_offsets,
+                    at.tables,
+                    &mut None,
+                )
                 .and_then(|()| self.head_kernels(work, key.rows, 0, at.wanted, key.greedy));
             let graph = stream.end_capture(CUgraphInstantiate_flags(0));
             match (captured, graph) {
@@ -1031,7 +1068,10 @@ impl CudaModel {
                 }
             }
         }
-        work.graphs[&key].0.launch().context(|| "launching a decode step's CUDA graph".into())?;
+        work.graphs[&key]
+            .0
+            .launch()
+            .context(|| "launching a decode step's CUDA graph".into())?;
         Ok(true)
     }
 
@@ -1096,7 +1136,7 @@ enum Output {
 
 /// Checks what the kernels assume about shapes.
 fn check_shapes(spec: &ModelSpec, host: &ModelWeights) -> Result<()> {
-    if spec.head_dim > MAX_HEAD_DIM || spec.head_dim % 8 != 0 {
+    if spec.head_dim > MAX_HEAD_DIM || !spec.head_dim.is_multiple_of(8) {
         return Err(invalid(
             "model",
             format!("head size {} is not supported by the GPU kernels (a multiple of 8, at most {MAX_HEAD_DIM})", spec.head_dim),

@@ -61,7 +61,7 @@ impl Summary {
         if rel.is_nan() || rel > self.max_logits_rel_l2 {
             self.max_logits_rel_l2 = if rel.is_nan() { f64::INFINITY } else { rel };
         }
-        if !(rel <= MAX_LOGITS_REL_L2) {
+        if rel.is_nan() || rel > MAX_LOGITS_REL_L2 {
             self.failures.push(format!(
                 "{what}: logits rel-L2 {rel:.3e} > {MAX_LOGITS_REL_L2:.0e}"
             ));
@@ -151,7 +151,7 @@ pub fn selftest(
             layer0.push(format!("{step} {rel:.1e}"));
         } else {
             layers.push(format!("{rel:.1e}"));
-            if !(rel <= summary.max_layer_rel_l2) {
+            if rel.is_nan() || rel > summary.max_layer_rel_l2 {
                 summary.max_layer_rel_l2 = if rel.is_nan() { f64::INFINITY } else { rel };
             }
         }

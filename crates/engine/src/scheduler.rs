@@ -456,7 +456,7 @@ impl<B: Backend> Loop<B> {
                 done.push((i, reason));
             }
         }
-        done.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
             let seq = self.running.swap_remove(i);
             self.finish(seq, reason);
