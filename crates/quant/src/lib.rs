@@ -1,5 +1,5 @@
 //! ggml block formats on the CPU: their layouts, dequantization to f32 and
-//! f16, and quantization.
+//! f16, quantization, and matrix products straight from the blocks.
 //!
 //! GGUF files store weights in ggml's block formats (Q4_K, Q6_K, Q8_0, …).
 //! Everything that computes with them — the CPU backend, the loader that
@@ -10,6 +10,11 @@
 //! `gguf.quants.quantize` where gguf-py has one (F16, BF16, Q4_0, Q4_1,
 //! Q5_0, Q5_1, Q8_0) and llama.cpp's reference quantizers otherwise (the
 //! K-quants, Q8_1). Large inputs are split across the rayon thread pool.
+//!
+//! The CPU backend's matrix products ([`matmul()`], [`matmul_many`]) are the
+//! one place where speed comes first: they decode blocks in registers and
+//! are checked against dequantize-then-f64-dot within a rounding bound
+//! rather than bit for bit (see [`mod@matmul`]).
 //!
 //! Layouts: [`legacy`] holds the 32-value formats, [`kquants`] the 256-value
 //! super-block formats; each block is a `#[repr(C)]` struct of byte arrays
@@ -210,7 +215,7 @@ macro_rules! with_kernel {
 }
 
 // after with_kernel!, which it uses
-mod matmul;
+pub mod matmul;
 
 /// Number of values in `src`, which must be whole blocks of `ty`.
 fn values_in(ty: GgmlType, src: &[u8]) -> Result<usize, QuantError> {

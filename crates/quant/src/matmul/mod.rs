@@ -11,20 +11,23 @@
 //!   Not bit-exact with [`crate::dequantize`] followed by a dot product (the
 //!   summation order differs and FMA rounds once), but f32 accumulation
 //!   throughout: this is the reference mode.
-//! * **Q8** — the activations are quantized once per call to 8 bits per
+//! * **Q8** — the activations are quantized once per input to 8 bits per
 //!   block, like llama.cpp's `vec_dot_type` (32-value blocks for the legacy
-//!   formats, 256-value blocks with 16-value sums for the K-quants, scales in
-//!   f32), and each block product is an integer dot product
-//!   (`vpmaddubsw`/`vpmaddwd`), scaled once per block. Faster, with the error
-//!   of 8-bit activations (what llama.cpp computes). The float weight formats,
-//!   and the formats without an integer kernel (Q2_K, Q3_K) or a CPU without
-//!   AVX2, compute the F32 result instead.
+//!   formats, 256-value blocks with 16-value sums for the K-quants; scales in
+//!   f32, round to nearest), and each block product is an integer dot
+//!   product (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd` where the CPU has
+//!   AVX-512 VNNI), scaled once per block. About twice as fast, with the
+//!   error of 8-bit activations (what llama.cpp computes). The float weight
+//!   formats, Q2_K and Q3_K, and CPUs without AVX2 compute the F32 result
+//!   instead.
 //!
-//! Work is split over the rayon pool by rows of `W`; with several tokens
-//! each weight block is decoded once for a tile of up to [`TOKEN_TILE`]
-//! tokens. The fast kernels are hand-written AVX2+FMA+F16C, picked at run
-//! time; every format also has a portable kernel (decode a run of blocks
-//! with the crate's dequantizer, then a dot product).
+//! Work is split over the rayon pool by rows of `W` (small products stay on
+//! the calling thread); [`matmul_many`] puts several products of one input
+//! in one fork-join. With several tokens each weight block is decoded once
+//! for a tile of up to [`TOKEN_TILE`] tokens. The fast kernels are written
+//! with AVX2+FMA+F16C intrinsics and picked at run time; every format also
+//! has a portable kernel (decode a run of blocks with the crate's
+//! dequantizer, then a dot product).
 
 mod portable;
 #[cfg(test)]
