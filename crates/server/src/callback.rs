@@ -36,17 +36,22 @@ pub struct Capabilities {
     pub device: String,
     pub context_length: usize,
     pub max_concurrent: usize,
-    /// Routes served besides the worker API's `/execute`, `/cancel`, `/health`, `/metrics`.
+    /// The OpenAI-compatible routes (`/v1/...`) are served too.
     pub openai_compatible: bool,
     pub streaming: bool,
 }
 
-/// POST `payload` to `url` until it is accepted (2xx), backing off between attempts.
+/// POST `payload` to `url` until it is accepted (2xx), backing off between
+/// attempts; the caller aborts it when the worker begins to drain.
 pub async fn announce(url: String, payload: ReadyPayload) {
     let client = match reqwest::Client::builder().timeout(ATTEMPT_TIMEOUT).build() {
         Ok(client) => client,
         Err(e) => {
-            warn!(url, error = %e, "cannot build the HTTP client for the ready callback");
+            warn!(
+                url,
+                error = causes(&e),
+                "cannot build the HTTP client for the ready callback"
+            );
             return;
         }
     };
@@ -67,7 +72,7 @@ pub async fn announce(url: String, payload: ReadyPayload) {
             Err(e) => warn!(
                 url,
                 attempt,
-                error = %e,
+                error = causes(&e),
                 retry_in_ms = backoff.as_millis() as u64,
                 "ready callback failed"
             ),
@@ -75,4 +80,16 @@ pub async fn announce(url: String, payload: ReadyPayload) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// An error with its causes (reqwest's own message is only "error sending request").
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -255,9 +255,14 @@ pub async fn run(
     let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
     let graceful = {
         let state = state.clone();
+        // A draining worker is no longer ready: stop announcing it.
+        let stop_announcing = announce.as_ref().map(|task| task.abort_handle());
         async move {
             shutdown.await;
             state.draining.store(true, Ordering::Release);
+            if let Some(task) = stop_announcing {
+                task.abort();
+            }
             info!(
                 jobs = state.jobs.len(),
                 deadline_s = state.config.drain_timeout.as_secs_f64(),
