@@ -660,6 +660,79 @@ fn log_outcome(span: &Span, id: &str, outcome: &Outcome) {
     });
 }
 
+/// What a stream chunk carries; each route spells it in its own chunk type.
+enum Piece {
+    /// Before any text (chat: the assistant's role).
+    Start,
+    Text(String),
+    Finish(StopReason),
+    /// After the finish, with `stream_options.include_usage`.
+    Usage(Usage),
+}
+
+/// Turn a submitted job into the response: the whole completion (`whole`),
+/// or an SSE stream of the chunks `chunk` makes, ending with `data: [DONE]`.
+async fn respond<T: Serialize + Send + 'static>(
+    job: RunningJob,
+    job_id: String,
+    mode: StreamMode,
+    chunk: impl Fn(Piece) -> Option<T> + Send + 'static,
+    whole: impl FnOnce(Finish) -> Response,
+) -> Result<Response, OpenAiError> {
+    let span = Span::current();
+    if !mode.stream {
+        let mut job = job;
+        let outcome = wait(&mut job).await;
+        log_outcome(&span, &job_id, &outcome);
+        return match outcome {
+            Outcome::Finished(finish) => Ok(whole(finish)),
+            Outcome::Failed(message) => Err(ApiError::Internal(message).into()),
+        };
+    }
+    let stream = async_stream::stream! {
+        // Move the whole job in (not just its receiver): its guard must live as long as the stream.
+        let mut job = job;
+        if let Some(first) = chunk(Piece::Start) {
+            yield data(&first);
+        }
+        loop {
+            match job.events.recv().await {
+                Some(Event::Token { text, .. }) if !text.is_empty() => {
+                    if let Some(c) = chunk(Piece::Text(text)) {
+                        yield data(&c);
+                    }
+                }
+                Some(Event::End(finish)) => {
+                    log_outcome(&span, &job_id, &Outcome::Finished(finish.clone()));
+                    if let Some(c) = chunk(Piece::Finish(finish.stop_reason)) {
+                        yield data(&c);
+                    }
+                    if mode.include_usage {
+                        if let Some(c) = chunk(Piece::Usage(Usage::of(&finish))) {
+                            yield data(&c);
+                        }
+                    }
+                    break;
+                }
+                Some(Event::Error { message }) => {
+                    log_outcome(&span, &job_id, &Outcome::Failed(message.clone()));
+                    yield stream_error(message);
+                    break;
+                }
+                Some(_) => {}
+                None => {
+                    yield stream_error("the scheduler stopped before the job ended".into());
+                    break;
+                }
+            }
+        }
+        yield done();
+    };
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
+
 /// Chat completion through the model's chat template.
 #[utoipa::path(
     post,
@@ -697,38 +770,34 @@ pub async fn chat_completions(
     );
     let model = state.model.info.id.clone();
     let created = unix_now();
-    let span = Span::current();
-    if !mode.stream {
-        let mut job = job;
-        let outcome = wait(&mut job).await;
-        log_outcome(&span, &id, &outcome);
-        return match outcome {
-            Outcome::Finished(finish) => Ok(Json(ChatCompletion {
-                id,
-                object: "chat.completion".into(),
-                created,
-                model,
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant".into(),
-                        content: finish.text.clone(),
-                    },
-                    finish_reason: finish_reason(finish.stop_reason).into(),
-                    logprobs: None,
-                }],
-                usage: Usage::of(&finish),
-            })
-            .into_response()),
-            Outcome::Failed(message) => Err(ApiError::Internal(message).into()),
+    let (chunk_id, chunk_model) = (id.clone(), model.clone());
+    let chunk = move |piece: Piece| {
+        let (delta, finish_reason, usage) = match piece {
+            Piece::Start => (
+                Delta {
+                    role: Some("assistant".into()),
+                    content: Some(String::new()),
+                },
+                None,
+                None,
+            ),
+            Piece::Text(text) => (
+                Delta {
+                    role: None,
+                    content: Some(text),
+                },
+                None,
+                None,
+            ),
+            Piece::Finish(reason) => (Delta::default(), Some(finish_reason(reason).into()), None),
+            Piece::Usage(usage) => (Delta::default(), None, Some(usage)),
         };
-    }
-    let chunk = move |delta: Delta, finish_reason: Option<String>, usage: Option<Usage>| {
-        ChatCompletionChunk {
-            id: id.clone(),
+        Some(ChatCompletionChunk {
+            id: chunk_id.clone(),
             object: "chat.completion.chunk".into(),
             created,
-            model: model.clone(),
+            model: chunk_model.clone(),
+            // The usage chunk has no choices.
             choices: if usage.is_some() {
                 Vec::new()
             } else {
@@ -740,43 +809,28 @@ pub async fn chat_completions(
                 }]
             },
             usage,
-        }
+        })
     };
-    let job_id = chunk(Delta::default(), None, None).id;
-    let stream = async_stream::stream! {
-        // Move the whole job in (not just its receiver): its guard must live as long as the stream.
-        let mut job = job;
-        yield data(&chunk(Delta { role: Some("assistant".into()), content: Some(String::new()) }, None, None));
-        loop {
-            match job.events.recv().await {
-                Some(Event::Token { text, .. }) if !text.is_empty() => {
-                    yield data(&chunk(Delta { role: None, content: Some(text) }, None, None));
-                }
-                Some(Event::End(finish)) => {
-                    log_outcome(&span, &job_id, &Outcome::Finished(finish.clone()));
-                    yield data(&chunk(Delta::default(), Some(finish_reason(finish.stop_reason).into()), None));
-                    if mode.include_usage {
-                        yield data(&chunk(Delta::default(), None, Some(Usage::of(&finish))));
-                    }
-                    break;
-                }
-                Some(Event::Error { message }) => {
-                    log_outcome(&span, &job_id, &Outcome::Failed(message.clone()));
-                    yield stream_error(message);
-                    break;
-                }
-                Some(_) => {}
-                None => {
-                    yield stream_error("the scheduler stopped before the job ended".into());
-                    break;
-                }
-            }
-        }
-        yield done();
+    let whole = |finish: Finish| {
+        Json(ChatCompletion {
+            id: id.clone(),
+            object: "chat.completion".into(),
+            created,
+            model,
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant".into(),
+                    content: finish.text.clone(),
+                },
+                finish_reason: finish_reason(finish.stop_reason).into(),
+                logprobs: None,
+            }],
+            usage: Usage::of(&finish),
+        })
+        .into_response()
     };
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response())
+    respond(job, id.clone(), mode, chunk, whole).await
 }
 
 /// Text completion of a raw prompt.
@@ -816,73 +870,54 @@ pub async fn completions(
     );
     let model = state.model.info.id.clone();
     let created = unix_now();
-    let span = Span::current();
-    let completion =
-        move |text: String, finish_reason: Option<String>, usage: Option<Usage>| Completion {
-            id: id.clone(),
-            object: "text_completion".into(),
-            created,
-            model: model.clone(),
-            choices: if usage.is_some() && mode.stream {
-                Vec::new()
-            } else {
-                vec![CompletionChoice {
-                    index: 0,
-                    text,
-                    finish_reason,
-                    logprobs: None,
-                }]
-            },
-            usage,
-        };
-    let job_id = completion(String::new(), None, None).id;
-    if !mode.stream {
-        let mut job = job;
-        let outcome = wait(&mut job).await;
-        log_outcome(&span, &job_id, &outcome);
-        return match outcome {
-            Outcome::Finished(finish) => Ok(Json(completion(
-                finish.text.clone(),
-                Some(finish_reason(finish.stop_reason).into()),
-                Some(Usage::of(&finish)),
-            ))
-            .into_response()),
-            Outcome::Failed(message) => Err(ApiError::Internal(message).into()),
-        };
-    }
-    let stream = async_stream::stream! {
-        // Move the whole job in (not just its receiver): its guard must live as long as the stream.
-        let mut job = job;
-        loop {
-            match job.events.recv().await {
-                Some(Event::Token { text, .. }) if !text.is_empty() => {
-                    yield data(&completion(text, None, None));
-                }
-                Some(Event::End(finish)) => {
-                    log_outcome(&span, &job_id, &Outcome::Finished(finish.clone()));
-                    yield data(&completion(String::new(), Some(finish_reason(finish.stop_reason).into()), None));
-                    if mode.include_usage {
-                        yield data(&completion(String::new(), None, Some(Usage::of(&finish))));
-                    }
-                    break;
-                }
-                Some(Event::Error { message }) => {
-                    log_outcome(&span, &job_id, &Outcome::Failed(message.clone()));
-                    yield stream_error(message);
-                    break;
-                }
-                Some(_) => {}
-                None => {
-                    yield stream_error("the scheduler stopped before the job ended".into());
-                    break;
-                }
+    let completion = {
+        let (id, model) = (id.clone(), model.clone());
+        move |text: String, finish_reason: Option<String>, usage: Option<Usage>, choices: bool| {
+            Completion {
+                id: id.clone(),
+                object: "text_completion".into(),
+                created,
+                model: model.clone(),
+                choices: if choices {
+                    vec![CompletionChoice {
+                        index: 0,
+                        text,
+                        finish_reason,
+                        logprobs: None,
+                    }]
+                } else {
+                    Vec::new()
+                },
+                usage,
             }
         }
-        yield done();
     };
-    Ok(Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response())
+    let whole = {
+        let completion = completion.clone();
+        move |finish: Finish| {
+            let reason = Some(finish_reason(finish.stop_reason).into());
+            Json(completion(
+                finish.text.clone(),
+                reason,
+                Some(Usage::of(&finish)),
+                true,
+            ))
+            .into_response()
+        }
+    };
+    let chunk = move |piece: Piece| match piece {
+        Piece::Start => None,
+        Piece::Text(text) => Some(completion(text, None, None, true)),
+        Piece::Finish(reason) => Some(completion(
+            String::new(),
+            Some(finish_reason(reason).into()),
+            None,
+            true,
+        )),
+        // The usage chunk has no choices.
+        Piece::Usage(usage) => Some(completion(String::new(), None, Some(usage), false)),
+    };
+    respond(job, id, mode, chunk, whole).await
 }
 
 /// The one model this worker serves.
