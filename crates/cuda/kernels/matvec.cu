@@ -15,12 +15,19 @@
 
 #define MATVEC_WARPS 4  // weight rows per block
 
+// Long rows (the FFN's down projection) are split over all MATVEC_WARPS warps
+// of a block (warps_per_row = MATVEC_WARPS, one row per block), so that a
+// decode step's few rows still keep many warps busy; short rows take one warp.
 template <typename Format, int TOKENS>
 __device__ __forceinline__ void matvec(const u8 *__restrict__ w, u64 row_bytes, u32 rows, u32 cols,
                                        const float *__restrict__ x, u32 n_tokens, float *__restrict__ y,
-                                       u32 ldy, u32 accumulate) {
-    const u32 lane = threadIdx.x % WARP_SIZE;
-    const u32 r = blockIdx.x * MATVEC_WARPS + threadIdx.x / WARP_SIZE;
+                                       u32 ldy, u32 accumulate, u32 warps_per_row) {
+    __shared__ float partial[MATVEC_WARPS][TOKENS];
+    const u32 lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    const u32 r = blockIdx.x * (MATVEC_WARPS / warps_per_row) + warp / warps_per_row;
+    const u32 part = warp % warps_per_row;
+    // With warps_per_row > 1 the grid has exactly `rows` blocks, so no block
+    // that reaches the barrier below returns here.
     if (r >= rows) return;
     // This block's token rows: TOKENS of them from blockIdx.y * TOKENS on.
     const u32 t0 = blockIdx.y * TOKENS;
@@ -31,28 +38,51 @@ __device__ __forceinline__ void matvec(const u8 *__restrict__ w, u64 row_bytes, 
     float acc[TOKENS];
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) acc[t] = 0.0f;
-    // Unrolled so that several stretches' loads are in flight at once: a
-    // decode step is a chain of small products, each bound by its latency.
+#define MATVEC_STEP(first)                                                                             \
+    {                                                                                                  \
+        float v[8];                                                                                    \
+        row_values8<Format>(row, first, v);                                                            \
+        _Pragma("unroll") for (int t = 0; t < TOKENS; ++t) {                                          \
+            if (t < nt) {                                                                              \
+                const float4 a = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first);        \
+                const float4 b = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first + 4);    \
+                acc[t] += v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w + v[4] * b.x + v[5] * b.y + \
+                          v[6] * b.z + v[7] * b.w;                                                    \
+            }                                                                                          \
+        }                                                                                              \
+    }
+    const u32 start = (part * WARP_SIZE + lane) * 8, stride = warps_per_row * WARP_SIZE * 8;
+    if constexpr (TOKENS == 1) {
+        // Unrolled so that several stretches' loads are in flight at once: a
+        // decode step is a chain of small products, each bound by its latency.
 #pragma unroll 4
-    for (u32 first = lane * 8; first < cols; first += WARP_SIZE * 8) {
-        float v[8];
-        row_values8<Format>(row, first, v);
+        for (u32 first = start; first < cols; first += stride) MATVEC_STEP(first)
+    } else {
+        // Eight tokens' accumulators: unrolling spills.
+#pragma unroll 1
+        for (u32 first = start; first < cols; first += stride) MATVEC_STEP(first)
+    }
+#undef MATVEC_STEP
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) acc[t] = warp_sum(acc[t]);
+    if (warps_per_row > 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int t = 0; t < TOKENS; ++t) partial[warp][t] = acc[t];
+        }
+        __syncthreads();
+        if (warp != 0) return;
 #pragma unroll
         for (int t = 0; t < TOKENS; ++t) {
-            if (t < nt) {
-                const float4 a = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first);
-                const float4 b = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first + 4);
-                acc[t] += v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w +
-                          v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
-            }
+            acc[t] = 0.0f;
+            for (u32 p = 0; p < warps_per_row; ++p) acc[t] += partial[p][t];
         }
     }
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) {
-        const float sum = warp_sum(acc[t]);
         if (lane == 0 && t < nt) {
             float *out = y + (u64)t * ldy + r;
-            *out = accumulate ? *out + sum : sum;
+            *out = accumulate ? *out + acc[t] : acc[t];
         }
     }
 }
@@ -75,24 +105,35 @@ __device__ __forceinline__ void matvec_gated(const u8 *__restrict__ gate, const 
     float acc_gate[TOKENS], acc_up[TOKENS];
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) acc_gate[t] = acc_up[t] = 0.0f;
-    // Two rows' loads per step are in flight already; unrolling further spills.
-#pragma unroll 1
-    for (u32 first = lane * 8; first < cols; first += WARP_SIZE * 8) {
-        float g[8], u[8];
-        row_values8<Format>(gate_row, first, g);
-        row_values8<Format>(up_row, first, u);
-#pragma unroll
-        for (int t = 0; t < TOKENS; ++t) {
-            if (t < nt) {
-                const float4 a = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first);
-                const float4 b = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first + 4);
-                acc_gate[t] += g[0] * a.x + g[1] * a.y + g[2] * a.z + g[3] * a.w +
-                               g[4] * b.x + g[5] * b.y + g[6] * b.z + g[7] * b.w;
-                acc_up[t] += u[0] * a.x + u[1] * a.y + u[2] * a.z + u[3] * a.w +
-                             u[4] * b.x + u[5] * b.y + u[6] * b.z + u[7] * b.w;
-            }
-        }
+    // One stretch of 8 values of both rows (a macro, not a lambda: the
+    // lambda's captured arrays went to the stack).
+#define GATED_STEP(first)                                                                              \
+    {                                                                                                  \
+        float g[8], u[8];                                                                              \
+        row_values8<Format>(gate_row, first, g);                                                       \
+        row_values8<Format>(up_row, first, u);                                                         \
+        _Pragma("unroll") for (int t = 0; t < TOKENS; ++t) {                                          \
+            if (t < nt) {                                                                              \
+                const float4 a = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first);        \
+                const float4 b = *reinterpret_cast<const float4 *>(x + (u64)t * cols + first + 4);    \
+                acc_gate[t] += g[0] * a.x + g[1] * a.y + g[2] * a.z + g[3] * a.w + g[4] * b.x +        \
+                               g[5] * b.y + g[6] * b.z + g[7] * b.w;                                  \
+                acc_up[t] += u[0] * a.x + u[1] * a.y + u[2] * a.z + u[3] * a.w + u[4] * b.x +          \
+                             u[5] * b.y + u[6] * b.z + u[7] * b.w;                                    \
+            }                                                                                          \
+        }                                                                                              \
     }
+    if constexpr (TOKENS == 1) {
+        // A decode step: unrolled, so that several stretches' loads are in
+        // flight (twice two rows; 4 spills for some formats).
+#pragma unroll 2
+        for (u32 first = lane * 8; first < cols; first += WARP_SIZE * 8) GATED_STEP(first)
+    } else {
+        // Two rows of eight tokens' accumulators: unrolling further spills.
+#pragma unroll 1
+        for (u32 first = lane * 8; first < cols; first += WARP_SIZE * 8) GATED_STEP(first)
+    }
+#undef GATED_STEP
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) {
         const float g_sum = warp_sum(acc_gate[t]);
@@ -127,13 +168,13 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
 #define MATVEC_KERNELS(name, Format)                                                                          \
     extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE) matvec_##name##_1(                  \
         const u8 *w, u64 row_bytes, u32 rows, u32 cols, const float *x, u32 n_tokens, float *y, u32 ldy,        \
-        u32 accumulate) {                                                                                     \
-        matvec<Format, 1>(w, row_bytes, rows, cols, x, n_tokens, y, ldy, accumulate);                         \
+        u32 accumulate, u32 warps_per_row) {                                                                  \
+        matvec<Format, 1>(w, row_bytes, rows, cols, x, n_tokens, y, ldy, accumulate, warps_per_row);          \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE) matvec_##name##_8(                  \
         const u8 *w, u64 row_bytes, u32 rows, u32 cols, const float *x, u32 n_tokens, float *y, u32 ldy,        \
-        u32 accumulate) {                                                                                     \
-        matvec<Format, 8>(w, row_bytes, rows, cols, x, n_tokens, y, ldy, accumulate);                         \
+        u32 accumulate, u32 warps_per_row) {                                                                  \
+        matvec<Format, 8>(w, row_bytes, rows, cols, x, n_tokens, y, ldy, accumulate, warps_per_row);          \
     }                                                                                                         \
     MATVEC_GATED_KERNEL(name, Format, silu, false, 1)                                                          \
     MATVEC_GATED_KERNEL(name, Format, silu, false, 8)                                                          \

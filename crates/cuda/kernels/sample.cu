@@ -2,54 +2,33 @@
 #include "common.cuh"
 #include "warp.cuh"
 
-// Whether (v, i) beats (best_v, best_i): larger, or equal and earlier (the
-// CPU's argmax keeps the first maximum). NaN never wins.
-__device__ __forceinline__ bool better(float v, u32 i, float best_v, u32 best_i) {
-    return v > best_v || (v == best_v && i < best_i);
+// (logit, index) as one integer that orders like the CPU's argmax: larger
+// logits first, and among equal logits the earlier index (the low half holds
+// the complement of the index). NaN never wins: it maps to 0, below every
+// number, -inf included.
+__device__ __forceinline__ u64 argmax_key(float v, u32 i) {
+    const u32 bits = __float_as_uint(v);
+    const u32 ordered = v != v ? 0u : (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+    return ((u64)ordered << 32) | (u64)(~i);
 }
 
-// out[r] = the index of the largest of logits[r][0..vocab]; one block per row.
-extern "C" __global__ void argmax_rows(const float *__restrict__ logits, u32 vocab, u32 *__restrict__ out) {
-    __shared__ float warp_value[32];
-    __shared__ u32 warp_index[32];
-    const float *row = logits + (u64)blockIdx.x * vocab;
-    float best_v = NEG_INFINITY;
-    u32 best_i = 0xffffffffu;
-    for (u32 i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float v = row[i];
-        if (better(v, i, best_v, best_i)) {
-            best_v = v;
-            best_i = i;
-        }
+// out[r] = max over i of argmax_key(logits[r][i], i), for rows r = blockIdx.y,
+// many blocks per row (the vocabulary is long); out must start at 0. The
+// host reads the index back as the complement of the low half (0 if the key
+// is 0: a row of NaNs, where the CPU's argmax also says 0).
+extern "C" __global__ void argmax_rows(const float *__restrict__ logits, u32 vocab, u64 *__restrict__ out) {
+    const float *row = logits + (u64)blockIdx.y * vocab;
+    u64 best = 0;
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x) {
+        const u64 key = argmax_key(row[i], i);
+        best = key > best ? key : best;
     }
 #pragma unroll
     for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-        const float v = __shfl_xor_sync(FULL_MASK, best_v, offset);
-        const u32 i = __shfl_xor_sync(FULL_MASK, best_i, offset);
-        if (better(v, i, best_v, best_i)) {
-            best_v = v;
-            best_i = i;
-        }
+        const u64 other = __shfl_xor_sync(FULL_MASK, best, offset);
+        best = other > best ? other : best;
     }
-    const u32 lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    if (lane == 0) {
-        warp_value[warp] = best_v;
-        warp_index[warp] = best_i;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const u32 n_warps = blockDim.x / WARP_SIZE;
-        best_v = lane < n_warps ? warp_value[lane] : NEG_INFINITY;
-        best_i = lane < n_warps ? warp_index[lane] : 0xffffffffu;
-#pragma unroll
-        for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-            const float v = __shfl_xor_sync(FULL_MASK, best_v, offset);
-            const u32 i = __shfl_xor_sync(FULL_MASK, best_i, offset);
-            if (better(v, i, best_v, best_i)) {
-                best_v = v;
-                best_i = i;
-            }
-        }
-        if (lane == 0) out[blockIdx.x] = best_i == 0xffffffffu ? 0 : best_i;
+    if (threadIdx.x % WARP_SIZE == 0 && best != 0) {
+        atomicMax(reinterpret_cast<unsigned long long *>(out + blockIdx.y), (unsigned long long)best);
     }
 }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    result as driver, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
 use gguf::GgmlType;
 
 use crate::compile::{ATTENTION, ELEMENTWISE, MATVEC, NORM, ROPE, SAMPLE};
@@ -14,6 +16,8 @@ use crate::error::{CudaError, DriverContext, Result};
 
 /// Weight rows per matvec block (MATVEC_WARPS in matvec.cu).
 const MATVEC_ROWS_PER_BLOCK: u32 = 4;
+/// Rows at least this long are split over a block's warps in matvec.
+const SPLIT_ROW_COLS: usize = 2048;
 /// Token rows per matvec launch row of blocks (the kernels' TOKENS).
 pub const MATVEC_MAX_TOKENS: usize = 8;
 /// Threads per block of the row-wise kernels.
@@ -168,8 +172,14 @@ impl Kernels {
             u32_of("ldy", ldy)?,
             u32::from(accumulate),
         );
+        // Long rows take a whole block each (see matvec.cu).
+        let warps_per_row: u32 = if w.cols >= SPLIT_ROW_COLS {
+            MATVEC_ROWS_PER_BLOCK
+        } else {
+            1
+        };
         let config = grid(
-            rows.div_ceil(MATVEC_ROWS_PER_BLOCK),
+            rows.div_ceil(MATVEC_ROWS_PER_BLOCK / warps_per_row),
             u32_of("token blocks", n.div_ceil(tokens_per_block))?,
             MATVEC_ROWS_PER_BLOCK * 32,
         );
@@ -183,7 +193,8 @@ impl Kernels {
             .arg(&n_tokens)
             .arg(&y)
             .arg(&ldy)
-            .arg(&accumulate);
+            .arg(&accumulate)
+            .arg(&warps_per_row);
         // SAFETY: the caller vouches for the buffers; the arguments match the kernel's.
         unsafe { launch.launch(config) }
             .context(|| format!("launching matvec for {} {}×{}", w.ty, w.rows, w.cols))?;
@@ -438,10 +449,11 @@ impl Kernels {
         Ok(())
     }
 
-    /// `out[r] = argmax(logits[r])` for `rows` rows of `vocab` f32.
+    /// `out[r]` = the argmax key of `logits[r]` for `rows` rows of `vocab`
+    /// f32 (see sample.cu; [`argmax_index`] reads the index from it).
     ///
     /// # Safety
-    /// `logits` must hold the rows, `out` room for `rows` u32.
+    /// `logits` must hold the rows, `out` room for `rows` u64.
     pub unsafe fn argmax_rows(
         &self,
         logits: u64,
@@ -449,13 +461,29 @@ impl Kernels {
         rows: usize,
         out: u64,
     ) -> Result<()> {
+        // SAFETY: `out` holds rows u64 (as the caller vouches); the kernel takes the maximum from 0.
+        unsafe { driver::memset_d8_async(out, 0, rows * 8, self.stream.cu_stream()) }
+            .context(|| "clearing the argmax keys".into())?;
+        let blocks = vocab.div_ceil(ARGMAX_THREADS as usize * 8).clamp(1, 1024) as u32;
         let vocab = u32_of("vocab", vocab)?;
         let mut launch = self.stream.launch_builder(&self.argmax_rows);
         launch.arg(&logits).arg(&vocab).arg(&out);
         // SAFETY: as the caller vouches.
-        unsafe { launch.launch(grid(u32_of("rows", rows)?, 1, 1024)) }
+        unsafe { launch.launch(grid(blocks, u32_of("rows", rows)?, ARGMAX_THREADS)) }
             .context(|| "launching argmax_rows".into())?;
         Ok(())
+    }
+}
+
+/// Threads per argmax block; each thread reads about 8 logits.
+const ARGMAX_THREADS: u32 = 256;
+
+/// The token index in an argmax key written by [`Kernels::argmax_rows`].
+pub fn argmax_index(key: u64) -> u32 {
+    if key == 0 {
+        0
+    } else {
+        !(key as u32)
     }
 }
 

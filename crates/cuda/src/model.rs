@@ -31,7 +31,7 @@ use crate::blas::Blas;
 use crate::device::{CudaDevice, DeviceOptions};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::kernels::{
-    Attention, DeviceMatrix, Kernels, QkvPrepare, MATVEC_MAX_TOKENS, MAX_HEAD_DIM,
+    argmax_index, Attention, DeviceMatrix, Kernels, QkvPrepare, MATVEC_MAX_TOKENS, MAX_HEAD_DIM,
 };
 use crate::kv::{GpuCache, KvPages};
 use crate::memory::{DeviceBuffer, Layout};
@@ -183,7 +183,7 @@ struct Workspace {
     scratch_values: usize,
     final_rows: u64, // LOGIT_ROWS × n_embd
     logits: u64,     // LOGIT_ROWS × vocab
-    ids: u64,        // T u32
+    ids: u64,        // T u64 argmax keys
     meta: u64,       // meta_len u32
     meta_len: usize,
     bytes: usize,
@@ -748,20 +748,27 @@ impl CudaModel {
 
     /// The results of a replayed decode step: `rows` token ids or logits rows.
     fn collect(&self, work: &Workspace, rows: usize, greedy: bool) -> Result<Output> {
-        let stream = self.device.stream();
         if greedy {
-            let mut ids = vec![0u32; rows];
-            // SAFETY: `ids` holds `rows` u32 written by the step on this stream.
-            unsafe { driver::memcpy_dtoh_async(&mut ids, work.ids, stream.cu_stream()) }
-                .context(|| "copying token ids to the host".into())?;
-            stream
-                .synchronize()
-                .context(|| "waiting for token ids".into())?;
-            Ok(Output::Tokens(vec![ids]))
+            Ok(Output::Tokens(vec![self.fetch_ids(work, rows)?]))
         } else {
             let logits = self.fetch(work.logits, rows * self.spec.vocab_size)?;
             Ok(Output::Logits(vec![logits]))
         }
+    }
+
+    /// The first `rows` argmax results, as token ids.
+    fn fetch_ids(&self, work: &Workspace, rows: usize) -> Result<Vec<u32>> {
+        let stream = self.device.stream();
+        let mut keys = vec![0u64; rows];
+        if rows > 0 {
+            // SAFETY: `ids` holds `rows` u64 written by argmax_rows on this stream.
+            unsafe { driver::memcpy_dtoh_async(&mut keys, work.ids, stream.cu_stream()) }
+                .context(|| "copying token ids to the host".into())?;
+            stream
+                .synchronize()
+                .context(|| "waiting for token ids".into())?;
+        }
+        Ok(keys.into_iter().map(argmax_index).collect())
     }
 
     /// Copies `count` f32 from the device (after the queued work).
@@ -1020,7 +1027,7 @@ impl CudaModel {
         if greedy {
             unsafe {
                 self.kernels
-                    .argmax_rows(work.logits, vocab, rows, work.ids + 4 * first as u64)?
+                    .argmax_rows(work.logits, vocab, rows, work.ids + 8 * first as u64)?
             };
         }
         Ok(())
@@ -1105,16 +1112,7 @@ impl CudaModel {
             }
         }
         if greedy {
-            let mut ids = vec![0u32; wanted.len()];
-            if !ids.is_empty() {
-                // SAFETY: `ids` holds wanted.len() u32 written by argmax_rows on this stream.
-                unsafe { driver::memcpy_dtoh_async(&mut ids, work.ids, stream.cu_stream()) }
-                    .context(|| "copying token ids to the host".into())?;
-                stream
-                    .synchronize()
-                    .context(|| "waiting for token ids".into())?;
-            }
-            Ok(Output::Tokens(vec![ids]))
+            Ok(Output::Tokens(vec![self.fetch_ids(work, wanted.len())?]))
         } else {
             Ok(Output::Logits(vec![logits]))
         }
@@ -1201,7 +1199,7 @@ fn workspace_layout(
         layout.add(2 * scratch_values),     // scratch
         layout.add(4 * LOGIT_ROWS * embd),  // final_rows
         layout.add(4 * LOGIT_ROWS * vocab), // logits
-        layout.add(4 * t),                  // ids
+        layout.add(8 * t),                  // ids: argmax keys
         layout.add(4 * meta_len),           // meta
     ];
     (layout, WorkspaceParts { offsets, meta_len })
