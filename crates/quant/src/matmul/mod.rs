@@ -314,6 +314,8 @@ impl<'a> Prepared<'a> {
 
 /// Which derived activations a kernel reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// only the x86 kernels read 8-bit activations
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Needs {
     X,
     XAndSums,
