@@ -279,6 +279,9 @@ impl<B: Backend> Loop<B> {
         while i < self.running.len() {
             if self.running[i].job.cancel.load(Ordering::Acquire) {
                 let seq = self.running.swap_remove(i);
+                self.stats
+                    .running
+                    .store(self.running.len(), Ordering::Release);
                 self.finish(seq, StopReason::Cancelled);
             } else {
                 i += 1;
@@ -460,6 +463,9 @@ impl<B: Backend> Loop<B> {
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
             let seq = self.running.swap_remove(i);
+            self.stats
+                .running
+                .store(self.running.len(), Ordering::Release);
             self.finish(seq, reason);
         }
         self.stats
@@ -538,7 +544,10 @@ impl<B: Backend> Loop<B> {
             decode_time: seq.first_token.map(|t| t.elapsed()).unwrap_or_default(),
             text: std::mem::take(&mut seq.text),
         };
-        (seq.job.sink)(Event::End(finish));
-        // Dropping `seq` returns its KV pages to the pool.
+        // The KV pages go back to the pool before the client hears the end, so a
+        // client that submits again at once finds them free.
+        let Sequence { mut job, kv, .. } = seq;
+        drop(kv);
+        (job.sink)(Event::End(finish));
     }
 }
