@@ -20,8 +20,8 @@ pub struct ReadyPayload {
     pub worker_id: String,
     /// The model file as given to `--model`.
     pub model_ref: String,
-    /// Memory the model holds on its device: the weights plus the whole KV
-    /// budget (host memory on the CPU).
+    /// Memory the model holds on its device: on a GPU, what loading took
+    /// (measured); on the CPU, the weights plus the whole KV budget.
     pub vram_bytes: u64,
     /// Where the worker listens, e.g. `http://127.0.0.1:8080`.
     pub uri: String,

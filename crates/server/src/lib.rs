@@ -51,7 +51,7 @@ pub use callback::{Capabilities, ReadyPayload};
 pub use error::{ApiError, FieldError, MAX_BODY_BYTES};
 pub use jobs::Jobs;
 pub use metrics::Metrics;
-pub use model::{Model, ModelInfo, ModelOptions};
+pub use model::{cpu_backend, BackendInfo, Model, ModelInfo, ModelOptions, Sizing};
 
 /// Header carrying the caller's request id; echoed and logged with the job.
 pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
@@ -320,7 +320,7 @@ fn ready_payload(state: &AppState, uri: String) -> ReadyPayload {
             .model_ref
             .clone()
             .unwrap_or_else(|| info.path.clone()),
-        vram_bytes: info.weight_bytes + kv_budget,
+        vram_bytes: info.device_bytes.unwrap_or(info.weight_bytes + kv_budget),
         uri,
         capabilities: Capabilities {
             model: info.id.clone(),

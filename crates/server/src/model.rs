@@ -7,10 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use engine::backend::Backend;
 use engine::convert::FileType;
 use engine::cpu::CpuModel;
 use engine::kv::PAGE_TOKENS;
 use engine::scheduler::{self, SchedulerConfig, SchedulerHandle};
+use engine::spec::ModelSpec;
 use gguf::GgufFile;
 use tokenizer::{ChatTemplate, Tokenizer};
 
@@ -52,10 +54,13 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     /// Positions per sequence as served (`--ctx-size`).
     pub context_length: usize,
-    /// Bytes of tensor data (the weights stay in the file mapping in their block format).
+    /// Bytes the weights take on the device (on the CPU, the file's tensor
+    /// data, which stays in the mapping in its block format).
     pub weight_bytes: u64,
-    /// Bytes of K and V for one KV page (`PAGE_TOKENS` positions, every layer, f32).
+    /// Bytes of K and V for one KV page (`PAGE_TOKENS` positions, every layer).
     pub kv_page_bytes: u64,
+    /// Device memory taken at load (a GPU's), KV cache included.
+    pub device_bytes: Option<u64>,
     pub max_concurrent: usize,
     pub max_queue: usize,
 }
@@ -68,9 +73,58 @@ pub struct Model {
     pub scheduler: SchedulerHandle,
 }
 
+/// How the scheduler is sized, handed to a backend's loader so that it can
+/// allocate its KV cache and workspace to match.
+#[derive(Clone, Copy, Debug)]
+pub struct Sizing {
+    /// Positions per sequence.
+    pub context: usize,
+    /// KV pages of [`PAGE_TOKENS`] positions for all sequences together.
+    pub kv_pages: usize,
+    /// Tokens per forward pass.
+    pub step_tokens: usize,
+}
+
+/// What a loaded backend reports about itself.
+#[derive(Clone, Debug)]
+pub struct BackendInfo {
+    /// `cpu`, or the GPU's name.
+    pub device: String,
+    /// Bytes the weights take where they are used.
+    pub weight_bytes: u64,
+    /// Bytes of K and V for one KV page, every layer.
+    pub kv_page_bytes: u64,
+    /// Device memory taken at load, all of it (a GPU's; `None` on the CPU).
+    pub device_bytes: Option<u64>,
+}
+
+/// The CPU backend for [`Model::load_with`].
+pub fn cpu_backend(file: Arc<GgufFile>, spec: &ModelSpec) -> Result<(CpuModel, BackendInfo)> {
+    let weight_bytes = file.tensor_bytes_total();
+    let model = CpuModel::load(file)?;
+    let info = BackendInfo {
+        device: "cpu".into(),
+        weight_bytes,
+        // f32 keys and values.
+        kv_page_bytes: (PAGE_TOKENS * spec.n_layers * spec.kv_dim() * 2 * 4) as u64,
+        device_bytes: None,
+    };
+    Ok((model, info))
+}
+
 impl Model {
     /// Load a GGUF file for the CPU backend and start its scheduler thread.
     pub fn load(path: &Path, options: &ModelOptions) -> Result<Model> {
+        Model::load_with(path, options, |file, spec, _| cpu_backend(file, spec))
+    }
+
+    /// Load a GGUF file with the backend `make` builds (given the open file,
+    /// its spec and the scheduler's sizing) and start its scheduler thread.
+    pub fn load_with<B, F>(path: &Path, options: &ModelOptions, make: F) -> Result<Model>
+    where
+        B: Backend,
+        F: FnOnce(Arc<GgufFile>, &ModelSpec, &Sizing) -> Result<(B, BackendInfo)>,
+    {
         anyhow::ensure!(
             options.max_concurrent >= 1,
             "--max-concurrent must be at least 1"
@@ -91,9 +145,8 @@ impl Model {
             .and_then(|v| FileType::ALL.into_iter().find(|t| t.llama_ftype() == v))
             .map_or("unknown", FileType::name)
             .to_string();
-        let weight_bytes = file.tensor_bytes_total();
-        let model = CpuModel::load(file).with_context(|| format!("loading {}", path.display()))?;
-        let spec = model.spec().clone();
+        let spec =
+            ModelSpec::from_gguf(&file).with_context(|| format!("loading {}", path.display()))?;
         let context = options
             .ctx_size
             .unwrap_or_else(|| spec.context_length.min(4096));
@@ -101,17 +154,27 @@ impl Model {
             context >= 2,
             "--ctx-size must be at least 2 (one prompt token and one generated)"
         );
-        let pages_per_sequence = context.div_ceil(PAGE_TOKENS);
+        let sizing = Sizing {
+            context,
+            // Room for every slot at full context: pages are only a budget
+            // (memory is taken as sequences reserve it), and with this many an
+            // admitted request never waits on the others.
+            kv_pages: context.div_ceil(PAGE_TOKENS) * options.max_concurrent,
+            step_tokens: options.step_tokens,
+        };
+        let (model, backend) =
+            make(file, &spec, &sizing).with_context(|| format!("loading {}", path.display()))?;
         let info = ModelInfo {
             id,
             path: path.display().to_string(),
             architecture: spec.arch.name().to_string(),
             quant,
-            device: "cpu".into(),
+            device: backend.device,
             vocab_size: spec.vocab_size,
             context_length: context,
-            weight_bytes,
-            kv_page_bytes: (PAGE_TOKENS * spec.n_layers * spec.kv_dim() * 2 * 4) as u64,
+            weight_bytes: backend.weight_bytes,
+            kv_page_bytes: backend.kv_page_bytes,
+            device_bytes: backend.device_bytes,
             max_concurrent: options.max_concurrent,
             max_queue: options.max_queue,
         };
@@ -124,10 +187,7 @@ impl Model {
                 max_running: options.max_concurrent,
                 max_queued: options.max_queue,
                 step_tokens: options.step_tokens,
-                // Room for every slot at full context: pages are only a
-                // budget (memory is taken as sequences reserve it), and with
-                // this many an admitted request never waits on the others.
-                kv_pages: pages_per_sequence * options.max_concurrent,
+                kv_pages: sizing.kv_pages,
             },
         );
         Ok(Model {

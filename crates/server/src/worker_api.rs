@@ -320,7 +320,8 @@ pub struct HealthResponse {
 /// Bytes in use; on the CPU these are host memory.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MemoryUsage {
-    /// Tensor data of the model file (mapped, in its block format).
+    /// The weights where they are used: the model file's tensor data on the
+    /// CPU (mapped, in its block format), device memory on a GPU.
     pub weights_bytes: u64,
     /// KV cache held by running sequences.
     pub kv_cache_bytes: u64,

@@ -1,11 +1,12 @@
 //! `serve`: run the worker's HTTP service (crates/server) on one model.
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
-use server::{Model, ModelOptions, ServerConfig};
+use server::{BackendInfo, Model, ModelOptions, ServerConfig};
 use tokio::net::TcpListener;
 
 use crate::run;
@@ -20,9 +21,8 @@ pub struct ServeArgs {
     /// Address to listen on: loopback unless told otherwise.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
-    /// Serve from this GPU (needs the CUDA backend).
-    #[arg(long)]
-    pub gpu_device: Option<usize>,
+    #[command(flatten)]
+    pub gpu: run::GpuArgs,
     /// The id the ready callback reports [default: worker-orcd-PORT].
     #[arg(long)]
     pub worker_id: Option<String>,
@@ -45,18 +45,6 @@ pub struct ServeArgs {
 
 pub fn run_serve(args: &ServeArgs) -> Result<()> {
     init_logging();
-    if let Some(gpu) = args.gpu_device {
-        bail!(
-            "--gpu-device {gpu}: the CUDA backend is not wired into the scheduler yet; \
-             serve from the CPU with --device cpu"
-        );
-    }
-    if args.model.device != "cpu" {
-        bail!(
-            "--device {:?}: only the CPU backend can serve in this build; use --device cpu",
-            args.model.device
-        );
-    }
     run::set_threads(args.model.threads)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -74,9 +62,18 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
             max_queue: args.max_queue,
             ..ModelOptions::default()
         };
-        let model = tokio::task::spawn_blocking(move || Model::load(&path, &options))
-            .await
-            .context("loading the model")??;
+        let device = args.model.device.clone();
+        let gpu = args.gpu.clone();
+        let activations = args.model.activations();
+        let model = tokio::task::spawn_blocking(move || match device.as_str() {
+            "cuda" => load_cuda(&path, &options, &gpu),
+            _ => Model::load_with(&path, &options, |file, spec, _| {
+                let (model, info) = server::cpu_backend(file, spec)?;
+                Ok((model.with_activations(activations), info))
+            }),
+        })
+        .await
+        .context("loading the model")??;
         let port = listener.local_addr()?.port();
         let config = ServerConfig {
             api_key: args.api_key.clone(),
@@ -89,6 +86,24 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
             drain_timeout: Duration::from_secs(args.drain_timeout),
         };
         server::run(listener, model, config, shutdown_signal()).await
+    })
+}
+
+/// The model on a GPU: its KV pages and workspace sized as the scheduler will use them.
+fn load_cuda(path: &Path, options: &ModelOptions, gpu: &run::GpuArgs) -> Result<Model> {
+    Model::load_with(path, options, |file, _spec, sizing| {
+        let options = gpu.options(sizing.kv_pages, sizing.step_tokens);
+        let model = cuda::CudaModel::load(file, &options)?;
+        let report = model.report();
+        eprintln!("{report}");
+        let (pages, _) = model.kv_pages();
+        let info = BackendInfo {
+            device: report.device.clone(),
+            weight_bytes: report.weights_bytes + report.vector_bytes,
+            kv_page_bytes: report.kv_bytes / pages.max(1) as u64,
+            device_bytes: Some(report.used_bytes),
+        };
+        Ok((model, info))
     })
 }
 
