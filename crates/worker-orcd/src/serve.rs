@@ -95,7 +95,6 @@ fn load_cuda(path: &Path, options: &ModelOptions, gpu: &run::GpuArgs) -> Result<
         let options = gpu.options(sizing.kv_pages, sizing.step_tokens);
         let model = cuda::CudaModel::load(file, &options)?;
         let report = model.report();
-        eprintln!("{report}");
         let (pages, _) = model.kv_pages();
         let info = BackendInfo {
             device: report.device.clone(),
