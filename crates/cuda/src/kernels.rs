@@ -20,6 +20,10 @@ const MATVEC_ROWS_PER_BLOCK: u32 = 4;
 const SPLIT_ROW_COLS: usize = 2048;
 /// Token rows per matvec launch row of blocks (the kernels' TOKENS).
 pub const MATVEC_MAX_TOKENS: usize = 8;
+/// Matrices one matvec launch takes (MATVEC_MAX_SEGMENTS in matvec.cu).
+pub const MATVEC_MAX_SEGMENTS: usize = 3;
+/// Values each lane of a matvec takes at a time: rows are whole stretches.
+const MATVEC_STRETCH: usize = 32;
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 const ELEMENTWISE_THREADS: u32 = 256;
@@ -37,6 +41,29 @@ pub struct DeviceMatrix {
     pub cols: usize,
     pub row_bytes: usize,
     pub ptr: u64,
+}
+
+/// One output of a stacked matvec: the matrix and where its rows go.
+pub struct MatvecOut<'a> {
+    pub w: &'a DeviceMatrix,
+    /// `n` rows of `ldy` f32.
+    pub y: u64,
+    pub ldy: usize,
+}
+
+/// A matvec launch's arguments (see `MATVEC_ARGS` in matvec.cu).
+struct MatvecLaunch {
+    w: [u64; MATVEC_MAX_SEGMENTS],
+    y: [u64; MATVEC_MAX_SEGMENTS],
+    rows: [u32; MATVEC_MAX_SEGMENTS],
+    ldy: [u32; MATVEC_MAX_SEGMENTS],
+    total_rows: usize,
+    row_bytes: usize,
+    cols: usize,
+    x: u64,
+    n: usize,
+    norm: Option<(u64, f32)>,
+    accumulate: bool,
 }
 
 /// The kernels of one formats' matvec and embedding.
@@ -141,12 +168,17 @@ impl Kernels {
             .ok_or(CudaError::UnsupportedType(ty))
     }
 
+    /// Whether the matvec kernels take `w`: rows of whole 32-value stretches.
+    pub fn matvec_takes(w: &DeviceMatrix) -> bool {
+        w.cols % MATVEC_STRETCH == 0
+    }
+
     /// `y[t][r] (+)= Σ_c w[r][c] · x[t][c]`: x is `n × w.cols` f32, y is `n`
     /// rows of `ldy` f32.
     ///
     /// # Safety
-    /// The addresses must hold those shapes (x 16-byte aligned, w.cols a
-    /// multiple of 8) while the stream's work runs.
+    /// The addresses must hold those shapes (x 16-byte aligned) while the
+    /// stream's work runs.
     pub unsafe fn matvec(
         &self,
         w: &DeviceMatrix,
@@ -156,67 +188,106 @@ impl Kernels {
         ldy: usize,
         accumulate: bool,
     ) -> Result<()> {
-        let format = self.format(w.ty)?;
-        let (kernel, tokens_per_block) = if n == 1 {
-            (&format.matvec_1, 1)
-        } else {
-            (&format.matvec_8, MATVEC_MAX_TOKENS)
-        };
-        let (row_bytes, rows, cols) = (
-            w.row_bytes as u64,
-            u32_of("rows", w.rows)?,
-            u32_of("cols", w.cols)?,
-        );
-        let (n_tokens, ldy, accumulate) = (
-            u32_of("tokens", n)?,
-            u32_of("ldy", ldy)?,
-            u32::from(accumulate),
-        );
-        // Long rows take a whole block each (see matvec.cu).
-        let warps_per_row: u32 = if w.cols >= SPLIT_ROW_COLS {
-            MATVEC_ROWS_PER_BLOCK
-        } else {
-            1
-        };
-        let config = grid(
-            rows.div_ceil(MATVEC_ROWS_PER_BLOCK / warps_per_row),
-            u32_of("token blocks", n.div_ceil(tokens_per_block))?,
-            MATVEC_ROWS_PER_BLOCK * 32,
-        );
-        let mut launch = self.stream.launch_builder(kernel);
-        launch
-            .arg(&w.ptr)
-            .arg(&row_bytes)
-            .arg(&rows)
-            .arg(&cols)
-            .arg(&x)
-            .arg(&n_tokens)
-            .arg(&y)
-            .arg(&ldy)
-            .arg(&accumulate)
-            .arg(&warps_per_row);
-        // SAFETY: the caller vouches for the buffers; the arguments match the kernel's.
-        unsafe { launch.launch(config) }
-            .context(|| format!("launching matvec for {} {}×{}", w.ty, w.rows, w.cols))?;
-        Ok(())
+        // SAFETY: passed on to the caller.
+        unsafe { self.matvec_stacked(&[MatvecOut { w, y, ldy }], x, n, None, accumulate) }
     }
 
-    /// `y[t][r] = act(Σ_c gate[r][c] · x[t][c]) · Σ_c up[r][c] · x[t][c]`:
+    /// Several products of one input in one launch (Q, K and V): for each
+    /// output, `y[t][r] (+)= rstd(x[t]) · Σ_c w[r][c] · x[t][c] · norm[c]`
+    /// with `norm = Some((weights, eps))` (RMSNorm fused into the input), or
+    /// the plain product without it. The matrices share type and width.
+    ///
+    /// # Safety
+    /// As for [`Self::matvec`]; `norm` holds `cols` f32.
+    pub unsafe fn matvec_stacked(
+        &self,
+        outs: &[MatvecOut<'_>],
+        x: u64,
+        n: usize,
+        norm: Option<(u64, f32)>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let first = outs.first().ok_or_else(|| CudaError::Invalid {
+            what: "stacked matvec".into(),
+            reason: "no matrices".into(),
+        })?;
+        let (ty, cols, row_bytes) = (first.w.ty, first.w.cols, first.w.row_bytes);
+        if outs.len() > MATVEC_MAX_SEGMENTS
+            || outs
+                .iter()
+                .any(|o| (o.w.ty, o.w.cols, o.w.row_bytes) != (ty, cols, row_bytes))
+            || !Self::matvec_takes(first.w)
+        {
+            return Err(CudaError::Invalid {
+                what: "stacked matvec".into(),
+                reason: format!(
+                    "{} matrices of types and shapes {:?}: at most {MATVEC_MAX_SEGMENTS} of one type and width, \
+                     a multiple of {MATVEC_STRETCH} values",
+                    outs.len(),
+                    outs.iter()
+                        .map(|o| format!("{} {}×{}", o.w.ty, o.w.rows, o.w.cols))
+                        .collect::<Vec<_>>()
+                ),
+            });
+        }
+        let format = self.format(ty)?;
+        let total_rows: usize = outs.iter().map(|o| o.w.rows).sum();
+        let mut w = [0u64; MATVEC_MAX_SEGMENTS];
+        let mut y = [0u64; MATVEC_MAX_SEGMENTS];
+        let mut rows = [0u32; MATVEC_MAX_SEGMENTS];
+        let mut ldy = [0u32; MATVEC_MAX_SEGMENTS];
+        for (i, o) in outs.iter().enumerate() {
+            w[i] = o.w.ptr;
+            y[i] = o.y;
+            rows[i] = u32_of("rows", o.w.rows)?;
+            ldy[i] = u32_of("ldy", o.ldy)?;
+        }
+        let kernel = if n == 1 {
+            &format.matvec_1
+        } else {
+            &format.matvec_8
+        };
+        // SAFETY: passed on to the caller.
+        unsafe {
+            self.launch_matvec(
+                kernel,
+                MatvecLaunch {
+                    w,
+                    y,
+                    rows,
+                    ldy,
+                    total_rows,
+                    row_bytes,
+                    cols,
+                    x,
+                    n,
+                    norm,
+                    accumulate,
+                },
+                &|| format!("launching matvec for {ty} {total_rows}×{cols}"),
+            )
+        }
+    }
+
+    /// `y[t][r] = act(Σ_c gate[r][c] · x'[t][c]) · Σ_c up[r][c] · x'[t][c]`
+    /// with x' = x, or RMSNorm(x) · norm with `norm = Some((weights, eps))`:
     /// the FFN's first half in one launch (`gelu`: GELU-tanh, else SiLU).
     /// x is `n × cols` f32, y `n × rows` f32; gate and up share type and shape.
     ///
     /// # Safety
-    /// As for [`Self::matvec`].
+    /// As for [`Self::matvec_stacked`].
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn matvec_gated(
         &self,
         gate: &DeviceMatrix,
         up: &DeviceMatrix,
         x: u64,
         n: usize,
+        norm: Option<(u64, f32)>,
         y: u64,
         gelu: bool,
     ) -> Result<()> {
-        if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) {
+        if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) || !Self::matvec_takes(gate) {
             return Err(CudaError::Invalid {
                 what: "fused gate/up product".into(),
                 reason: format!(
@@ -226,39 +297,87 @@ impl Kernels {
             });
         }
         let format = self.format(gate.ty)?;
-        let (kernel, tokens_per_block) = if n == 1 {
-            (&format.gated[usize::from(gelu)][0], 1)
+        let kernel = &format.gated[usize::from(gelu)][usize::from(n > 1)];
+        let rows = u32_of("rows", gate.rows)?;
+        // SAFETY: passed on to the caller.
+        unsafe {
+            self.launch_matvec(
+                kernel,
+                MatvecLaunch {
+                    w: [gate.ptr, up.ptr, 0],
+                    y: [y, 0, 0],
+                    rows: [rows, 0, 0],
+                    ldy: [rows, 0, 0],
+                    total_rows: gate.rows,
+                    row_bytes: gate.row_bytes,
+                    cols: gate.cols,
+                    x,
+                    n,
+                    norm,
+                    accumulate: false,
+                },
+                &|| {
+                    format!(
+                        "launching the gated matvec for {} {}×{}",
+                        gate.ty, gate.rows, gate.cols
+                    )
+                },
+            )
+        }
+    }
+
+    /// # Safety
+    /// As for [`Self::matvec_stacked`]; `kernel` is one of the matvec kernels.
+    unsafe fn launch_matvec(
+        &self,
+        kernel: &CudaFunction,
+        l: MatvecLaunch,
+        what: &dyn Fn() -> String,
+    ) -> Result<()> {
+        let tokens_per_block = if l.n == 1 { 1 } else { MATVEC_MAX_TOKENS };
+        // Long rows take a whole block each (see matvec.cu).
+        let warps_per_row: u32 = if l.cols >= SPLIT_ROW_COLS {
+            MATVEC_ROWS_PER_BLOCK
         } else {
-            (&format.gated[usize::from(gelu)][1], MATVEC_MAX_TOKENS)
+            1
         };
-        let (row_bytes, rows, cols) = (
-            gate.row_bytes as u64,
-            u32_of("rows", gate.rows)?,
-            u32_of("cols", gate.cols)?,
-        );
-        let n_tokens = u32_of("tokens", n)?;
+        let total_rows = u32_of("rows", l.total_rows)?;
         let config = grid(
-            rows.div_ceil(MATVEC_ROWS_PER_BLOCK),
-            u32_of("token blocks", n.div_ceil(tokens_per_block))?,
+            total_rows.div_ceil(MATVEC_ROWS_PER_BLOCK / warps_per_row),
+            u32_of("token blocks", l.n.div_ceil(tokens_per_block))?,
             MATVEC_ROWS_PER_BLOCK * 32,
         );
+        let (row_bytes, cols, n_tokens) = (
+            l.row_bytes as u64,
+            u32_of("cols", l.cols)?,
+            u32_of("tokens", l.n)?,
+        );
+        let (norm, eps) = l.norm.unwrap_or((0, 0.0));
+        let accumulate = u32::from(l.accumulate);
         let mut launch = self.stream.launch_builder(kernel);
+        for w in &l.w {
+            launch.arg(w);
+        }
+        for rows in &l.rows {
+            launch.arg(rows);
+        }
+        for y in &l.y {
+            launch.arg(y);
+        }
+        for ldy in &l.ldy {
+            launch.arg(ldy);
+        }
         launch
-            .arg(&gate.ptr)
-            .arg(&up.ptr)
             .arg(&row_bytes)
-            .arg(&rows)
             .arg(&cols)
-            .arg(&x)
+            .arg(&l.x)
             .arg(&n_tokens)
-            .arg(&y);
+            .arg(&norm)
+            .arg(&eps)
+            .arg(&accumulate)
+            .arg(&warps_per_row);
         // SAFETY: the caller vouches for the buffers; the arguments match the kernel's.
-        unsafe { launch.launch(config) }.context(|| {
-            format!(
-                "launching the gated matvec for {} {}×{}",
-                gate.ty, gate.rows, gate.cols
-            )
-        })?;
+        unsafe { launch.launch(config) }.context(what)?;
         Ok(())
     }
 

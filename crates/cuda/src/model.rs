@@ -41,7 +41,8 @@ use crate::blas::Blas;
 use crate::device::{CudaDevice, DeviceOptions};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::kernels::{
-    argmax_index, Attention, DeviceMatrix, Kernels, QkvPrepare, MATVEC_MAX_TOKENS, MAX_HEAD_DIM,
+    argmax_index, Attention, DeviceMatrix, Kernels, MatvecOut, QkvPrepare, MATVEC_MAX_TOKENS,
+    MAX_HEAD_DIM,
 };
 use crate::kv::{GpuCache, KvPages};
 use crate::memory::{DeviceBuffer, Layout};
@@ -90,6 +91,9 @@ pub struct CudaOptions {
     pub max_batch_tokens: usize,
     /// Show upload progress and print the load summary on stderr.
     pub progress: bool,
+    /// Fuse the decode step's kernels (RMSNorm into the products that follow
+    /// it, Q/K/V in one launch); off only to measure what fusing gains.
+    pub fuse: bool,
 }
 
 impl Default for CudaOptions {
@@ -100,6 +104,7 @@ impl Default for CudaOptions {
             kv_pages: 4096usize.div_ceil(PAGE_TOKENS),
             max_batch_tokens: 512,
             progress: false,
+            fuse: true,
         }
     }
 }
@@ -237,6 +242,7 @@ pub struct CudaModel {
     token_embd: DeviceMatrix,
     output: DeviceMatrix,
     output_norm: u64,
+    fuse: bool,
     work: Mutex<Workspace>,
     kv: Arc<KvPages>,
     _vectors: DeviceBuffer,
@@ -515,6 +521,7 @@ impl CudaModel {
             token_embd,
             output,
             output_norm,
+            fuse: options.fuse,
             work: Mutex::new(work),
             kv,
             _vectors: vector_buffer,
@@ -810,7 +817,10 @@ impl CudaModel {
     ) -> Result<()> {
         // SAFETY (every block below): the addresses come from this model's
         // buffers, sized at load for max_batch_tokens rows of every width.
-        if self.mode == WeightsMode::Quantized && n <= MATVEC_MAX_TOKENS {
+        if self.mode == WeightsMode::Quantized
+            && n <= MATVEC_MAX_TOKENS
+            && Kernels::matvec_takes(w)
+        {
             return unsafe { self.kernels.matvec(w, x, n, y, ldy, accumulate) };
         }
         unsafe { self.kernels.f32_to_f16(x, work.act_f16, n * w.cols)? };
@@ -853,6 +863,15 @@ impl CudaModel {
         Ok(())
     }
 
+    /// Whether a decode-sized product of `n` rows through `ws` runs fused
+    /// (RMSNorm inside the matvec, matrices of one type in one launch).
+    fn fused(&self, n: usize, ws: &[&DeviceMatrix]) -> bool {
+        self.fuse
+            && self.mode == WeightsMode::Quantized
+            && n <= MATVEC_MAX_TOKENS
+            && ws.iter().all(|w| Kernels::matvec_takes(w))
+    }
+
     /// Embedding and every layer, leaving the residual stream in `work.x`.
     #[allow(clippy::too_many_arguments)]
     fn layers_forward(
@@ -869,6 +888,7 @@ impl CudaModel {
         let k = &self.kernels;
         let (embd, q_dim, kv_dim, ff) = (spec.n_embd, spec.q_dim(), spec.kv_dim(), spec.n_ff);
         let eps = spec.rms_eps;
+        let tracing = trace.is_some();
         let mut record = |name: String, ptr: u64, width: usize| -> Result<()> {
             if let Some(trace) = trace.as_deref_mut() {
                 trace.push((name, self.fetch(ptr, n * width)?));
@@ -890,10 +910,43 @@ impl CudaModel {
         }
         for (index, layer) in self.layers.iter().enumerate() {
             let first = index == 0;
-            unsafe { k.rms_norm(work.x, 0, layer.attn_norm, eps, embd, n, work.normed)? };
-            self.matmul(work, &layer.wq, work.normed, n, work.q, q_dim, false)?;
-            self.matmul(work, &layer.wk, work.normed, n, work.k, kv_dim, false)?;
-            self.matmul(work, &layer.wv, work.normed, n, work.v, kv_dim, false)?;
+            let qkv = [
+                (&layer.wq, work.q, q_dim),
+                (&layer.wk, work.k, kv_dim),
+                (&layer.wv, work.v, kv_dim),
+            ];
+            if self.fused(n, &[&layer.wq, &layer.wk, &layer.wv]) {
+                // RMSNorm inside the products, one launch per weight type.
+                let mut done = [false; 3];
+                for i in 0..3 {
+                    if done[i] {
+                        continue;
+                    }
+                    let mut outs: Vec<MatvecOut<'_>> = Vec::with_capacity(3);
+                    for j in i..3 {
+                        if !done[j] && same_layout(qkv[j].0, qkv[i].0) {
+                            done[j] = true;
+                            outs.push(MatvecOut {
+                                w: qkv[j].0,
+                                y: qkv[j].1,
+                                ldy: qkv[j].2,
+                            });
+                        }
+                    }
+                    // SAFETY: x holds n rows of n_embd; q, k and v n rows of their widths.
+                    unsafe {
+                        k.matvec_stacked(&outs, work.x, n, Some((layer.attn_norm, eps)), false)?
+                    };
+                }
+                if first && tracing {
+                    unsafe { k.rms_norm(work.x, 0, layer.attn_norm, eps, embd, n, work.normed)? };
+                }
+            } else {
+                unsafe { k.rms_norm(work.x, 0, layer.attn_norm, eps, embd, n, work.normed)? };
+                for (w, y, ldy) in qkv {
+                    self.matmul(work, w, work.normed, n, y, ldy, false)?;
+                }
+            }
             if first {
                 record("layer0.attn_norm".into(), work.normed, embd)?;
                 record("layer0.q_proj".into(), work.q, q_dim)?;
@@ -956,18 +1009,39 @@ impl CudaModel {
                 record("layer0.x_attn".into(), work.x, embd)?;
             }
 
-            unsafe { k.rms_norm(work.x, 0, layer.ffn_norm, eps, embd, n, work.normed)? };
             let gelu = spec.activation == Activation::GeluTanh;
-            let fused = self.mode == WeightsMode::Quantized
-                && n <= MATVEC_MAX_TOKENS
-                && layer.gate.ty == layer.up.ty;
-            if fused {
-                // SAFETY: gate and up are ff × n_embd, normed and gate hold n rows.
-                unsafe { k.matvec_gated(&layer.gate, &layer.up, work.normed, n, work.gate, gelu)? };
+            if layer.gate.ty == layer.up.ty && self.fused(n, &[&layer.gate, &layer.up]) {
+                // SAFETY: gate and up are ff × n_embd; x holds n rows, gate n rows of ff.
+                unsafe {
+                    k.matvec_gated(
+                        &layer.gate,
+                        &layer.up,
+                        work.x,
+                        n,
+                        Some((layer.ffn_norm, eps)),
+                        work.gate,
+                        gelu,
+                    )?
+                };
+                if first && tracing {
+                    unsafe { k.rms_norm(work.x, 0, layer.ffn_norm, eps, embd, n, work.normed)? };
+                }
             } else {
-                self.matmul(work, &layer.gate, work.normed, n, work.gate, ff, false)?;
-                self.matmul(work, &layer.up, work.normed, n, work.up, ff, false)?;
-                unsafe { k.gated_activation(work.gate, work.up, n * ff, gelu)? };
+                unsafe { k.rms_norm(work.x, 0, layer.ffn_norm, eps, embd, n, work.normed)? };
+                if self.mode == WeightsMode::Quantized
+                    && n <= MATVEC_MAX_TOKENS
+                    && same_layout(&layer.gate, &layer.up)
+                    && Kernels::matvec_takes(&layer.gate)
+                {
+                    // SAFETY: as above, from the normed rows.
+                    unsafe {
+                        k.matvec_gated(&layer.gate, &layer.up, work.normed, n, None, work.gate, gelu)?
+                    };
+                } else {
+                    self.matmul(work, &layer.gate, work.normed, n, work.gate, ff, false)?;
+                    self.matmul(work, &layer.up, work.normed, n, work.up, ff, false)?;
+                    unsafe { k.gated_activation(work.gate, work.up, n * ff, gelu)? };
+                }
             }
             if first {
                 record("layer0.ffn_norm".into(), work.normed, embd)?;
@@ -1143,6 +1217,11 @@ enum Output {
 }
 
 /// Checks what the kernels assume about shapes.
+/// Whether two matrices can share a matvec launch.
+fn same_layout(a: &DeviceMatrix, b: &DeviceMatrix) -> bool {
+    (a.ty, a.cols, a.row_bytes) == (b.ty, b.cols, b.row_bytes)
+}
+
 fn check_shapes(spec: &ModelSpec, host: &ModelWeights) -> Result<()> {
     if spec.head_dim > MAX_HEAD_DIM || !spec.head_dim.is_multiple_of(8) {
         return Err(invalid(

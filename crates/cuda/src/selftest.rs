@@ -36,6 +36,8 @@ pub struct SelftestOptions {
     pub prompts: Vec<Vec<u32>>,
     /// Teacher-forced decode steps after each prompt.
     pub steps: usize,
+    /// Fused decode kernels (as served) or not.
+    pub fuse: bool,
 }
 
 /// What the checks found.
@@ -128,6 +130,7 @@ pub fn selftest(
             kv_pages: 4 * CONTEXT / engine::kv::PAGE_TOKENS,
             max_batch_tokens: 512,
             progress: false,
+            fuse: options.fuse,
         },
     )?;
     log(&format!("{}", gpu.report()));

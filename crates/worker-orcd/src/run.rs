@@ -59,6 +59,10 @@ pub struct GpuArgs {
     /// dequantize-and-multiply kernels), f16 dequantizes them at load (cuBLAS).
     #[arg(long, default_value = "quant", value_parser = ["quant", "f16"])]
     pub weights: String,
+    /// Run the decode step's kernels unfused (RMSNorm separate, Q/K/V in
+    /// three launches), to measure what fusing gains.
+    #[arg(long)]
+    pub unfused: bool,
 }
 
 impl GpuArgs {
@@ -75,6 +79,7 @@ impl GpuArgs {
             kv_pages,
             max_batch_tokens,
             progress: true,
+            fuse: !self.unfused,
         }
     }
 }

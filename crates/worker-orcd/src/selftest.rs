@@ -47,6 +47,7 @@ pub fn run_selftest(args: &SelftestArgs) -> Result<()> {
         weights: args.gpu.options(0, 0).weights,
         prompts,
         steps: args.steps,
+        fuse: !args.gpu.unfused,
     };
     let name = path.file_name().map_or_else(
         || path.display().to_string(),
