@@ -23,7 +23,7 @@
 # SmolLM2-135M and Gemma-3-270M, whose real files are too large to carry);
 # `worker-orcd selftest` on each in both weight modes (GPU against the CPU
 # backend); `worker-orcd generate --device cuda` (greedy text equal to the
-# CPU's, and a sampled run); `worker-orcd bench --device cuda` on
+# CPU's, and a sampled run); `worker-orcd bench --device cuda` (quant, quant --unfused, f16) on
 # Qwen2.5-0.5B Q4_K_M in both modes. Real model files in $WORKER_ORCD_MODELS, if any, are self-tested too.
 # Logs go to $GPU_CHECK_LOGS (default: a new temporary folder), models to
 # $GPU_CHECK_MODELS (default: a new temporary folder; existing files are
@@ -149,27 +149,56 @@ fi
 benches=()
 bench_model="$models/unit/qwen2.5-0.5b-q4_k_m.gguf"
 if [[ -x "$bin" && -f "$bench_model" ]]; then
-    for weights in quant f16; do
-        log="$logs/bench-$weights.log"
-        timeout 300 "$bin" bench --device cuda --weights "$weights" -m "$bench_model" --json >"$log" 2>"$log.err"
+    # quant (as served), quant with the decode kernels unfused (what fusing
+    # gains), f16 (the seed's mode).
+    for mode in quant unfused f16; do
+        log="$logs/bench-$mode.log"
+        case "$mode" in
+            unfused) flags=(--weights quant --unfused) ;;
+            *) flags=(--weights "$mode") ;;
+        esac
+        timeout 300 "$bin" bench --device cuda "${flags[@]}" -m "$bench_model" --json >"$log" 2>"$log.err"
         status=$?
-        cat "$log.err" | grep -v '^uploading' | tail -3
         if [[ $status -ne 0 ]]; then
             failed=1
-            benches+=("$weights: FAILED $(tail -1 "$log.err")")
+            benches+=("$mode: FAILED $(tail -1 "$log.err")")
             continue
         fi
-        benches+=("$(python3 - "$log" "$weights" <<'EOF'
+        benches+=("$(python3 - "$log" "$mode" <<'EOF'
 import json, sys
 b = json.load(open(sys.argv[1]))
 l = b["load"]
-print(f"{sys.argv[2]:<6} load {l['load_seconds']:.3f} s (upload {l['upload_gigabytes_per_second']:.1f} GB/s)  "
+print(f"{sys.argv[2]:<8} load {l['load_seconds']:.3f} s (upload {l['upload_gigabytes_per_second']:.1f} GB/s)  "
       f"pp{b['prompt_tokens']} {b['prefill_tokens_per_second']:.0f} tok/s  tg{b['gen_tokens']} {b['decode_tokens_per_second']:.1f} tok/s  "
+      f"{b['streams']} streams {b['streams_generated_tokens_per_second']:.0f} tok/s "
+      f"({b['streams_decode_tokens_per_second']:.0f} while decoding)  "
       f"GPU memory: weights {l['weights_bytes']/2**20:.1f} MiB (file {l['file_tensor_bytes']/2**20:.1f}) + KV {l['kv_bytes']/2**20:.1f} + "
       f"workspace {l['workspace_bytes']/2**20:.1f} MiB, measured {l['gpu_used_bytes']/2**20:.1f} MiB")
 EOF
 )")
     done
+    # worker-orcd beside llama.cpp (0c1e570, sm_90, flash attention on, the
+    # same model shape and quant mix, measured on these cards) and the targets.
+    if [[ -s "$logs/bench-quant.log" ]]; then
+        comparison="$(python3 - "$logs/bench-quant.log" "$gpu" <<'EOF'
+import json, sys
+b = json.load(open(sys.argv[1]))
+h200 = "H200" in sys.argv[2]
+llama = {"tg": 900 if h200 else 880, "pp": 50000, "streams": 10260 if h200 else 9930,
+         "load": 0.316 if h200 else 0.537}
+rows = [
+    ("decode, batch 1 (tg128), tok/s", b["decode_tokens_per_second"], llama["tg"], ">= 1800", b["decode_tokens_per_second"] >= 1800),
+    ("prefill (pp512), tok/s", b["prefill_tokens_per_second"], llama["pp"], ">= 60000", b["prefill_tokens_per_second"] >= 60000),
+    (f"{b['streams']} streams, 128+128, generated tok/s", b["streams_generated_tokens_per_second"], llama["streams"], ">= 20000", b["streams_generated_tokens_per_second"] >= 20000),
+    ("load to GPU (page cache), s", b["load_seconds"], llama["load"], "<= 0.150", b["load_seconds"] <= 0.150),
+]
+print(f"  {'measure':<40} {'worker-orcd':>12} {'llama.cpp':>10} {'target':>9}  met")
+for name, ours, ref, target, met in rows:
+    fmt = (lambda v: f"{v:.3f}") if name.startswith("load") else (lambda v: f"{v:.0f}")
+    print(f"  {name:<40} {fmt(ours):>12} {fmt(ref):>10} {target:>9}  {'yes' if met else 'no'}")
+EOF
+)"
+    fi
 fi
 
 echo
@@ -187,5 +216,9 @@ fi
 if ((${#benches[@]})); then
     echo "bench --device cuda, $(basename "$bench_model"):"
     printf '  %s\n' "${benches[@]}"
+fi
+if [[ -n "${comparison:-}" ]]; then
+    echo "against llama.cpp on the same card (its figures from the speed issue) and the targets:"
+    echo "$comparison"
 fi
 exit $failed

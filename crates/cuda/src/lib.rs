@@ -36,7 +36,8 @@ pub use dequantize::{
 };
 pub use device::{device_count, driver_present, CudaDevice, DeviceOptions, MemoryInfo};
 pub use error::{CudaError, Result};
-pub use kernels::{DeviceMatrix, MATVEC_MAX_TOKENS};
+pub use kernels::{DeviceMatrix, Kernels, MatvecOut, MATVEC_MAX_TOKENS};
+pub use memory::DeviceBuffer;
 pub use kv::{GpuCache, KvPages};
 pub use model::{CudaModel, CudaOptions, LoadReport, WeightsMode};
 pub use toolkit::{cublas, toolkit, Toolkit};

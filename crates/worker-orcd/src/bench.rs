@@ -23,9 +23,22 @@ pub struct BenchArgs {
     /// Tokens generated per decode measurement (llama-bench's tg).
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
-    /// Measurements of each kind; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Measurements of each kind; the median is reported (prefill, which
+    /// takes milliseconds, is measured at least 30 times).
+    #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Concurrent streams for the many-streams measure (0 skips it): each a
+    /// `--stream-prompt`-token prompt, then `--gen-tokens` generated, all
+    /// streams decoding together in one batch per step [default: 64 on a GPU, 0 on the CPU].
+    #[arg(long)]
+    pub streams: Option<usize>,
+    /// Prompt tokens of each stream.
+    #[arg(long, default_value_t = 128)]
+    pub stream_prompt: usize,
+    /// Loads of the model measured (the first is a warm-up); the median is
+    /// reported.
+    #[arg(long, default_value_t = 5)]
+    pub loads: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -41,19 +54,41 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run_bench(args: &BenchArgs) -> Result<()> {
+    let mut args = args.clone();
+    args.streams = Some(
+        args.streams
+            .unwrap_or(if args.model.device == "cuda" { 64 } else { 0 }),
+    );
+    let args = &args;
     let path = crate::run::resolve_model(&args.model.model)?;
     crate::run::set_threads(args.model.threads)?;
     let context = args.prompt_tokens + args.gen_tokens + 1;
     let load_start = Instant::now();
     let file =
         Arc::new(GgufFile::open(&path).with_context(|| format!("reading {}", path.display()))?);
-    let (device, load_detail, (pp, tg)) = if args.model.device == "cuda" {
-        // Room for the two caches a round holds at most (prefill, then decode).
-        let options = args
+    let (device, load_detail, measured) = if args.model.device == "cuda" {
+        // Room for the caches a round holds at most: two, or every stream's.
+        let stream_context = args.stream_prompt + args.gen_tokens + 1;
+        let pages = (2 * context.div_ceil(PAGE_TOKENS))
+            .max(streams(args) * stream_context.div_ceil(PAGE_TOKENS));
+        let mut options = args
             .gpu
-            .options(2 * context.div_ceil(PAGE_TOKENS), args.prompt_tokens.max(1));
-        let model = cuda::CudaModel::load(file, &options)?;
-        let load_secs = load_start.elapsed().as_secs_f64();
+            .options(pages, args.prompt_tokens.max(streams(args)).max(1));
+        let mut model = cuda::CudaModel::load(file.clone(), &options)?;
+        let mut loads = vec![load_start.elapsed().as_secs_f64()];
+        options.progress = false;
+        for _ in 1..args.loads.max(1) {
+            drop(model);
+            let start = Instant::now();
+            model = cuda::CudaModel::load(file.clone(), &options)?;
+            loads.push(start.elapsed().as_secs_f64());
+        }
+        // The first load compiles or reads the kernels and faults the file in.
+        let load_secs = if loads.len() > 1 {
+            median(loads[1..].to_vec())
+        } else {
+            loads[0]
+        };
         let device = format!(
             "cuda, {}, {} weights",
             model.device().name(),
@@ -62,6 +97,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         let report = model.report();
         let detail = json!({
             "load_seconds": load_secs,
+            "load_seconds_all": loads,
             "upload_gigabytes_per_second": report.upload.gigabytes_per_second(),
             "file_tensor_bytes": report.file_tensor_bytes,
             "weights_bytes": report.weights_bytes,
@@ -86,6 +122,12 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         )
     };
     let load_secs = load_detail["load_seconds"].as_f64().unwrap_or_default();
+    let Measured {
+        pp,
+        tg,
+        streams_decode,
+        streams_total,
+    } = measured;
     if args.json {
         println!(
             "{}",
@@ -99,6 +141,11 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
                 "gen_tokens": args.gen_tokens,
                 "decode_tokens_per_second": tg,
                 "repeats": args.repeats,
+                "prefill_repeats": prefill_repeats(args),
+                "streams": streams(args),
+                "stream_prompt_tokens": args.stream_prompt,
+                "streams_decode_tokens_per_second": streams_decode,
+                "streams_generated_tokens_per_second": streams_total,
             }))?
         );
     } else {
@@ -110,26 +157,57 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         }
         println!(
             "pp{:<8} {pp:.1} tok/s (median of {})",
-            args.prompt_tokens, args.repeats
+            args.prompt_tokens,
+            prefill_repeats(args)
         );
         println!(
             "tg{:<8} {tg:.1} tok/s (median of {})",
             args.gen_tokens, args.repeats
         );
+        if streams(args) > 0 {
+            println!(
+                "streams    {} × (pp{} + tg{}): {streams_total:.1} generated tok/s end to end, \
+                 {streams_decode:.1} tok/s while decoding (median of {})",
+                streams(args), args.stream_prompt, args.gen_tokens, args.repeats
+            );
+        }
     }
     Ok(())
 }
 
+/// The many-streams measure's stream count (0: skipped).
+fn streams(args: &BenchArgs) -> usize {
+    args.streams.unwrap_or(0)
+}
+
+/// Prefill takes milliseconds: at least 30 measurements of it.
+fn prefill_repeats(args: &BenchArgs) -> usize {
+    args.repeats.max(30)
+}
+
+/// What [`measure`] found, tokens per second, medians.
+struct Measured {
+    pp: f64,
+    tg: f64,
+    /// Generated tokens of all streams over the decode steps' time.
+    streams_decode: f64,
+    /// Generated tokens of all streams over the whole run, prompts included.
+    streams_total: f64,
+}
+
 /// Median prefill and decode speed (tokens per second) of `model`: one
-/// warm-up round, then `args.repeats` measured ones. Decode is greedy, the
-/// token chosen by the backend.
-fn measure<B: Backend>(model: &B, args: &BenchArgs, context: usize) -> Result<(f64, f64)> {
+/// warm-up round, then measured ones. Decode is greedy, the token chosen by
+/// the backend. Each forward pass returns only when its work is done, so
+/// host clocks time the device's work.
+fn measure<B: Backend>(model: &B, args: &BenchArgs, context: usize) -> Result<Measured> {
     let vocab = model.spec().vocab_size;
     // Token ids spread over the vocabulary; their values do not change the cost.
-    let prompt: Vec<u32> = (0..args.prompt_tokens)
-        .map(|i| ((i * 7919 + 13) % vocab) as u32)
-        .collect();
-    let pool = KvPool::for_positions(2 * context);
+    let token = |i: usize| ((i * 7919 + 13) % vocab) as u32;
+    let prompt: Vec<u32> = (0..args.prompt_tokens).map(token).collect();
+    let stream_context = args.stream_prompt + args.gen_tokens + 1;
+    let pool = KvPool::for_positions(
+        (2 * context).max(streams(args) * stream_context.next_multiple_of(PAGE_TOKENS)),
+    );
     let step = |kv: &mut B::Cache, tokens: &[u32]| -> Result<u32> {
         let mut batch = [Segment {
             kv,
@@ -140,14 +218,18 @@ fn measure<B: Backend>(model: &B, args: &BenchArgs, context: usize) -> Result<(f
         Ok(ids[0][0])
     };
     let mut prefill = Vec::new();
+    for round in 0..=prefill_repeats(args) {
+        let mut kv = model.new_cache_in(&pool, context);
+        let t = Instant::now();
+        step(&mut kv, &prompt)?;
+        if round > 0 {
+            prefill.push(args.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
     let mut decode = Vec::new();
+    let mut streams_decode = Vec::new();
+    let mut streams_total = Vec::new();
     for round in 0..=args.repeats {
-        let pp = {
-            let mut kv = model.new_cache_in(&pool, context);
-            let t = Instant::now();
-            step(&mut kv, &prompt)?;
-            args.prompt_tokens as f64 / t.elapsed().as_secs_f64()
-        };
         let tg = {
             let mut kv = model.new_cache_in(&pool, context);
             let mut next = step(&mut kv, &prompt[..1])?;
@@ -158,9 +240,83 @@ fn measure<B: Backend>(model: &B, args: &BenchArgs, context: usize) -> Result<(f
             args.gen_tokens as f64 / t.elapsed().as_secs_f64()
         };
         if round > 0 {
-            prefill.push(pp);
             decode.push(tg);
         }
+        if streams(args) > 0 {
+            let (during_decode, total) = many_streams(model, args, &pool, stream_context, &token)?;
+            if round > 0 {
+                streams_decode.push(during_decode);
+                streams_total.push(total);
+            }
+        }
     }
-    Ok((median(prefill), median(decode)))
+    let median_or_zero = |v: Vec<f64>| if v.is_empty() { 0.0 } else { median(v) };
+    Ok(Measured {
+        pp: median(prefill),
+        tg: median(decode),
+        streams_decode: median_or_zero(streams_decode),
+        streams_total: median_or_zero(streams_total),
+    })
+}
+
+/// `streams(args)` sequences at once: their prompts prefilled together (in
+/// passes of at most `args.prompt_tokens` tokens), then `args.gen_tokens`
+/// steps that decode every stream in one batch. Returns generated tokens per
+/// second over the decode steps and over the whole run.
+fn many_streams<B: Backend>(
+    model: &B,
+    args: &BenchArgs,
+    pool: &KvPool,
+    context: usize,
+    token: &dyn Fn(usize) -> u32,
+) -> Result<(f64, f64)> {
+    let n = streams(args);
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|s| (0..args.stream_prompt).map(|i| token(s * 1000 + i)).collect())
+        .collect();
+    let mut caches: Vec<B::Cache> = (0..n).map(|_| model.new_cache_in(pool, context)).collect();
+    let mut next = vec![0u32; n];
+    let start = Instant::now();
+    // Prefill: whole prompts, as many per pass as fit.
+    let per_pass = (args.prompt_tokens / args.stream_prompt.max(1)).max(1);
+    let mut first = 0;
+    while first < n {
+        let last = (first + per_pass).min(n);
+        let mut batch: Vec<Segment<'_, B::Cache>> = caches[first..last]
+            .iter_mut()
+            .zip(&prompts[first..last])
+            .map(|(kv, p)| Segment {
+                kv,
+                tokens: p,
+                logits: Logits::Last,
+            })
+            .collect();
+        let ids = model.forward_greedy(&mut batch)?;
+        for (i, id) in ids.iter().enumerate() {
+            next[first + i] = id[0];
+        }
+        first = last;
+    }
+    let decode_start = Instant::now();
+    for _ in 0..args.gen_tokens {
+        let fed = next.clone();
+        let mut batch: Vec<Segment<'_, B::Cache>> = caches
+            .iter_mut()
+            .zip(&fed)
+            .map(|(kv, t)| Segment {
+                kv,
+                tokens: std::slice::from_ref(t),
+                logits: Logits::Last,
+            })
+            .collect();
+        let ids = model.forward_greedy(&mut batch)?;
+        for (i, id) in ids.iter().enumerate() {
+            next[i] = id[0];
+        }
+    }
+    let generated = (n * args.gen_tokens) as f64;
+    Ok((
+        generated / decode_start.elapsed().as_secs_f64(),
+        generated / start.elapsed().as_secs_f64(),
+    ))
 }
