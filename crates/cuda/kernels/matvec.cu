@@ -5,10 +5,9 @@
 // where W may be up to three matrices of one format and width stacked (Q, K
 // and V: one launch), and x may be normalized on the way in (RMSNorm fused:
 // y = rstd(x[t]) * sum_c W[r][c] * x[t][c] * norm[c]). One warp per weight
-// row (long rows: several warps of a block); each lane takes whole stretches
-// of 32 values, so a legacy block (32 values) is read by one lane with a few
-// 2-byte loads and a K-quant sub-block with 16-byte loads, and every weight
-// byte is read from memory once per launch. Activations are f32,
+// row (long rows: several warps of a block), each lane 8 values of every
+// 256, so that a warp reads adjacent bytes; every weight byte is read from
+// memory once per launch. Activations are f32,
 // accumulation is f32; the weights' values are exactly the CPU's
 // (formats.cuh).
 #include "common.cuh"
@@ -19,90 +18,17 @@
 #define MATVEC_WARPS 4  // weight rows per block (one row per block for long rows)
 #define MATVEC_MAX_SEGMENTS 3
 
-// Values first..first+32 of a row (first a multiple of 32).
-template <typename Format>
-__device__ __forceinline__ void row_values32(const u8 *__restrict__ row, u32 first, float out[32]) {
-    if constexpr (Format::block_values == QK_LEGACY) {
-        // The whole block into registers with 2-byte loads (legacy blocks are
-        // only 2-byte aligned), decoded there by the exact decoders.
-        typedef typename Format::block block;
-        static_assert(sizeof(block) % 2 == 0, "legacy blocks are whole 2-byte words");
-        union {
-            block b;
-            u16 h[sizeof(block) / 2];
-        } local;
-        const u16 *src = reinterpret_cast<const u16 *>(row + (u64)(first / QK_LEGACY) * sizeof(block));
-#pragma unroll
-        for (int i = 0; i < (int)(sizeof(block) / 2); ++i) local.h[i] = src[i];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) Format::dequantize8(&local.b, 8 * k, out + 8 * k);
-    } else {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) row_values8<Format>(row, first + 8 * k, out + 8 * k);
+// sum_i v[i] * x[i] (* norm[i]) over 8 values.
+__device__ __forceinline__ float dot8(const float v[8], const float *__restrict__ x, const float *__restrict__ norm) {
+    float4 a = *reinterpret_cast<const float4 *>(x);
+    float4 b = *reinterpret_cast<const float4 *>(x + 4);
+    if (norm) {
+        const float4 wa = *reinterpret_cast<const float4 *>(norm);
+        const float4 wb = *reinterpret_cast<const float4 *>(norm + 4);
+        a.x *= wa.x; a.y *= wa.y; a.z *= wa.z; a.w *= wa.w;
+        b.x *= wb.x; b.y *= wb.y; b.z *= wb.z; b.w *= wb.w;
     }
-}
-
-// Q4_K: sub-block j of 32 values is nibble j % 2 of the 32 bytes 32 (j / 2)..
-// of qs, read as two 16-byte loads (blocks are 144 bytes, rows 256-byte
-// aligned), with scale and min from scale_min_k4.
-template <>
-__device__ __forceinline__ void row_values32<FormatQ4_K>(const u8 *__restrict__ row, u32 first, float out[32]) {
-    const block_q4_k *b = reinterpret_cast<const block_q4_k *>(row) + first / QK_K;
-    const int j = (first % QK_K) / 32, n = j % 2;
-    int sc, m;
-    scale_min_k4(j, b->scales, &sc, &m);
-    const u32 dd = *reinterpret_cast<const u32 *>(b->d);
-    const float dl = __fmul_rn(f16_bits_to_f32((u16)(dd & 0xffffu)), (float)sc);
-    const float ml = __fmul_rn(f16_bits_to_f32((u16)(dd >> 16)), (float)m);
-    const uint4 *qs = reinterpret_cast<const uint4 *>(b->qs + 32 * (j / 2));
-    const uint4 lo = qs[0], hi = qs[1];
-    const u32 words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-    for (int k = 0; k < 32; ++k) {
-        const int q = (words[k / 4] >> (8 * (k % 4) + 4 * n)) & 0x0f;
-        out[k] = __fsub_rn(__fmul_rn(dl, (float)q), ml);
-    }
-}
-
-// Q6_K: values 128h + 32n + l (l < 32) from ql bytes 64h + 32(n % 2) + l
-// (nibble n / 2) and qh bytes 32h + l (bits 2n), with the scales of
-// sub-blocks 8h + 2n and 8h + 2n + 1; 2-byte loads (blocks are 210 bytes).
-template <>
-__device__ __forceinline__ void row_values32<FormatQ6_K>(const u8 *__restrict__ row, u32 first, float out[32]) {
-    const block_q6_k *b = reinterpret_cast<const block_q6_k *>(row) + first / QK_K;
-    const int v = first % QK_K, h = v / 128, n = (v / 32) % 4;
-    const float d = f16_bits_to_f32(*reinterpret_cast<const u16 *>(b->d));
-    const float dl0 = __fmul_rn(d, (float)b->scales[8 * h + 2 * n]);
-    const float dl1 = __fmul_rn(d, (float)b->scales[8 * h + 2 * n + 1]);
-    const u16 *ql = reinterpret_cast<const u16 *>(b->ql + 64 * h + 32 * (n % 2));
-    const u16 *qh = reinterpret_cast<const u16 *>(b->qh + 32 * h);
-    u16 low[16], high[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-        low[i] = ql[i];
-        high[i] = qh[i];
-    }
-#pragma unroll
-    for (int k = 0; k < 32; ++k) {
-        const int lo = (low[k / 2] >> (8 * (k % 2) + 4 * (n / 2))) & 0x0f;
-        const int hi = (high[k / 2] >> (8 * (k % 2) + 2 * n)) & 3;
-        out[k] = __fmul_rn(k < 16 ? dl0 : dl1, (float)((lo | (hi << 4)) - 32));
-    }
-}
-
-// sum_k v[k] * x[k] (* norm[k]) over 32 values.
-__device__ __forceinline__ float dot32(const float v[32], const float *__restrict__ x, const float *__restrict__ norm) {
-    float acc = 0.0f;
-#pragma unroll
-    for (int k = 0; k < 32; k += 4) {
-        float4 a = *reinterpret_cast<const float4 *>(x + k);
-        if (norm) {
-            const float4 w = *reinterpret_cast<const float4 *>(norm + k);
-            a.x *= w.x; a.y *= w.y; a.z *= w.z; a.w *= w.w;
-        }
-        acc += v[k] * a.x + v[k + 1] * a.y + v[k + 2] * a.z + v[k + 3] * a.w;
-    }
-    return acc;
+    return v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w + v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
 }
 
 // 1 / sqrt(mean(x[t]^2) + eps) for the block's token rows into rstd[]
@@ -182,19 +108,33 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
         const u8 *row_at[SUMS];
         row_at[0] = w + (u64)r * row_bytes;
         if (GATED) row_at[SUMS - 1] = s.w1 + (u64)r * row_bytes;
-        const u32 stride = warps_per_row * WARP_SIZE * 32;
+        // Lane l takes values 8l..8l+8 of each 256-value stretch (of each
+        // warp's share of a long row): a warp's loads of one stretch are
+        // adjacent bytes.
+        const u32 start = (part * WARP_SIZE + lane) * 8, stride = warps_per_row * WARP_SIZE * 8;
+#define MATVEC_STEP(first)                                                                             \
+    _Pragma("unroll") for (int g = 0; g < SUMS; ++g) {                                                 \
+        float v[8];                                                                                    \
+        row_values8<Format>(row_at[g], first, v);                                                      \
+        _Pragma("unroll") for (int t = 0; t < TOKENS; ++t) {                                           \
+            if (t < nt) acc[g][t] += dot8(v, x + (u64)t * cols + (first), norm ? norm + (first) : nullptr); \
+        }                                                                                              \
+    }
+        if constexpr (TOKENS == 1 && !GATED) {
+            // Unrolled so that several stretches' loads are in flight at
+            // once: a decode step is a chain of small products, each bound
+            // by its latency.
+#pragma unroll 4
+            for (u32 first = start; first < cols; first += stride) MATVEC_STEP(first)
+        } else if constexpr (TOKENS == 1) {
+#pragma unroll 2
+            for (u32 first = start; first < cols; first += stride) MATVEC_STEP(first)
+        } else {
+            // Eight tokens' accumulators: unrolling spills.
 #pragma unroll 1
-        for (u32 first = (part * WARP_SIZE + lane) * 32; first < cols; first += stride) {
-#pragma unroll
-            for (int g = 0; g < SUMS; ++g) {
-                float v[32];
-                row_values32<Format>(row_at[g], first, v);
-#pragma unroll
-                for (int t = 0; t < TOKENS; ++t) {
-                    if (t < nt) acc[g][t] += dot32(v, x + (u64)t * cols + first, norm ? norm + first : nullptr);
-                }
-            }
+            for (u32 first = start; first < cols; first += stride) MATVEC_STEP(first)
         }
+#undef MATVEC_STEP
     }
 #pragma unroll
     for (int g = 0; g < SUMS; ++g)
@@ -260,7 +200,8 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
 #define MATVEC_SEGMENTS {w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, ldy0, ldy1, ldy2}
 
 #define MATVEC_KERNEL(name, Format, suffix, gated, tokens)                                                      \
-    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE, 1) matvec_##suffix##name##_##tokens(    \
+    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE, 1)      \
+        matvec_##suffix##name##_##tokens(                                                                     \
         MATVEC_ARGS) {                                                                                        \
         const Segments s = MATVEC_SEGMENTS;                                                                   \
         matvec<Format, tokens, gated>(s, row_bytes, cols, x, n_tokens, norm, eps, accumulate, warps_per_row); \

@@ -23,7 +23,7 @@ pub const MATVEC_MAX_TOKENS: usize = 8;
 /// Matrices one matvec launch takes (MATVEC_MAX_SEGMENTS in matvec.cu).
 pub const MATVEC_MAX_SEGMENTS: usize = 3;
 /// Values each lane of a matvec takes at a time: rows are whole stretches.
-const MATVEC_STRETCH: usize = 32;
+const MATVEC_STRETCH: usize = 8;
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 const ELEMENTWISE_THREADS: u32 = 256;
@@ -168,7 +168,7 @@ impl Kernels {
             .ok_or(CudaError::UnsupportedType(ty))
     }
 
-    /// Whether the matvec kernels take `w`: rows of whole 32-value stretches.
+    /// Whether the matvec kernels take `w`: rows of whole 8-value stretches.
     pub fn matvec_takes(w: &DeviceMatrix) -> bool {
         w.cols % MATVEC_STRETCH == 0
     }
@@ -287,7 +287,8 @@ impl Kernels {
         y: u64,
         gelu: bool,
     ) -> Result<()> {
-        if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) || !Self::matvec_takes(gate) {
+        if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) || !Self::matvec_takes(gate)
+        {
             return Err(CudaError::Invalid {
                 what: "fused gate/up product".into(),
                 reason: format!(

@@ -37,8 +37,8 @@ pub use dequantize::{
 pub use device::{device_count, driver_present, CudaDevice, DeviceOptions, MemoryInfo};
 pub use error::{CudaError, Result};
 pub use kernels::{DeviceMatrix, Kernels, MatvecOut, MATVEC_MAX_TOKENS};
-pub use memory::DeviceBuffer;
 pub use kv::{GpuCache, KvPages};
+pub use memory::DeviceBuffer;
 pub use model::{CudaModel, CudaOptions, LoadReport, WeightsMode};
 pub use toolkit::{cublas, toolkit, Toolkit};
 pub use upload::{upload_weights, DeviceTensor, DeviceWeights, UploadOptions, UploadReport};

@@ -49,7 +49,8 @@ use crate::memory::{DeviceBuffer, Layout};
 use crate::upload::{upload_weights, DeviceWeights, UploadOptions, UploadReport};
 
 /// LM-head rows per pass (each pass reads the whole head once).
-const LOGIT_ROWS: usize = MATVEC_MAX_TOKENS;
+/// (64 rows of logits of a 152k vocabulary are 39 MB: part of the workspace.)
+const LOGIT_ROWS: usize = 64;
 /// cuBLAS's workspace.
 const BLAS_WORKSPACE_BYTES: usize = 16 << 20;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -817,12 +818,27 @@ impl CudaModel {
     ) -> Result<()> {
         // SAFETY (every block below): the addresses come from this model's
         // buffers, sized at load for max_batch_tokens rows of every width.
-        if self.mode == WeightsMode::Quantized
-            && n <= MATVEC_MAX_TOKENS
-            && Kernels::matvec_takes(w)
+        if self.mode == WeightsMode::Quantized && n <= MATVEC_MAX_TOKENS && Kernels::matvec_takes(w)
         {
             return unsafe { self.kernels.matvec(w, x, n, y, ldy, accumulate) };
         }
+        self.matmul_blas(work, w, x, n, y, ldy, accumulate)
+    }
+
+    /// `y (+)= x · Wᵀ` through cuBLAS: W itself if f16, else dequantized to
+    /// f16 scratch a chunk of rows at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_blas(
+        &self,
+        work: &Workspace,
+        w: &DeviceMatrix,
+        x: u64,
+        n: usize,
+        y: u64,
+        ldy: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        // SAFETY (every block below): as for `matmul`.
         unsafe { self.kernels.f32_to_f16(x, work.act_f16, n * w.cols)? };
         if w.ty == GgmlType::F16 {
             return unsafe {
@@ -1035,7 +1051,15 @@ impl CudaModel {
                 {
                     // SAFETY: as above, from the normed rows.
                     unsafe {
-                        k.matvec_gated(&layer.gate, &layer.up, work.normed, n, None, work.gate, gelu)?
+                        k.matvec_gated(
+                            &layer.gate,
+                            &layer.up,
+                            work.normed,
+                            n,
+                            None,
+                            work.gate,
+                            gelu,
+                        )?
                     };
                 } else {
                     self.matmul(work, &layer.gate, work.normed, n, work.gate, ff, false)?;
@@ -1099,15 +1123,29 @@ impl CudaModel {
                 work.final_rows,
             )?;
         }
-        self.matmul(
-            work,
-            &self.output,
-            work.final_rows,
-            rows,
-            work.logits,
-            vocab,
-            false,
-        )?;
+        if rows == 1 {
+            self.matmul(
+                work,
+                &self.output,
+                work.final_rows,
+                rows,
+                work.logits,
+                vocab,
+                false,
+            )?;
+        } else {
+            // Several rows: the head's weights (the largest matrix) are read
+            // once through cuBLAS rather than by the few-row matvec.
+            self.matmul_blas(
+                work,
+                &self.output,
+                work.final_rows,
+                rows,
+                work.logits,
+                vocab,
+                false,
+            )?;
+        }
         if greedy {
             unsafe {
                 self.kernels

@@ -4,7 +4,9 @@
 //! `gpu-check:` are the summary that gpu-check.sh prints.
 
 use cuda::cudarc::driver::result as driver;
-use cuda::cudarc::driver::sys::{CUdevice_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cuda::cudarc::driver::sys::{
+    CUdevice_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
 use cuda::{CudaDevice, DeviceBuffer, DeviceMatrix, DeviceOptions, Kernels, MatvecOut};
 use gguf::GgmlType;
 use rand::{Rng, SeedableRng};
@@ -48,7 +50,13 @@ fn download(buffer: &DeviceBuffer, n: usize) -> Vec<f32> {
 }
 
 /// A random `rows × cols` matrix of type `ty` on the device, and its values as the CPU reads them.
-fn matrix(device: &CudaDevice, rng: &mut ChaCha8Rng, ty: GgmlType, rows: usize, cols: usize) -> (DeviceMatrix, DeviceBuffer, Vec<f32>) {
+fn matrix(
+    device: &CudaDevice,
+    rng: &mut ChaCha8Rng,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+) -> (DeviceMatrix, DeviceBuffer, Vec<f32>) {
     let values: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let bytes = quant::quantize(ty, &values).unwrap();
     let dequantized = quant::dequantize_to_vec(ty, &bytes).unwrap();
@@ -69,7 +77,9 @@ fn rms_norm(x: &[f32], cols: usize, norm: &[f32], eps: f32) -> Vec<f32> {
         .flat_map(|row| {
             let mean = row.iter().map(|v| (v * v) as f64).sum::<f64>() / cols as f64;
             let rstd = 1.0 / (mean + eps as f64).sqrt();
-            row.iter().zip(norm).map(move |(v, w)| (*v as f64 * rstd) as f32 * w)
+            row.iter()
+                .zip(norm)
+                .map(move |(v, w)| (*v as f64 * rstd) as f32 * w)
         })
         .collect()
 }
@@ -86,7 +96,11 @@ fn product(w: &[f32], cols: usize, x: &[f32]) -> Vec<Vec<f64>> {
 }
 
 fn rel_l2(gpu: &[f32], cpu: &[f64]) -> f64 {
-    let num: f64 = gpu.iter().zip(cpu).map(|(g, c)| (*g as f64 - c).powi(2)).sum();
+    let num: f64 = gpu
+        .iter()
+        .zip(cpu)
+        .map(|(g, c)| (*g as f64 - c).powi(2))
+        .sum();
     let den: f64 = cpu.iter().map(|c| c * c).sum();
     (num / den.max(1e-30)).sqrt()
 }
@@ -106,7 +120,10 @@ fn matvec_every_format_matches_cpu() {
         for ty in TYPES {
             // Q, K and V shaped: three matrices of one type stacked.
             let shapes = [72usize, 24, 24];
-            let mats: Vec<_> = shapes.iter().map(|&r| matrix(&device, &mut rng, ty, r, cols)).collect();
+            let mats: Vec<_> = shapes
+                .iter()
+                .map(|&r| matrix(&device, &mut rng, ty, r, cols))
+                .collect();
             for &n in &tokens {
                 let x: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
                 let x_dev = upload(&device, &x, "x");
@@ -119,11 +136,18 @@ fn matvec_every_format_matches_cpu() {
                     let stacked: Vec<MatvecOut<'_>> = mats
                         .iter()
                         .zip(&outs)
-                        .map(|((m, _, _), y)| MatvecOut { w: m, y: y.ptr(), ldy: m.rows })
+                        .map(|((m, _, _), y)| MatvecOut {
+                            w: m,
+                            y: y.ptr(),
+                            ldy: m.rows,
+                        })
                         .collect();
                     let norm_arg = fused.then_some((norm_dev.ptr(), eps));
                     // SAFETY: x holds n × cols f32, each y n × rows, norm cols.
-                    unsafe { kernels.matvec_stacked(&stacked, x_dev.ptr(), n, norm_arg, accumulate) }.unwrap();
+                    unsafe {
+                        kernels.matvec_stacked(&stacked, x_dev.ptr(), n, norm_arg, accumulate)
+                    }
+                    .unwrap();
                     device.synchronize().unwrap();
                     for (((m, _, values), y), &rows) in mats.iter().zip(&outs).zip(&shapes) {
                         let gpu = download(y, n * rows);
@@ -148,7 +172,15 @@ fn matvec_every_format_matches_cpu() {
                     let y = upload(&device, &vec![0f32; n * shapes[0]], "gated");
                     // SAFETY: as above; y holds n × rows f32.
                     unsafe {
-                        kernels.matvec_gated(&gate.0, &up.0, x_dev.ptr(), n, Some((norm_dev.ptr(), eps)), y.ptr(), gelu)
+                        kernels.matvec_gated(
+                            &gate.0,
+                            &up.0,
+                            x_dev.ptr(),
+                            n,
+                            Some((norm_dev.ptr(), eps)),
+                            y.ptr(),
+                            gelu,
+                        )
                     }
                     .unwrap();
                     device.synchronize().unwrap();
@@ -159,14 +191,20 @@ fn matvec_every_format_matches_cpu() {
                         .zip(&u)
                         .map(|(&g, &u)| {
                             if gelu {
-                                0.5 * g * (1.0 + (0.7978845608 * g * (1.0 + 0.044715 * g * g)).tanh()) * u
+                                0.5 * g
+                                    * (1.0 + (0.7978845608 * g * (1.0 + 0.044715 * g * g)).tanh())
+                                    * u
                             } else {
                                 g / (1.0 + (-g).exp()) * u
                             }
                         })
                         .collect();
                     let err = rel_l2(&download(&y, n * shapes[0]), &cpu);
-                    assert!(err < 1e-5, "{ty} gated (gelu {gelu}) {}×{cols}, {n} tokens: rel-L2 {err:.2e}", shapes[0]);
+                    assert!(
+                        err < 1e-5,
+                        "{ty} gated (gelu {gelu}) {}×{cols}, {n} tokens: rel-L2 {err:.2e}",
+                        shapes[0]
+                    );
                 }
             }
         }
@@ -177,28 +215,52 @@ fn matvec_every_format_matches_cpu() {
 /// Peak memory bandwidth from the device's memory clock and bus width, bytes/s.
 fn peak_bandwidth(device: &CudaDevice) -> f64 {
     let ctx = device.context();
-    let clock_khz = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE).unwrap() as f64;
-    let bus_bits = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH).unwrap() as f64;
+    let clock_khz = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)
+        .unwrap() as f64;
+    let bus_bits = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)
+        .unwrap() as f64;
     2.0 * clock_khz * 1e3 * bus_bits / 8.0
 }
 
 /// Time per product of one decode row through `w`, µs: `reps` launches
 /// captured in a CUDA graph (as decode steps run), median of 7 replays.
-fn time_matvec(device: &CudaDevice, kernels: &Kernels, w: &DeviceMatrix, x: u64, y: u64, reps: usize) -> f64 {
+fn time_matvec(
+    device: &CudaDevice,
+    kernels: &Kernels,
+    w: &DeviceMatrix,
+    x: u64,
+    y: u64,
+    reps: usize,
+) -> f64 {
     let stream = device.stream();
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
     for _ in 0..reps {
         // SAFETY: x holds w.cols f32, y w.rows.
         unsafe { kernels.matvec(w, x, 1, y, w.rows, false) }.unwrap();
     }
-    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).unwrap().unwrap();
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .unwrap();
     graph.launch().unwrap();
     device.synchronize().unwrap();
     let ctx = device.context();
     let mut times: Vec<f64> = (0..7)
         .map(|_| {
-            let start = ctx.new_event(Some(cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-            let end = ctx.new_event(Some(cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+            let start = ctx
+                .new_event(Some(
+                    cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
+                ))
+                .unwrap();
+            let end = ctx
+                .new_event(Some(
+                    cuda::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT,
+                ))
+                .unwrap();
             start.record(stream).unwrap();
             graph.launch().unwrap();
             end.record(stream).unwrap();
@@ -225,7 +287,9 @@ fn matvec_speed() {
     // (4864 × 896, not for the K-quants' 256-value blocks).
     for (rows, cols) in [(896usize, 4864usize), (4864, 896), (151_936, 896)] {
         for ty in TYPES {
-            if cols % ty.block_size() != 0 || (rows > 100_000 && ty != GgmlType::Q8_0 && ty != GgmlType::Q5_0) {
+            if cols % ty.block_size() != 0
+                || (rows > 100_000 && ty != GgmlType::Q8_0 && ty != GgmlType::Q5_0)
+            {
                 continue;
             }
             let (w, _buffer, _) = matrix(&device, &mut rng, ty, rows, cols);

@@ -287,7 +287,9 @@ impl<B: Backend> Loop<B> {
                 i += 1;
             }
         }
-        self.stats.running.store(self.running.len(), Ordering::Release);
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Release);
     }
 
     /// Start waiting jobs, in order, while there are slots and pages for them.

@@ -295,9 +295,8 @@ impl<'a> Cursor<'a> {
         let at = self.pos;
         let len = self.u64(field)?;
         let bytes = self.take(len, field)?;
-        String::from_utf8(bytes.to_vec()).map_err(|e| {
-            self.invalid(at, field(), format!("string is not valid UTF-8 ({e})"))
-        })
+        String::from_utf8(bytes.to_vec())
+            .map_err(|e| self.invalid(at, field(), format!("string is not valid UTF-8 ({e})")))
     }
 
     fn value_type(&mut self, field: &dyn Fn() -> String) -> Result<ValueType> {
@@ -323,7 +322,9 @@ impl<'a> Cursor<'a> {
             ValueType::Bool => match self.u8(field)? {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
-                b => return Err(self.invalid(at, field(), format!("bool byte is {b}, not 0 or 1"))),
+                b => {
+                    return Err(self.invalid(at, field(), format!("bool byte is {b}, not 0 or 1")))
+                }
             },
             ValueType::String => Value::String(self.string(field)?),
             ValueType::Array => Value::Array(self.array_value(depth, field)?),
@@ -352,7 +353,12 @@ impl<'a> Cursor<'a> {
         }
         Ok(match elem {
             ValueType::U8 => Array::U8(self.take(n as u64, field)?.to_vec()),
-            ValueType::I8 => Array::I8(self.take(n as u64, field)?.iter().map(|&b| b as i8).collect()),
+            ValueType::I8 => Array::I8(
+                self.take(n as u64, field)?
+                    .iter()
+                    .map(|&b| b as i8)
+                    .collect(),
+            ),
             ValueType::U16 => scalars!(U16, u16, |x| x),
             ValueType::I16 => scalars!(I16, u16, |x: u16| x as i16),
             ValueType::U32 => scalars!(U32, u32, |x| x),
@@ -429,7 +435,11 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
         let key_at = c.pos;
         let key = c.string(&|| format!("metadata key #{i}"))?;
         if !keys.insert(key.clone()) {
-            return Err(c.invalid(key_at, format!("metadata key {key}"), "duplicate key".to_string()));
+            return Err(c.invalid(
+                key_at,
+                format!("metadata key {key}"),
+                "duplicate key".to_string(),
+            ));
         }
         let field = || format!("metadata value {key}");
         let ty = c.value_type(&field)?;
@@ -458,13 +468,21 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
         let name_at = c.pos;
         let name = c.string(&|| format!("tensor #{i} name"))?;
         if !seen.insert(name.clone()) {
-            return Err(c.invalid(name_at, format!("tensor {name}"), "duplicate tensor name".to_string()));
+            return Err(c.invalid(
+                name_at,
+                format!("tensor {name}"),
+                "duplicate tensor name".to_string(),
+            ));
         }
         let field = || format!("tensor {name}");
         let dims_at = c.pos;
         let n_dims = c.u32(&field)? as usize;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(c.invalid(dims_at, field(), format!("{n_dims} dimensions (must be 1..={MAX_DIMS})")));
+            return Err(c.invalid(
+                dims_at,
+                field(),
+                format!("{n_dims} dimensions (must be 1..={MAX_DIMS})"),
+            ));
         }
         let mut dims = Vec::with_capacity(n_dims);
         for _ in 0..n_dims {
@@ -472,17 +490,25 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
         }
         let type_at = c.pos;
         let type_id = c.u32(&field)?;
-        let ty = GgmlType::from_id(type_id)
-            .ok_or_else(|| c.invalid(type_at, field(), format!("unknown ggml type id {type_id}")))?;
+        let ty = GgmlType::from_id(type_id).ok_or_else(|| {
+            c.invalid(type_at, field(), format!("unknown ggml type id {type_id}"))
+        })?;
         let offset_at = c.pos;
         let offset = c.u64(&field)?;
 
         let n_elements = dims
             .iter()
-            .try_fold(1u64, |acc, &d| if d == 0 { None } else { acc.checked_mul(d) })
+            .try_fold(
+                1u64,
+                |acc, &d| if d == 0 { None } else { acc.checked_mul(d) },
+            )
             .filter(|&n| n <= i64::MAX as u64)
             .ok_or_else(|| {
-                c.invalid(dims_at, field(), format!("dimensions {dims:?} are zero or overflow"))
+                c.invalid(
+                    dims_at,
+                    field(),
+                    format!("dimensions {dims:?} are zero or overflow"),
+                )
             })?;
         if !dims[0].is_multiple_of(ty.block_size() as u64) {
             return Err(c.invalid(
@@ -517,7 +543,13 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
 
     let data_offset = (c.pos as u64)
         .checked_next_multiple_of(alignment)
-        .ok_or_else(|| c.invalid(c.pos, "data section".to_string(), format!("alignment {alignment} overflows")))?;
+        .ok_or_else(|| {
+            c.invalid(
+                c.pos,
+                "data section".to_string(),
+                format!("alignment {alignment} overflows"),
+            )
+        })?;
     let file_len = buf.len() as u64;
     for (t, &at) in tensors.iter().zip(&offsets_at) {
         let end = data_offset

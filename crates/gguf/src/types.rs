@@ -272,7 +272,11 @@ mod tests {
             assert_eq!(GgmlType::from_id(t.id()), Some(t));
             assert_eq!(GgmlType::from_name(&t.name().to_lowercase()), Some(t));
         }
-        assert_eq!(GgmlType::from_id(4), None, "id 4 (old Q4_2) was removed from ggml");
+        assert_eq!(
+            GgmlType::from_id(4),
+            None,
+            "id 4 (old Q4_2) was removed from ggml"
+        );
     }
 
     #[test]
@@ -280,6 +284,10 @@ mod tests {
         assert_eq!(GgmlType::Q4_K.row_bytes(4864), Some(19 * 144));
         assert_eq!(GgmlType::Q4_K.row_bytes(896), None);
         assert_eq!(GgmlType::Q8_0.row_bytes(896), Some(28 * 34));
-        assert_eq!(GgmlType::F32.row_bytes(u64::MAX), None, "overflow is caught");
+        assert_eq!(
+            GgmlType::F32.row_bytes(u64::MAX),
+            None,
+            "overflow is caught"
+        );
     }
 }

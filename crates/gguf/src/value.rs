@@ -295,7 +295,9 @@ impl Metadata {
     }
 
     fn require(&self, key: &str) -> Result<&Value> {
-        self.get(key).ok_or_else(|| GgufError::MissingKey { key: key.to_string() })
+        self.get(key).ok_or_else(|| GgufError::MissingKey {
+            key: key.to_string(),
+        })
     }
 
     fn wrong_type(key: &str, expected: &'static str, found: &Value) -> GgufError {
@@ -326,7 +328,8 @@ impl Metadata {
 
     pub fn get_i64(&self, key: &str) -> Result<i64> {
         let v = self.require(key)?;
-        v.as_i64().ok_or_else(|| Self::wrong_type(key, "integer", v))
+        v.as_i64()
+            .ok_or_else(|| Self::wrong_type(key, "integer", v))
     }
 
     pub fn get_f32(&self, key: &str) -> Result<f32> {
@@ -343,7 +346,8 @@ impl Metadata {
 
     pub fn get_array(&self, key: &str) -> Result<&Array> {
         let v = self.require(key)?;
-        v.as_array().ok_or_else(|| Self::wrong_type(key, "array", v))
+        v.as_array()
+            .ok_or_else(|| Self::wrong_type(key, "array", v))
     }
 
     pub fn get_string_array(&self, key: &str) -> Result<&[String]> {

@@ -66,7 +66,9 @@ impl<'a> GgufWriter<'a> {
             reason,
         };
         if dims.is_empty() || dims.len() > MAX_DIMS || dims.contains(&0) {
-            return Err(bad(format!("dimensions {dims:?} must be 1..={MAX_DIMS} non-zero values")));
+            return Err(bad(format!(
+                "dimensions {dims:?} must be 1..={MAX_DIMS} non-zero values"
+            )));
         }
         if self.tensors.iter().any(|t| t.name == name) {
             return Err(bad("added twice".to_string()));
@@ -76,7 +78,11 @@ impl<'a> GgufWriter<'a> {
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .filter(|_| dims[0].is_multiple_of(ty.block_size() as u64))
             .and_then(|n| ty.row_bytes(n))
-            .ok_or_else(|| bad(format!("shape {dims:?} is not a whole number of {ty} blocks per row")))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "shape {dims:?} is not a whole number of {ty} blocks per row"
+                ))
+            })?;
         if data.len() as u64 != expected {
             return Err(bad(format!(
                 "{ty} {dims:?} needs {expected} bytes, got {}",
@@ -95,33 +101,39 @@ impl<'a> GgufWriter<'a> {
     fn alignment(&self) -> Result<u64> {
         match self.metadata.get("general.alignment") {
             None => Ok(DEFAULT_ALIGNMENT),
-            Some(v) => v
-                .as_u64()
-                .filter(|a| a.is_power_of_two())
-                .ok_or_else(|| GgufError::Write(format!("general.alignment {v:?} is not a power of two"))),
+            Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| {
+                GgufError::Write(format!("general.alignment {v:?} is not a power of two"))
+            }),
         }
     }
 
     /// Write the file to `out`.
     pub fn write(&self, out: &mut impl Write) -> Result<()> {
         let alignment = self.alignment()?;
-        let mut w = CountingWriter { inner: out, written: 0 };
+        let mut w = CountingWriter {
+            inner: out,
+            written: 0,
+        };
         let io = |e: io::Error| GgufError::Write(e.to_string());
 
         w.write_all(&GGUF_MAGIC).map_err(io)?;
         w.write_all(&3u32.to_le_bytes()).map_err(io)?;
-        w.write_all(&(self.tensors.len() as u64).to_le_bytes()).map_err(io)?;
-        w.write_all(&(self.metadata.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&(self.tensors.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(&(self.metadata.len() as u64).to_le_bytes())
+            .map_err(io)?;
         for (key, value) in self.metadata.iter() {
             write_string(&mut w, key).map_err(io)?;
-            w.write_all(&(value.value_type() as u32).to_le_bytes()).map_err(io)?;
+            w.write_all(&(value.value_type() as u32).to_le_bytes())
+                .map_err(io)?;
             write_value(&mut w, value).map_err(io)?;
         }
 
         let mut offset = 0u64;
         for t in &self.tensors {
             write_string(&mut w, &t.name).map_err(io)?;
-            w.write_all(&(t.dims.len() as u32).to_le_bytes()).map_err(io)?;
+            w.write_all(&(t.dims.len() as u32).to_le_bytes())
+                .map_err(io)?;
             for d in &t.dims {
                 w.write_all(&d.to_le_bytes()).map_err(io)?;
             }
@@ -153,7 +165,10 @@ impl<'a> GgufWriter<'a> {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let result = self
             .write(&mut out)
-            .and_then(|()| out.into_inner().map_err(|e| GgufError::Write(e.to_string())))
+            .and_then(|()| {
+                out.into_inner()
+                    .map_err(|e| GgufError::Write(e.to_string()))
+            })
             .and_then(|file| file.sync_all().map_err(io_err))
             .and_then(|()| std::fs::rename(&tmp, path).map_err(io_err));
         if result.is_err() {

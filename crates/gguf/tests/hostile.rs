@@ -14,10 +14,15 @@ fn sample_file() -> Vec<u8> {
     );
     w.set(
         "nested",
-        Value::Array(Array::Array(vec![Array::I32(vec![1, -2]), Array::F64(vec![0.5])])),
+        Value::Array(Array::Array(vec![
+            Array::I32(vec![1, -2]),
+            Array::F64(vec![0.5]),
+        ])),
     );
-    w.add_tensor("a", GgmlType::F32, &[4, 2], vec![0u8; 32]).unwrap();
-    w.add_tensor("b", GgmlType::Q8_0, &[32], vec![1u8; 34]).unwrap();
+    w.add_tensor("a", GgmlType::F32, &[4, 2], vec![0u8; 32])
+        .unwrap();
+    w.add_tensor("b", GgmlType::Q8_0, &[32], vec![1u8; 34])
+        .unwrap();
     let mut out = Vec::new();
     w.write(&mut out).unwrap();
     out
@@ -65,7 +70,11 @@ fn bad_magic_and_versions() {
     b[0] = b'X';
     assert!(matches!(parse_err(b), GgufError::BadMagic { .. }));
 
-    for (version, needle) in [(1u32, "32-bit counts"), (7, "version 7"), (3u32.swap_bytes(), "big-endian")] {
+    for (version, needle) in [
+        (1u32, "32-bit counts"),
+        (7, "version 7"),
+        (3u32.swap_bytes(), "big-endian"),
+    ] {
         let mut b = sample_file();
         b[4..8].copy_from_slice(&version.to_le_bytes());
         let msg = parse_err(b).to_string();
@@ -90,7 +99,10 @@ fn string(b: &mut Vec<u8>, s: &str) {
 #[test]
 fn huge_counts_are_rejected_before_allocating() {
     let msg = parse_err(header(u64::MAX, 0)).to_string();
-    assert!(msg.contains("tensor count") && msg.contains("cannot fit"), "{msg}");
+    assert!(
+        msg.contains("tensor count") && msg.contains("cannot fit"),
+        "{msg}"
+    );
     let msg = parse_err(header(0, 1 << 60)).to_string();
     assert!(msg.contains("metadata count"), "{msg}");
 
@@ -101,7 +113,10 @@ fn huge_counts_are_rejected_before_allocating() {
     b.extend(8u32.to_le_bytes());
     b.extend((1u64 << 62).to_le_bytes());
     let msg = parse_err(b).to_string();
-    assert!(msg.contains("metadata value k") && msg.contains("cannot fit"), "{msg}");
+    assert!(
+        msg.contains("metadata value k") && msg.contains("cannot fit"),
+        "{msg}"
+    );
 
     // A string claiming u64::MAX bytes.
     let mut b = header(0, 1);
@@ -194,7 +209,10 @@ fn tensor_index_is_validated() {
     ];
     for (dims, ty, offset, len, needle) in cases {
         let msg = parse_err(one_tensor(dims, ty, offset, len)).to_string();
-        assert!(msg.contains("tensor w") && msg.contains(needle), "{dims:?}: {msg}");
+        assert!(
+            msg.contains("tensor w") && msg.contains(needle),
+            "{dims:?}: {msg}"
+        );
     }
     // Offsets near u64::MAX must not wrap around.
     let msg = parse_err(one_tensor(&[1], 0, u64::MAX - 31, 4)).to_string();
@@ -204,7 +222,10 @@ fn tensor_index_is_validated() {
 #[test]
 fn empty_and_tiny_files() {
     assert!(matches!(parse_err(vec![]), GgufError::Truncated { .. }));
-    assert!(matches!(parse_err(b"GGU".to_vec()), GgufError::Truncated { .. }));
+    assert!(matches!(
+        parse_err(b"GGU".to_vec()),
+        GgufError::Truncated { .. }
+    ));
     let f = GgufFile::from_bytes(header(0, 0)).expect("a file with nothing in it is valid");
     assert!(f.tensors().is_empty());
 }
@@ -233,5 +254,8 @@ fn many_keys_parse_in_linear_time() {
         b.push(1);
     }
     let msg = parse_err(b).to_string();
-    assert!(msg.contains("metadata key a") && msg.contains("duplicate"), "{msg}");
+    assert!(
+        msg.contains("metadata key a") && msg.contains("duplicate"),
+        "{msg}"
+    );
 }

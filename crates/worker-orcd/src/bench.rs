@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// streams decoding together in one batch per step [default: 64 on a GPU, 0 on the CPU].
     #[arg(long)]
     pub streams: Option<usize>,
+    /// Measure only the many-streams case (for profiling it).
+    #[arg(long)]
+    pub streams_only: bool,
     /// Prompt tokens of each stream.
     #[arg(long, default_value_t = 128)]
     pub stream_prompt: usize,
@@ -168,7 +171,10 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
             println!(
                 "streams    {} × (pp{} + tg{}): {streams_total:.1} generated tok/s end to end, \
                  {streams_decode:.1} tok/s while decoding (median of {})",
-                streams(args), args.stream_prompt, args.gen_tokens, args.repeats
+                streams(args),
+                args.stream_prompt,
+                args.gen_tokens,
+                args.repeats
             );
         }
     }
@@ -218,7 +224,8 @@ fn measure<B: Backend>(model: &B, args: &BenchArgs, context: usize) -> Result<Me
         Ok(ids[0][0])
     };
     let mut prefill = Vec::new();
-    for round in 0..=prefill_repeats(args) {
+    let single = !args.streams_only;
+    for round in (0..=prefill_repeats(args)).filter(|_| single) {
         let mut kv = model.new_cache_in(&pool, context);
         let t = Instant::now();
         step(&mut kv, &prompt)?;
@@ -230,17 +237,19 @@ fn measure<B: Backend>(model: &B, args: &BenchArgs, context: usize) -> Result<Me
     let mut streams_decode = Vec::new();
     let mut streams_total = Vec::new();
     for round in 0..=args.repeats {
-        let tg = {
-            let mut kv = model.new_cache_in(&pool, context);
-            let mut next = step(&mut kv, &prompt[..1])?;
-            let t = Instant::now();
-            for _ in 0..args.gen_tokens {
-                next = step(&mut kv, &[next])?;
+        if single {
+            let tg = {
+                let mut kv = model.new_cache_in(&pool, context);
+                let mut next = step(&mut kv, &prompt[..1])?;
+                let t = Instant::now();
+                for _ in 0..args.gen_tokens {
+                    next = step(&mut kv, &[next])?;
+                }
+                args.gen_tokens as f64 / t.elapsed().as_secs_f64()
+            };
+            if round > 0 {
+                decode.push(tg);
             }
-            args.gen_tokens as f64 / t.elapsed().as_secs_f64()
-        };
-        if round > 0 {
-            decode.push(tg);
         }
         if streams(args) > 0 {
             let (during_decode, total) = many_streams(model, args, &pool, stream_context, &token)?;
@@ -252,8 +261,8 @@ fn measure<B: Backend>(model: &B, args: &BenchArgs, context: usize) -> Result<Me
     }
     let median_or_zero = |v: Vec<f64>| if v.is_empty() { 0.0 } else { median(v) };
     Ok(Measured {
-        pp: median(prefill),
-        tg: median(decode),
+        pp: median_or_zero(prefill),
+        tg: median_or_zero(decode),
         streams_decode: median_or_zero(streams_decode),
         streams_total: median_or_zero(streams_total),
     })
@@ -272,7 +281,11 @@ fn many_streams<B: Backend>(
 ) -> Result<(f64, f64)> {
     let n = streams(args);
     let prompts: Vec<Vec<u32>> = (0..n)
-        .map(|s| (0..args.stream_prompt).map(|i| token(s * 1000 + i)).collect())
+        .map(|s| {
+            (0..args.stream_prompt)
+                .map(|i| token(s * 1000 + i))
+                .collect()
+        })
         .collect();
     let mut caches: Vec<B::Cache> = (0..n).map(|_| model.new_cache_in(pool, context)).collect();
     let mut next = vec![0u32; n];
