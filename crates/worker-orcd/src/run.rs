@@ -165,7 +165,28 @@ pub fn resolve_model(model: &Option<PathBuf>) -> Result<PathBuf> {
 pub struct Loaded {
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<ChatTemplate>,
-    pub scheduler: SchedulerHandle,
+    scheduler: Option<SchedulerHandle>,
+    /// The scheduler's thread, which owns the model.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Loaded {
+    pub fn scheduler(&self) -> &SchedulerHandle {
+        self.scheduler.as_ref().expect("the scheduler lives as long as Loaded")
+    }
+}
+
+impl Drop for Loaded {
+    /// Waits for the scheduler's thread to drop the model (its GPU memory
+    /// and graphs) before the process goes on to exit: a model still being
+    /// torn down while the CUDA driver unloads can crash the exit.
+    fn drop(&mut self) {
+        // The thread ends once no handle is left.
+        drop(self.scheduler.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 pub fn load(args: &ModelArgs, gpu: &GpuArgs) -> Result<Loaded> {
@@ -192,10 +213,10 @@ pub fn load(args: &ModelArgs, gpu: &GpuArgs) -> Result<Loaded> {
         model: B,
         tokenizer: &Arc<Tokenizer>,
         config: SchedulerConfig,
-    ) -> SchedulerHandle {
-        scheduler::spawn(Arc::new(model), tokenizer.clone(), config).0
+    ) -> (SchedulerHandle, std::thread::JoinHandle<()>) {
+        scheduler::spawn(Arc::new(model), tokenizer.clone(), config)
     }
-    let scheduler = match args.device.as_str() {
+    let (scheduler, thread) = match args.device.as_str() {
         "cuda" => {
             let options = gpu.options(config.kv_pages, config.step_tokens);
             let model = cuda::CudaModel::load(file, &options)
@@ -212,7 +233,8 @@ pub fn load(args: &ModelArgs, gpu: &GpuArgs) -> Result<Loaded> {
     Ok(Loaded {
         tokenizer,
         template,
-        scheduler,
+        scheduler: Some(scheduler),
+        thread: Some(thread),
     })
 }
 
@@ -269,7 +291,7 @@ pub fn run_generate(
     let tokens = loaded.tokenizer.encode(&text, true, chat);
     let params = sampling.params();
     let seed = params.sampling.seed;
-    let finish = generate_blocking(&loaded.scheduler, tokens, params, stream_to_stdout)?;
+    let finish = generate_blocking(loaded.scheduler(), tokens, params, stream_to_stdout)?;
     println!();
     report(&finish, seed);
     Ok(())
@@ -310,7 +332,7 @@ pub fn run_chat(
         let text = template.render(&messages, true)?;
         let tokens = loaded.tokenizer.encode(&text, true, true);
         let finish =
-            generate_blocking(&loaded.scheduler, tokens, params.clone(), stream_to_stdout)?;
+            generate_blocking(loaded.scheduler(), tokens, params.clone(), stream_to_stdout)?;
         println!();
         report(&finish, params.sampling.seed);
         messages.push(Message::new("assistant", finish.text.trim()));
