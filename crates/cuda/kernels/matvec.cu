@@ -18,47 +18,21 @@
 #define MATVEC_WARPS 4  // weight rows per block (one row per block for long rows)
 #define MATVEC_MAX_SEGMENTS 3
 
-// sum_i v[i] * x[i] (* norm[i]) over 8 values.
-__device__ __forceinline__ float dot8(const float v[8], const float *__restrict__ x, const float *__restrict__ norm) {
+// sum_i v[i] * x[i] (* norm[i]) over 8 values; with `norm` and `count`, also
+// adds sum_i x[i]^2 to `sq` (the warp sees every input value once, so it
+// gets RMSNorm's sum of squares from the loads it makes anyway).
+__device__ __forceinline__ float dot8(const float v[8], const float *__restrict__ x, const float *__restrict__ norm,
+                                      bool count, float &sq) {
     float4 a = *reinterpret_cast<const float4 *>(x);
     float4 b = *reinterpret_cast<const float4 *>(x + 4);
     if (norm) {
+        if (count) sq += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w + b.x * b.x + b.y * b.y + b.z * b.z + b.w * b.w;
         const float4 wa = *reinterpret_cast<const float4 *>(norm);
         const float4 wb = *reinterpret_cast<const float4 *>(norm + 4);
         a.x *= wa.x; a.y *= wa.y; a.z *= wa.z; a.w *= wa.w;
         b.x *= wb.x; b.y *= wb.y; b.z *= wb.z; b.w *= wb.w;
     }
     return v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w + v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
-}
-
-// 1 / sqrt(mean(x[t]^2) + eps) for the block's token rows into rstd[]
-// (every thread of the block calls this; 1 for every row without `norm`).
-template <int TOKENS>
-__device__ __forceinline__ void row_scales(const float *__restrict__ x, u32 cols, u32 nt, const float *norm, float eps,
-                                           float rstd[TOKENS], float (*scratch)[TOKENS]) {
-    const u32 lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    if (!norm) {
-#pragma unroll
-        for (int t = 0; t < TOKENS; ++t) rstd[t] = 1.0f;
-        return;
-    }
-    __syncthreads();  // scratch may still be read by an earlier reduction
-#pragma unroll
-    for (int t = 0; t < TOKENS; ++t) {
-        float sum = 0.0f;
-        if (t < nt) {
-            for (u32 c = threadIdx.x; c < cols; c += blockDim.x) sum += x[(u64)t * cols + c] * x[(u64)t * cols + c];
-        }
-        sum = warp_sum(sum);
-        if (lane == 0) scratch[warp][t] = sum;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int t = 0; t < TOKENS; ++t) {
-        float sum = 0.0f;
-        for (u32 w = 0; w < MATVEC_WARPS; ++w) sum += scratch[w][t];
-        rstd[t] = 1.0f / sqrtf(sum / (float)cols + eps);
-    }
 }
 
 // Up to MATVEC_MAX_SEGMENTS matrices stacked (scalars, not arrays: an array
@@ -77,8 +51,9 @@ template <typename Format, int TOKENS, int GATED>
 __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 cols, const float *__restrict__ x,
                                        u32 n_tokens, const float *__restrict__ norm, float eps, u32 accumulate,
                                        u32 warps_per_row) {
-    __shared__ float partial[MATVEC_WARPS][TOKENS * (GATED ? 2 : 1)];
-    __shared__ float scratch[MATVEC_WARPS][TOKENS];
+    constexpr int SUMS = GATED ? 2 : 1;
+    // Per warp: each sum's partial dot products, then the sums of squares.
+    __shared__ float partial[MATVEC_WARPS][TOKENS * (SUMS + 1)];
     const u32 lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
     const u32 part = warp % warps_per_row;
     // This warp's row of the stacked segments (gated: of gate and up alike).
@@ -98,8 +73,9 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
     const u32 t0 = blockIdx.y * TOKENS;
     const u32 nt = min((u32)TOKENS, n_tokens - t0);
     x += (u64)t0 * cols;
-    constexpr int SUMS = GATED ? 2 : 1;
-    float acc[SUMS][TOKENS];
+    float acc[SUMS][TOKENS], sq[TOKENS];
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) sq[t] = 0.0f;
 #pragma unroll
     for (int g = 0; g < SUMS; ++g)
 #pragma unroll
@@ -117,7 +93,7 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
         float v[8];                                                                                    \
         row_values8<Format>(row_at[g], first, v);                                                      \
         _Pragma("unroll") for (int t = 0; t < TOKENS; ++t) {                                           \
-            if (t < nt) acc[g][t] += dot8(v, x + (u64)t * cols + (first), norm ? norm + (first) : nullptr); \
+            if (t < nt) acc[g][t] += dot8(v, x + (u64)t * cols + (first), norm ? norm + (first) : nullptr, g == 0, sq[t]); \
         }                                                                                              \
     }
         if constexpr (TOKENS == 1 && !GATED) {
@@ -140,25 +116,32 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
     for (int g = 0; g < SUMS; ++g)
 #pragma unroll
         for (int t = 0; t < TOKENS; ++t) acc[g][t] = warp_sum(acc[g][t]);
-    float rstd[TOKENS];
-    row_scales<TOKENS>(x, cols, nt, norm, eps, rstd, scratch);
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) sq[t] = norm ? warp_sum(sq[t]) : 0.0f;
     if (warps_per_row > 1) {
         if (lane == 0) {
 #pragma unroll
             for (int g = 0; g < SUMS; ++g)
 #pragma unroll
                 for (int t = 0; t < TOKENS; ++t) partial[warp][g * TOKENS + t] = acc[g][t];
+#pragma unroll
+            for (int t = 0; t < TOKENS; ++t) partial[warp][SUMS * TOKENS + t] = sq[t];
         }
         __syncthreads();
         if (warp != 0) return;
 #pragma unroll
-        for (int g = 0; g < SUMS; ++g)
+        for (int g = 0; g <= SUMS; ++g)
 #pragma unroll
             for (int t = 0; t < TOKENS; ++t) {
-                acc[g][t] = 0.0f;
-                for (u32 p = 0; p < warps_per_row; ++p) acc[g][t] += partial[p][g * TOKENS + t];
+                float sum = 0.0f;
+                for (u32 p = 0; p < warps_per_row; ++p) sum += partial[p][g * TOKENS + t];
+                if (g < SUMS) acc[g][t] = sum;
+                else sq[t] = sum;
             }
     }
+    float rstd[TOKENS];
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) rstd[t] = norm ? 1.0f / sqrtf(sq[t] / (float)cols + eps) : 1.0f;
     if (!active || lane != 0) return;
     y += (u64)t0 * ldy + r;
 #pragma unroll
