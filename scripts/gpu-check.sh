@@ -190,11 +190,12 @@ rows = [
     ("decode, batch 1 (tg128), tok/s", b["decode_tokens_per_second"], llama["tg"], ">= 1800", b["decode_tokens_per_second"] >= 1800),
     ("prefill (pp512), tok/s", b["prefill_tokens_per_second"], llama["pp"], ">= 60000", b["prefill_tokens_per_second"] >= 60000),
     (f"{b['streams']} streams, 128+128, generated tok/s", b["streams_generated_tokens_per_second"], llama["streams"], ">= 20000", b["streams_generated_tokens_per_second"] >= 20000),
-    ("load to GPU (page cache), s", b["load_seconds"], llama["load"], "<= 0.150", b["load_seconds"] <= 0.150),
+    ("load to GPU (page cache), s, repeat", b["load_seconds"], llama["load"], "<= 0.150", b["load_seconds"] <= 0.150),
+    ("  the same, first in a new process, s", b["load"]["load_seconds_all"][0], llama["load"], "<= 0.150", b["load"]["load_seconds_all"][0] <= 0.150),
 ]
 print(f"  {'measure':<40} {'worker-orcd':>12} {'llama.cpp':>10} {'target':>9}  met")
 for name, ours, ref, target, met in rows:
-    fmt = (lambda v: f"{v:.3f}") if name.startswith("load") else (lambda v: f"{v:.0f}")
+    fmt = (lambda v: f"{v:.3f}") if "load" in name or "first" in name else (lambda v: f"{v:.0f}")
     print(f"  {name:<40} {fmt(ours):>12} {fmt(ref):>10} {target:>9}  {'yes' if met else 'no'}")
 EOF
 )"

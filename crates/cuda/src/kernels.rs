@@ -170,7 +170,7 @@ impl Kernels {
 
     /// Whether the matvec kernels take `w`: rows of whole 8-value stretches.
     pub fn matvec_takes(w: &DeviceMatrix) -> bool {
-        w.cols % MATVEC_STRETCH == 0
+        w.cols.is_multiple_of(MATVEC_STRETCH)
     }
 
     /// `y[t][r] (+)= Σ_c w[r][c] · x[t][c]`: x is `n × w.cols` f32, y is `n`

@@ -172,7 +172,9 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn scheduler(&self) -> &SchedulerHandle {
-        self.scheduler.as_ref().expect("the scheduler lives as long as Loaded")
+        self.scheduler
+            .as_ref()
+            .expect("the scheduler lives as long as Loaded")
     }
 }
 
