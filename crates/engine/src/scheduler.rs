@@ -110,9 +110,16 @@ pub struct SchedulerHandle {
 }
 
 impl SchedulerHandle {
-    /// Queue a job; refused at once when the queue is full.
+    /// Queue a job; refused at once when `max_queued` jobs are already
+    /// waiting to start (in the channel or in the scheduler's waiting list).
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
-        self.stats.queued.fetch_add(1, Ordering::AcqRel);
+        let most = self.config.max_queued.max(1);
+        self.stats
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < most).then_some(q + 1)
+            })
+            .map_err(|_| SubmitError::QueueFull(most))?;
         self.tx.try_send(job).map_err(|e| {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
             match e {

@@ -173,3 +173,66 @@ fn prompt_longer_than_the_context_is_an_error_and_the_scheduler_goes_on() {
         other => panic!("expected an error, got {other:?}"),
     }
 }
+
+#[test]
+fn a_full_queue_refuses_at_once_and_frees_as_jobs_start() {
+    let file = Arc::new(GgufFile::open(smollm_path()).unwrap());
+    let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata()).unwrap());
+    let model = Arc::new(CpuModel::load(file).unwrap());
+    let (handle, _thread) = scheduler::spawn(
+        model,
+        tokenizer,
+        SchedulerConfig {
+            context: 64,
+            max_running: 1,
+            max_queued: 1,
+            step_tokens: 64,
+            kv_pages: 8,
+        },
+    );
+    let params = GenerateParams {
+        max_tokens: 40,
+        sampling: Default::default(),
+        stop: vec![],
+    };
+    let job = |cancel: &Arc<AtomicBool>, tx: mpsc::Sender<Event>| Job {
+        prompt: vec![1, 504, 3458],
+        params: params.clone(),
+        cancel: cancel.clone(),
+        sink: Box::new(move |e| tx.send(e).is_ok()),
+    };
+    // A runs (its Started event says it left the queue); B waits; C is refused.
+    let (cancel_a, cancel_b) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (tx_a, rx_a) = mpsc::channel();
+    handle.submit(job(&cancel_a, tx_a)).unwrap();
+    assert!(matches!(rx_a.recv().unwrap(), Event::Started { .. }));
+    let (tx_b, rx_b) = mpsc::channel();
+    handle.submit(job(&cancel_b, tx_b)).unwrap();
+    let (tx_c, _rx_c) = mpsc::channel();
+    let refused = handle.submit(job(&Arc::new(AtomicBool::new(false)), tx_c));
+    assert!(
+        matches!(refused, Err(scheduler::SubmitError::QueueFull(1))),
+        "a third job while one runs and one waits: {:?}",
+        refused.err()
+    );
+    // Cancelling A lets B start, and the queue takes a job again.
+    cancel_a.store(true, std::sync::atomic::Ordering::Release);
+    let started = rx_b.iter().find(|e| {
+        matches!(
+            e,
+            Event::Started { .. } | Event::End(_) | Event::Error { .. }
+        )
+    });
+    assert!(
+        matches!(started, Some(Event::Started { .. })),
+        "{started:?}"
+    );
+    let (tx_d, _rx_d) = mpsc::channel();
+    handle
+        .submit(job(&Arc::new(AtomicBool::new(true)), tx_d))
+        .unwrap();
+    cancel_b.store(true, std::sync::atomic::Ordering::Release);
+}

@@ -116,11 +116,6 @@ pub fn submit(
             "the worker is shutting down and takes no new jobs".into(),
         ));
     }
-    // The scheduler's own channel is drained into its waiting list every
-    // step, so the bound on waiting jobs is kept here, from its count.
-    if state.model.queued() >= state.model.info.max_queue {
-        return Err(ApiError::QueueFull);
-    }
     let guard = state.jobs.register(id)?;
     // Unbounded: the scheduler thread must never block on a slow client,
     // and a job sends at most one event per generated token plus three.

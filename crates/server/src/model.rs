@@ -198,12 +198,9 @@ impl Model {
         })
     }
 
-    /// Sequences decoding now. Every running sequence holds at least one KV
-    /// page, and the scheduler's count can lag when its last sequence is
-    /// cancelled between steps, so the page count bounds it.
+    /// Sequences decoding now.
     pub fn running(&self) -> usize {
-        let running = self.scheduler.stats().running.load(Ordering::Acquire);
-        running.min(self.scheduler.pool().used_pages())
+        self.scheduler.stats().running.load(Ordering::Acquire)
     }
 
     /// Jobs waiting for a slot.
