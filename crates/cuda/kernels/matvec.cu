@@ -18,20 +18,11 @@
 #define MATVEC_WARPS 4  // weight rows per block (one row per block for long rows)
 #define MATVEC_MAX_SEGMENTS 3
 
-// The FFN's activation applied on the way in: act(g) * u, 4 values.
-__device__ __forceinline__ float4 gated4(float4 g, const float *__restrict__ up, u32 act) {
-    const float4 u = *reinterpret_cast<const float4 *>(up);
-    if (act == 2) return make_float4(gelu_tanh_times(g.x, u.x), gelu_tanh_times(g.y, u.y), gelu_tanh_times(g.z, u.z),
-                                     gelu_tanh_times(g.w, u.w));
-    return make_float4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z), silu_times(g.w, u.w));
-}
-
-// sum_i v[i] * x'[i] over 8 values, where x' is x, or x * norm (then, with
-// `count`, sum_i x[i]^2 is added to `sq`: the warp sees every input value
-// once, so it gets RMSNorm's sum of squares from the loads it makes anyway),
-// or act(x) * up (the FFN's activation fused into the down projection).
+// sum_i v[i] * x[i] (* norm[i]) over 8 values; with `norm` and `count`, also
+// adds sum_i x[i]^2 to `sq` (the warp sees every input value once, so it
+// gets RMSNorm's sum of squares from the loads it makes anyway).
 __device__ __forceinline__ float dot8(const float v[8], const float *__restrict__ x, const float *__restrict__ norm,
-                                      const float *__restrict__ up, u32 act, bool count, float &sq) {
+                                      bool count, float &sq) {
     float4 a = *reinterpret_cast<const float4 *>(x);
     float4 b = *reinterpret_cast<const float4 *>(x + 4);
     if (norm) {
@@ -40,9 +31,6 @@ __device__ __forceinline__ float dot8(const float v[8], const float *__restrict_
         const float4 wb = *reinterpret_cast<const float4 *>(norm + 4);
         a.x *= wa.x; a.y *= wa.y; a.z *= wa.z; a.w *= wa.w;
         b.x *= wb.x; b.y *= wb.y; b.z *= wb.z; b.w *= wb.w;
-    } else if (up) {
-        a = gated4(a, up, act);
-        b = gated4(b, up + 4, act);
     }
     return v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w + v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
 }
@@ -58,13 +46,10 @@ struct Segments {
 
 // GATED: 0 for a plain product; 1 (SiLU) or 2 (GELU-tanh) for the FFN's
 // first half, y[t][r] = act(gate[r]·x[t]) * (up[r]·x[t]) with gate and up as
-// segments 0 and 1 (rows[0] rows each, written to y[0]). With `up` (and no
-// `norm`), the input is act(x) * up, act 1 SiLU or 2 GELU-tanh: the down
-// projection takes the FFN's gate and up products as they are.
+// segments 0 and 1 (rows[0] rows each, written to y[0]).
 template <typename Format, int TOKENS, int GATED>
 __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 cols, const float *__restrict__ x,
-                                       const float *__restrict__ up, u32 act, u32 n_tokens,
-                                       const float *__restrict__ norm, float eps, u32 accumulate,
+                                       u32 n_tokens, const float *__restrict__ norm, float eps, u32 accumulate,
                                        u32 warps_per_row) {
     constexpr int SUMS = GATED ? 2 : 1;
     // Per warp: each sum's partial dot products, then the sums of squares.
@@ -88,7 +73,6 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
     const u32 t0 = blockIdx.y * TOKENS;
     const u32 nt = min((u32)TOKENS, n_tokens - t0);
     x += (u64)t0 * cols;
-    if (up) up += (u64)t0 * cols;
     float acc[SUMS][TOKENS], sq[TOKENS];
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) sq[t] = 0.0f;
@@ -109,8 +93,7 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
         float v[8];                                                                                    \
         row_values8<Format>(row_at[g], first, v);                                                      \
         _Pragma("unroll") for (int t = 0; t < TOKENS; ++t) {                                           \
-            if (t < nt) acc[g][t] += dot8(v, x + (u64)t * cols + (first), norm ? norm + (first) : nullptr,            \
-                                  up ? up + (u64)t * cols + (first) : nullptr, act, g == 0, sq[t]);        \
+            if (t < nt) acc[g][t] += dot8(v, x + (u64)t * cols + (first), norm ? norm + (first) : nullptr, g == 0, sq[t]); \
         }                                                                                              \
     }
         if constexpr (TOKENS == 1 && !GATED) {
@@ -195,8 +178,8 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
 // ones: null, 0 rows), then the shared shape, input and options.
 #define MATVEC_ARGS                                                                                            \
     const u8 *w0, const u8 *w1, const u8 *w2, u32 rows0, u32 rows1, u32 rows2, float *y0, float *y1, float *y2, \
-        u32 ldy0, u32 ldy1, u32 ldy2, u64 row_bytes, u32 cols, const float *x, const float *up, u32 act,          \
-        u32 n_tokens, const float *norm, float eps, u32 accumulate, u32 warps_per_row
+        u32 ldy0, u32 ldy1, u32 ldy2, u64 row_bytes, u32 cols, const float *x, u32 n_tokens, const float *norm,  \
+        float eps, u32 accumulate, u32 warps_per_row
 #define MATVEC_SEGMENTS {w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, ldy0, ldy1, ldy2}
 
 #define MATVEC_KERNEL(name, Format, suffix, gated, tokens)                                                      \
@@ -204,8 +187,7 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
         matvec_##suffix##name##_##tokens(                                                                     \
         MATVEC_ARGS) {                                                                                        \
         const Segments s = MATVEC_SEGMENTS;                                                                   \
-        matvec<Format, tokens, gated>(s, row_bytes, cols, x, up, act, n_tokens, norm, eps, accumulate,         \
-                                      warps_per_row);                                                         \
+        matvec<Format, tokens, gated>(s, row_bytes, cols, x, n_tokens, norm, eps, accumulate, warps_per_row); \
     }
 
 #define MATVEC_KERNELS(name, Format)                                                                          \

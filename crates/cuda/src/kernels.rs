@@ -61,8 +61,6 @@ struct MatvecLaunch {
     row_bytes: usize,
     cols: usize,
     x: u64,
-    /// With `up`: the input is act(x) · up (`gelu`: GELU-tanh, else SiLU).
-    up: Option<(u64, bool)>,
     n: usize,
     norm: Option<(u64, f32)>,
     accumulate: bool,
@@ -262,7 +260,6 @@ impl Kernels {
                     row_bytes,
                     cols,
                     x,
-                    up: None,
                     n,
                     norm,
                     accumulate,
@@ -316,7 +313,6 @@ impl Kernels {
                     row_bytes: gate.row_bytes,
                     cols: gate.cols,
                     x,
-                    up: None,
                     n,
                     norm,
                     accumulate: false,
@@ -325,67 +321,6 @@ impl Kernels {
                     format!(
                         "launching the gated matvec for {} {}×{}",
                         gate.ty, gate.rows, gate.cols
-                    )
-                },
-            )
-        }
-    }
-
-    /// `y[t][r] (+)= Σ_c w[r][c] · act(gate[t][c]) · up[t][c]`: the FFN's
-    /// down projection taking the gate and up products as they are (the
-    /// activation fused into its input; `gelu`: GELU-tanh, else SiLU).
-    ///
-    /// # Safety
-    /// As for [`Self::matvec`]; gate and up hold `n × w.cols` f32.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn matvec_of_gated(
-        &self,
-        w: &DeviceMatrix,
-        gate: u64,
-        up: u64,
-        n: usize,
-        y: u64,
-        ldy: usize,
-        accumulate: bool,
-        gelu: bool,
-    ) -> Result<()> {
-        if !Self::matvec_takes(w) {
-            return Err(CudaError::Invalid {
-                what: "matvec".into(),
-                reason: format!(
-                    "{} {}×{}: rows are not whole 8-value stretches",
-                    w.ty, w.rows, w.cols
-                ),
-            });
-        }
-        let format = self.format(w.ty)?;
-        let kernel = if n == 1 {
-            &format.matvec_1
-        } else {
-            &format.matvec_8
-        };
-        // SAFETY: passed on to the caller.
-        unsafe {
-            self.launch_matvec(
-                kernel,
-                MatvecLaunch {
-                    w: [w.ptr, 0, 0],
-                    y: [y, 0, 0],
-                    rows: [u32_of("rows", w.rows)?, 0, 0],
-                    ldy: [u32_of("ldy", ldy)?, 0, 0],
-                    total_rows: w.rows,
-                    row_bytes: w.row_bytes,
-                    cols: w.cols,
-                    x: gate,
-                    up: Some((up, gelu)),
-                    n,
-                    norm: None,
-                    accumulate,
-                },
-                &|| {
-                    format!(
-                        "launching the down matvec for {} {}×{}",
-                        w.ty, w.rows, w.cols
                     )
                 },
             )
@@ -419,8 +354,6 @@ impl Kernels {
             u32_of("tokens", l.n)?,
         );
         let (norm, eps) = l.norm.unwrap_or((0, 0.0));
-        let (up, act) =
-            l.up.map_or((0, 0u32), |(up, gelu)| (up, if gelu { 2 } else { 1 }));
         let accumulate = u32::from(l.accumulate);
         let mut launch = self.stream.launch_builder(kernel);
         for w in &l.w {
@@ -439,8 +372,6 @@ impl Kernels {
             .arg(&row_bytes)
             .arg(&cols)
             .arg(&l.x)
-            .arg(&up)
-            .arg(&act)
             .arg(&n_tokens)
             .arg(&norm)
             .arg(&eps)

@@ -1022,56 +1022,6 @@ impl CudaModel {
             }
 
             let gelu = spec.activation == Activation::GeluTanh;
-            if !tracing
-                && same_layout(&layer.gate, &layer.up)
-                && self.fused(n, &[&layer.gate, &layer.up, &layer.down])
-            {
-                // Gate and up as one stacked product of the normed input
-                // (twice the rows of the paired kernel, one row a warp); the
-                // activation is applied as the down projection reads them.
-                let outs = [
-                    MatvecOut {
-                        w: &layer.gate,
-                        y: work.gate,
-                        ldy: ff,
-                    },
-                    MatvecOut {
-                        w: &layer.up,
-                        y: work.up,
-                        ldy: ff,
-                    },
-                ];
-                // SAFETY: gate and up are ff × n_embd; x holds n rows; gate,
-                // up n rows of ff; x (or tmp) n rows of n_embd.
-                unsafe {
-                    k.matvec_stacked(&outs, work.x, n, Some((layer.ffn_norm, eps)), false)?;
-                    if layer.post_ffn_norm == 0 {
-                        k.matvec_of_gated(
-                            &layer.down,
-                            work.gate,
-                            work.up,
-                            n,
-                            work.x,
-                            embd,
-                            true,
-                            gelu,
-                        )?;
-                    } else {
-                        k.matvec_of_gated(
-                            &layer.down,
-                            work.gate,
-                            work.up,
-                            n,
-                            work.tmp,
-                            embd,
-                            false,
-                            gelu,
-                        )?;
-                        k.add_rms_norm(work.x, work.tmp, layer.post_ffn_norm, eps, embd, n)?;
-                    }
-                }
-                continue;
-            }
             if layer.gate.ty == layer.up.ty && self.fused(n, &[&layer.gate, &layer.up]) {
                 // SAFETY: gate and up are ff × n_embd; x holds n rows, gate n rows of ff.
                 unsafe {

@@ -206,53 +206,9 @@ fn matvec_every_format_matches_cpu() {
                         shapes[0]
                     );
                 }
-                // The down projection of the FFN's gate and up products,
-                // the activation applied on the way in, added to y.
-                let g: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-3.0..3.0)).collect();
-                let u: Vec<f32> = (0..n * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
-                let (g_dev, u_dev) = (upload(&device, &g, "gate"), upload(&device, &u, "up"));
-                for gelu in [false, true] {
-                    let y = upload(&device, &vec![0.25f32; n * shapes[0]], "down");
-                    // SAFETY: gate and up hold n × cols f32, y n × rows.
-                    unsafe {
-                        kernels.matvec_of_gated(
-                            &gate.0,
-                            g_dev.ptr(),
-                            u_dev.ptr(),
-                            n,
-                            y.ptr(),
-                            shapes[0],
-                            true,
-                            gelu,
-                        )
-                    }
-                    .unwrap();
-                    device.synchronize().unwrap();
-                    let input: Vec<f32> = g
-                        .iter()
-                        .zip(&u)
-                        .map(|(&g, &u)| {
-                            let (g, u) = (g as f64, u as f64);
-                            (if gelu {
-                                0.5 * g
-                                    * (1.0 + (0.7978845608 * g * (1.0 + 0.044715 * g * g)).tanh())
-                                    * u
-                            } else {
-                                g / (1.0 + (-g).exp()) * u
-                            }) as f32
-                        })
-                        .collect();
-                    let cpu: Vec<f64> = product(&gate.2, cols, &input)
-                        .concat()
-                        .iter()
-                        .map(|v| v + 0.25)
-                        .collect();
-                    let err = rel_l2(&download(&y, n * shapes[0]), &cpu);
-                    assert!(err < 1e-5, "{ty} down of gated input (gelu {gelu}) {}×{cols}, {n} tokens: rel-L2 {err:.2e}", shapes[0]);
-                }
             }
         }
-        println!("gpu-check: matvec, every format, {cols} columns: fused RMSNorm, Q/K/V stacked, accumulate, gated and gated input all within 1e-5 of the CPU");
+        println!("gpu-check: matvec, every format, {cols} columns: fused RMSNorm, Q/K/V stacked, accumulate and gated all within 1e-5 of the CPU");
     }
 }
 
