@@ -107,6 +107,10 @@ impl Backend for CpuModel {
                 logits: s.logits,
             })
             .collect();
-        CpuModel::forward_batch(self, &mut segments)
+        // The whole pass runs on a worker of the rayon pool, so that its
+        // hundreds of parallel products per token fork and join inside the
+        // pool instead of each being injected from this (the scheduler's)
+        // thread.
+        rayon::scope(|_| CpuModel::forward_batch(self, &mut segments))
     }
 }
