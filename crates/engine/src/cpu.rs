@@ -131,9 +131,8 @@ impl CpuModel {
             // Attention block.
             rms_norm_rows(&x, &lw.attn_norm, spec.rms_eps, &mut normed);
             let input = MatmulInput::new(&normed, n, embd)?;
-            let mut q = self.matmul_input(&lw.wq, &input)?; // n × q_dim
-            let mut k = self.matmul_input(&lw.wk, &input)?; // n × kv_dim
-            let mut v = self.matmul_input(&lw.wv, &input)?; // n × kv_dim
+            // n × q_dim, n × kv_dim, n × kv_dim in one pass over the pool.
+            let [mut q, mut k, mut v] = self.matmul_many(&[&lw.wq, &lw.wk, &lw.wv], &input)?;
             drop(input);
             if let (Some(bq), Some(bk), Some(bv)) = (&lw.bq, &lw.bk, &lw.bv) {
                 add_bias_rows(&mut q, bq);
@@ -189,8 +188,7 @@ impl CpuModel {
             // Feed-forward block.
             rms_norm_rows(&x, &lw.ffn_norm, spec.rms_eps, &mut normed);
             let input = MatmulInput::new(&normed, n, embd)?;
-            let mut gate = self.matmul_input(&lw.gate, &input)?; // n × n_ff
-            let up = self.matmul_input(&lw.up, &input)?; // n × n_ff
+            let [mut gate, up] = self.matmul_many(&[&lw.gate, &lw.up], &input)?; // n × n_ff each
             drop(input);
             gated_activation(&mut gate, &up, spec.activation);
             let mut down = self.matmul(&lw.down, &gate, n)?; // n × n_embd
@@ -287,6 +285,39 @@ impl CpuModel {
     fn matmul(&self, w: &Matrix, x: &[f32], n: usize) -> Result<Vec<f32>, EngineError> {
         let input = MatmulInput::new(x, n, w.cols)?;
         self.matmul_input(w, &input)
+    }
+
+    /// Several products of one input (`N` matrices of `input`'s width) in
+    /// one pass over the thread pool.
+    fn matmul_many<const N: usize>(
+        &self,
+        ws: &[&Matrix; N],
+        input: &MatmulInput<'_>,
+    ) -> Result<[Vec<f32>; N], EngineError> {
+        let mut outs: [Vec<f32>; N] =
+            std::array::from_fn(|i| vec![0f32; input.tokens() * ws[i].rows]);
+        let mut products: Vec<quant::Product<'_>> = ws
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(w, y)| quant::Product {
+                ty: w.ty,
+                w: w.data(&self.file),
+                rows: w.rows,
+                y,
+            })
+            .collect();
+        quant::matmul_many(&mut products, input, self.activations).map_err(|e| {
+            EngineError::Tensor {
+                name: ws
+                    .iter()
+                    .map(|w| w.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                reason: e.to_string(),
+            }
+        })?;
+        drop(products);
+        Ok(outs)
     }
 
     /// [`Self::matmul`] with activations shared by several matrices.
