@@ -733,6 +733,27 @@ async fn respond<T: Serialize + Send + 'static>(
         .into_response())
 }
 
+/// Validates a request off the async threads and queues its job under a new
+/// id starting with `prefix`.
+async fn accept(
+    state: &Arc<AppState>,
+    prefix: &str,
+    validate: impl FnOnce(&AppState) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>>
+        + Send
+        + 'static,
+) -> Result<(RunningJob, String, StreamMode), OpenAiError> {
+    let (valid, mode) = state.validate_off_thread(validate).await?;
+    let id = new_id(prefix);
+    let job = jobs::submit(state, &id, "openai", valid)?;
+    info!(
+        job_id = id,
+        prompt_tokens = job.prompt_tokens,
+        seed = job.seed,
+        "job accepted"
+    );
+    Ok((job, id, mode))
+}
+
 /// Chat completion through the model's chat template.
 #[utoipa::path(
     post,
@@ -757,17 +778,7 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     OpenAiJson(request): OpenAiJson<ChatCompletionRequest>,
 ) -> Result<Response, OpenAiError> {
-    let (valid, mode) = state
-        .validate_off_thread(move |s| request.validate(s))
-        .await?;
-    let id = new_id("chatcmpl");
-    let job = jobs::submit(&state, &id, "openai", valid)?;
-    info!(
-        job_id = id,
-        prompt_tokens = job.prompt_tokens,
-        seed = job.seed,
-        "chat completion accepted"
-    );
+    let (job, id, mode) = accept(&state, "chatcmpl", move |s| request.validate(s)).await?;
     let model = state.model.info.id.clone();
     let created = unix_now();
     let (chunk_id, chunk_model) = (id.clone(), model.clone());
@@ -857,17 +868,7 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     OpenAiJson(request): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, OpenAiError> {
-    let (valid, mode) = state
-        .validate_off_thread(move |s| request.validate(s))
-        .await?;
-    let id = new_id("cmpl");
-    let job = jobs::submit(&state, &id, "openai", valid)?;
-    info!(
-        job_id = id,
-        prompt_tokens = job.prompt_tokens,
-        seed = job.seed,
-        "completion accepted"
-    );
+    let (job, id, mode) = accept(&state, "cmpl", move |s| request.validate(s)).await?;
     let model = state.model.info.id.clone();
     let created = unix_now();
     let completion = {
