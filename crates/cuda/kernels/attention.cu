@@ -4,14 +4,14 @@
 //
 // Each warp streams over key chunks of 32 with an online softmax: lane l
 // scores key base + l (a whole dot product from the f16 row, 16 bytes at a
-// time), then each key's weight is broadcast and every lane accumulates its
-// own dimensions of the values.
+// time), then the chunk's weights and row offsets are passed round by
+// shuffles and the lanes accumulate the value rows, 8 dimensions of a key
+// per lane, so that a chunk's loads are in flight together.
 #include "common.cuh"
 #include "warp.cuh"
 
 #define PAGE_TOKENS 16
 #define MAX_HEAD_DIM 256
-#define VALUES_PER_LANE (MAX_HEAD_DIM / WARP_SIZE)
 
 // Row of position p of this sequence in a layer's cache, at kv head offset.
 __device__ __forceinline__ const __half *cache_row(const __half *cache, const u32 *table, u32 p, u32 kv_dim,
@@ -29,7 +29,7 @@ __device__ __forceinline__ const __half *cache_row(const __half *cache, const u3
 // then merges the warps' (max, sum, accumulator) triples.
 #define ATTENTION_WARPS 4
 
-extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP_SIZE) attention(
+extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP_SIZE, 1) attention(
     const float *__restrict__ q, const __half *__restrict__ k_cache, const __half *__restrict__ v_cache,
     const u32 *__restrict__ positions, const u32 *__restrict__ table_offsets,
     const u32 *__restrict__ block_tables, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 window, float scale,
@@ -49,15 +49,27 @@ extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP_SIZE) attent
     const u32 first = (window != 0 && pos + 1 > window) ? pos + 1 - window : 0;
     const u32 *table = block_tables + table_offsets[t];
     float running_max = NEG_INFINITY, denominator = 0.0f;
-    float acc[VALUES_PER_LANE];
+
+    // Value accumulation: lane = key_group * dim_blocks + dim_block holds 8
+    // dimensions (one 16-byte load per key) of the keys key_group,
+    // key_group + key_groups, ... of each chunk, so a chunk's value rows are
+    // all loaded at once rather than key after key.
+    const u32 dim_blocks = head_dim / 8, key_groups = WARP_SIZE / dim_blocks;
+    const u32 key_group = lane / dim_blocks, dim_block = lane % dim_blocks;
+    const bool holds_values = key_group < key_groups;
+    float acc[8];
 #pragma unroll
-    for (int j = 0; j < VALUES_PER_LANE; ++j) acc[j] = 0.0f;
+    for (int j = 0; j < 8; ++j) acc[j] = 0.0f;
 
     for (u32 base = first + warp * WARP_SIZE; base <= pos; base += ATTENTION_WARPS * WARP_SIZE) {
         const u32 p = base + lane;
         float score = NEG_INFINITY;
+        // This lane's key's position in the cache's pages (passed on to the
+        // value loads below).
+        u32 slot = 0;
         if (p <= pos) {
-            const __half *key = cache_row(k_cache, table, p, kv_dim, head_offset);
+            slot = table[p / PAGE_TOKENS] * PAGE_TOKENS + p % PAGE_TOKENS;
+            const __half *key = k_cache + (u64)slot * kv_dim + head_offset;
             float dot = 0.0f;
 #pragma unroll 8
             for (u32 d = 0; d < head_dim; d += 8) {
@@ -76,30 +88,37 @@ extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP_SIZE) attent
         const float weight = p <= pos ? expf(score - new_max) : 0.0f;
         denominator = denominator * correction + warp_sum(weight);
 #pragma unroll
-        for (int j = 0; j < VALUES_PER_LANE; ++j) acc[j] *= correction;
+        for (int j = 0; j < 8; ++j) acc[j] *= correction;
         const u32 n_keys = min((u32)WARP_SIZE, pos + 1 - base);
-#pragma unroll 2
-        for (u32 key = 0; key < n_keys; ++key) {
-            const float w = __shfl_sync(FULL_MASK, weight, key);
-            const __half *value = cache_row(v_cache, table, base + key, kv_dim, head_offset);
+#pragma unroll 4
+        for (u32 k0 = 0; k0 < WARP_SIZE; k0 += key_groups) {
+            const u32 key = k0 + key_group;
+            const float w = __shfl_sync(FULL_MASK, weight, key % WARP_SIZE);
+            const u32 key_slot = __shfl_sync(FULL_MASK, slot, key % WARP_SIZE);
+            if (holds_values && key < n_keys) {
+                const uint4 packed =
+                    *reinterpret_cast<const uint4 *>(v_cache + (u64)key_slot * kv_dim + head_offset + 8 * dim_block);
+                const __half2 *pairs = reinterpret_cast<const __half2 *>(&packed);
 #pragma unroll
-            for (int j = 0; j < VALUES_PER_LANE; ++j) {
-                const u32 d = lane + WARP_SIZE * j;
-                if (d < head_dim) acc[j] += w * __half2float(value[d]);
+                for (int e = 0; e < 4; ++e) {
+                    const float2 f = __half22float2(pairs[e]);
+                    acc[2 * e] += w * f.x;
+                    acc[2 * e + 1] += w * f.y;
+                }
             }
         }
         running_max = new_max;
     }
 
-    // Merge the warps: a warp that saw no key has max -inf, sum 0 and weight 0.
+    // Merge the warps and key groups: a warp that saw no key has max -inf,
+    // sum 0 and weight 0.
     if (lane == 0) {
         warp_max_of[warp] = running_max;
         warp_sum_of[warp] = denominator;
     }
+    if (holds_values) {
 #pragma unroll
-    for (int j = 0; j < VALUES_PER_LANE; ++j) {
-        const u32 d = lane + WARP_SIZE * j;
-        if (d < head_dim) warp_acc[warp][d] = acc[j];
+        for (int j = 0; j < 8; ++j) warp_acc[warp][key_group * head_dim + 8 * dim_block + j] = acc[j];
     }
     __syncthreads();
     float block_max = NEG_INFINITY;
@@ -116,7 +135,11 @@ extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP_SIZE) attent
     for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float sum = 0.0f;
 #pragma unroll
-        for (int w = 0; w < ATTENTION_WARPS; ++w) sum += warp_acc[w][d] * factor[w];
+        for (int w = 0; w < ATTENTION_WARPS; ++w) {
+            float part = 0.0f;
+            for (u32 g = 0; g < key_groups; ++g) part += warp_acc[w][g * head_dim + d];
+            sum += part * factor[w];
+        }
         out[(u64)t * q_dim + h * head_dim + d] = sum * inverse;
     }
 }

@@ -16,13 +16,210 @@
 #include "activation.cuh"
 
 #define MATVEC_WARPS 4  // weight rows per block (one row per block for long rows)
-#define MATVEC_MAX_SEGMENTS 3
 
-// sum_i v[i] * x[i] (* norm[i]) over 8 values; with `norm` and `count`, also
-// adds sum_i x[i]^2 to `sq` (the warp sees every input value once, so it
-// gets RMSNorm's sum of squares from the loads it makes anyway).
-__device__ __forceinline__ float dot8(const float v[8], const float *__restrict__ x, const float *__restrict__ norm,
-                                      bool count, float &sq) {
+// ---- staging: a weight row copied to shared memory 16 bytes at a time -------
+//
+// A warp's lanes would otherwise read a block's scale and bits byte by byte
+// from global memory. Instead each row is first copied (by its warp, or by
+// the whole block for a long row) with 16-byte loads, every load issued
+// before any value is used, and the values are then read from shared memory.
+// The copy covers the 16-byte-aligned span around the row: the row's byte i
+// lands at slot byte (row & 15) + i, so every block keeps its alignment
+// modulo 16. Reading the whole aligned 16 bytes around a valid byte never
+// leaves its page.
+__device__ __forceinline__ const u8 *stage_row(const u8 *src, u64 bytes, uint4 *slot, u32 tid, u32 n_threads) {
+    const u64 at = (u64)src;
+    const uint4 *from = reinterpret_cast<const uint4 *>(at & ~(u64)15);
+    const u32 chunks = (u32)((((at + bytes + 15) & ~(u64)15) - (at & ~(u64)15)) / 16);
+#pragma unroll 4
+    for (u32 c = tid; c < chunks; c += n_threads) slot[c] = __ldcs(from + c);
+    return reinterpret_cast<const u8 *>(slot) + (at & 15);
+}
+
+// ---- each format's 8 values as w_k = scale * q_k - offset -----------------
+//
+// q_k are small integers (exact in f32), so a lane sums q_k * x_k and scales
+// once per 8 values. Formats without a fast form fall back on the exact
+// dequantization (scale 1, offset 0).
+
+// Two bytes at a 2-byte-aligned address (every block of every format starts
+// at an even offset in its row), four such as two words.
+__device__ __forceinline__ u32 ld_u16(const u8 *p) { return *reinterpret_cast<const u16 *>(p); }
+__device__ __forceinline__ void load8(const u8 *p, u32 &lo, u32 &hi) {
+    lo = __byte_perm(ld_u16(p), ld_u16(p + 2), 0x5410);
+    hi = __byte_perm(ld_u16(p + 4), ld_u16(p + 6), 0x5410);
+}
+__device__ __forceinline__ float half_at(const u8 *p) { return __half2float(__ushort_as_half((u16)ld_u16(p))); }
+
+// Byte k of `word` minus `bias` as f32, exactly: 2^23 + byte as a float's
+// bits, less 2^23 + bias.
+__device__ __forceinline__ void bytes_to_floats(u32 lo, u32 hi, float bias, float q[8]) {
+    const float magic = 8388608.0f + bias;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        q[k] = __int_as_float(__byte_perm(lo, 0x4B000000u, 0x7440 + k)) - magic;
+        q[4 + k] = __int_as_float(__byte_perm(hi, 0x4B000000u, 0x7440 + k)) - magic;
+    }
+}
+
+// Bits 0..4 of `bits` moved to bit 4 of bytes 0..4 (a fifth quant bit each).
+__device__ __forceinline__ u32 spread4_to_bit4(u32 bits) { return ((bits & 15u) * 0x00204081u & 0x01010101u) << 4; }
+
+template <typename Format>
+struct Scaled {
+    static constexpr bool has_offset = false;
+    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
+        row_values8<Format>(row, first, q);
+        scale = 1.0f;
+        offset = 0.0f;
+    }
+};
+
+template <>
+struct Scaled<FormatQ4_0> {
+    static constexpr bool has_offset = false;
+    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
+        const u8 *b = row + (first / QK_LEGACY) * sizeof(block_q4_0);
+        const u32 f = first % QK_LEGACY;
+        u32 lo, hi;
+        load8(b + 2 + f % 16, lo, hi);
+        const u32 shift = f >= 16 ? 4 : 0;
+        bytes_to_floats((lo >> shift) & 0x0f0f0f0fu, (hi >> shift) & 0x0f0f0f0fu, 8.0f, q);
+        scale = half_at(b);
+        offset = 0.0f;
+    }
+};
+
+template <>
+struct Scaled<FormatQ4_1> {
+    static constexpr bool has_offset = true;
+    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
+        const u8 *b = row + (first / QK_LEGACY) * sizeof(block_q4_1);
+        const u32 f = first % QK_LEGACY;
+        u32 lo, hi;
+        load8(b + 4 + f % 16, lo, hi);
+        const u32 shift = f >= 16 ? 4 : 0;
+        bytes_to_floats((lo >> shift) & 0x0f0f0f0fu, (hi >> shift) & 0x0f0f0f0fu, 0.0f, q);
+        scale = half_at(b);
+        offset = -half_at(b + 2);
+    }
+};
+
+template <>
+struct Scaled<FormatQ5_0> {
+    static constexpr bool has_offset = false;
+    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
+        const u8 *b = row + (first / QK_LEGACY) * sizeof(block_q5_0);
+        const u32 f = first % QK_LEGACY;
+        u32 lo, hi;
+        load8(b + 6 + f % 16, lo, hi);
+        const u32 shift = f >= 16 ? 4 : 0;
+        const u32 high = b[2 + f / 8];
+        lo = ((lo >> shift) & 0x0f0f0f0fu) | spread4_to_bit4(high);
+        hi = ((hi >> shift) & 0x0f0f0f0fu) | spread4_to_bit4(high >> 4);
+        bytes_to_floats(lo, hi, 16.0f, q);
+        scale = half_at(b);
+        offset = 0.0f;
+    }
+};
+
+template <>
+struct Scaled<FormatQ5_1> {
+    static constexpr bool has_offset = true;
+    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
+        const u8 *b = row + (first / QK_LEGACY) * sizeof(block_q5_1);
+        const u32 f = first % QK_LEGACY;
+        u32 lo, hi;
+        load8(b + 8 + f % 16, lo, hi);
+        const u32 shift = f >= 16 ? 4 : 0;
+        const u32 high = b[4 + f / 8];
+        lo = ((lo >> shift) & 0x0f0f0f0fu) | spread4_to_bit4(high);
+        hi = ((hi >> shift) & 0x0f0f0f0fu) | spread4_to_bit4(high >> 4);
+        bytes_to_floats(lo, hi, 0.0f, q);
+        scale = half_at(b);
+        offset = -half_at(b + 2);
+    }
+};
+
+template <>
+struct Scaled<FormatQ8_0> {
+    static constexpr bool has_offset = false;
+    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
+        const u8 *b = row + (first / QK_LEGACY) * sizeof(block_q8_0);
+        u32 lo, hi;
+        load8(b + 2 + first % QK_LEGACY, lo, hi);
+        // Signed bytes as unsigned ones 128 higher.
+        bytes_to_floats(lo ^ 0x80808080u, hi ^ 0x80808080u, 128.0f, q);
+        scale = half_at(b);
+        offset = 0.0f;
+    }
+};
+
+template <>
+struct Scaled<FormatQ4_K> {
+    static constexpr bool has_offset = true;
+    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
+        const u8 *b = row + (first / QK_K) * sizeof(block_q4_k);
+        const u32 f = first % QK_K;
+        const u32 chunk = f / 64, n = (f / 32) % 2, l = f % 32;
+        int sc, m;
+        scale_min_k4(2 * chunk + n, b + 4, &sc, &m);
+        u32 lo, hi;
+        load8(b + 16 + 32 * chunk + l, lo, hi);
+        const u32 shift = 4 * n;
+        bytes_to_floats((lo >> shift) & 0x0f0f0f0fu, (hi >> shift) & 0x0f0f0f0fu, 0.0f, q);
+        scale = half_at(b) * (float)sc;
+        offset = half_at(b + 2) * (float)m;
+    }
+};
+
+template <>
+struct Scaled<FormatQ5_K> {
+    static constexpr bool has_offset = true;
+    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
+        const u8 *b = row + (first / QK_K) * sizeof(block_q5_k);
+        const u32 f = first % QK_K;
+        const u32 chunk = f / 64, n = (f / 32) % 2, l = f % 32, sub = 2 * chunk + n;
+        int sc, m;
+        scale_min_k4(sub, b + 4, &sc, &m);
+        u32 lo, hi, hlo, hhi;
+        load8(b + 48 + 32 * chunk + l, lo, hi);
+        load8(b + 16 + l, hlo, hhi);
+        const u32 shift = 4 * n;
+        lo = ((lo >> shift) & 0x0f0f0f0fu) | (((hlo >> sub) & 0x01010101u) << 4);
+        hi = ((hi >> shift) & 0x0f0f0f0fu) | (((hhi >> sub) & 0x01010101u) << 4);
+        bytes_to_floats(lo, hi, 0.0f, q);
+        scale = half_at(b) * (float)sc;
+        offset = half_at(b + 2) * (float)m;
+    }
+};
+
+template <>
+struct Scaled<FormatQ6_K> {
+    static constexpr bool has_offset = false;
+    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
+        const u8 *b = row + (first / QK_K) * sizeof(block_q6_k);
+        const u32 f = first % QK_K;
+        const u32 h = f / 128, n = (f / 32) % 4, l = f % 32;
+        u32 lo, hi, hlo, hhi;
+        load8(b + 64 * h + 32 * (n % 2) + l, lo, hi);
+        load8(b + 128 + 32 * h + l, hlo, hhi);
+        const u32 shift = 4 * (n / 2), hshift = 2 * n;
+        lo = ((lo >> shift) & 0x0f0f0f0fu) | (((hlo >> hshift) & 0x03030303u) << 4);
+        hi = ((hi >> shift) & 0x0f0f0f0fu) | (((hhi >> hshift) & 0x03030303u) << 4);
+        bytes_to_floats(lo, hi, 32.0f, q);
+        scale = half_at(b + 208) * (float)(i8)b[192 + 8 * h + 2 * n + l / 16];
+        offset = 0.0f;
+    }
+};
+
+// sum_i q[i] * x[i] (* norm[i]) over 8 values, and with `want_sum` also
+// sum_i x[i] (* norm[i]) into `xsum`; with `norm` and `count`, adds
+// sum_i x[i]^2 to `sq` (the warp sees every input value once, so it gets
+// RMSNorm's sum of squares from the loads it makes anyway).
+template <bool want_sum>
+__device__ __forceinline__ float dot8(const float q[8], const float *__restrict__ x, const float *__restrict__ norm,
+                                      bool count, float &sq, float &xsum) {
     float4 a = *reinterpret_cast<const float4 *>(x);
     float4 b = *reinterpret_cast<const float4 *>(x + 4);
     if (norm) {
@@ -32,10 +229,11 @@ __device__ __forceinline__ float dot8(const float v[8], const float *__restrict_
         a.x *= wa.x; a.y *= wa.y; a.z *= wa.z; a.w *= wa.w;
         b.x *= wb.x; b.y *= wb.y; b.z *= wb.z; b.w *= wb.w;
     }
-    return v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w + v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
+    if (want_sum) xsum = (a.x + a.y) + (a.z + a.w) + (b.x + b.y) + (b.z + b.w);
+    return q[0] * a.x + q[1] * a.y + q[2] * a.z + q[3] * a.w + q[4] * b.x + q[5] * b.y + q[6] * b.z + q[7] * b.w;
 }
 
-// Up to MATVEC_MAX_SEGMENTS matrices stacked (scalars, not arrays: an array
+// Up to three matrices stacked (scalars, not arrays: an array
 // indexed at run time would live in local memory).
 struct Segments {
     const u8 *w0, *w1, *w2;
@@ -50,7 +248,7 @@ struct Segments {
 template <typename Format, int TOKENS, int GATED>
 __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 cols, const float *__restrict__ x,
                                        u32 n_tokens, const float *__restrict__ norm, float eps, u32 accumulate,
-                                       u32 warps_per_row) {
+                                       u32 warps_per_row, u32 stage_slot) {
     constexpr int SUMS = GATED ? 2 : 1;
     // Per warp: each sum's partial dot products, then the sums of squares.
     __shared__ float partial[MATVEC_WARPS][TOKENS * (SUMS + 1)];
@@ -80,20 +278,47 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
     for (int g = 0; g < SUMS; ++g)
 #pragma unroll
         for (int t = 0; t < TOKENS; ++t) acc[g][t] = 0.0f;
+    const u8 *row_at[SUMS];
+    row_at[0] = w + (u64)r * row_bytes;
+    if (GATED) row_at[SUMS - 1] = s.w1 + (u64)r * row_bytes;
+    if (stage_slot != 0) {
+        // Slots of stage_slot 16-byte units: per warp and sum, or per sum
+        // when the block shares one long row.
+        extern __shared__ uint4 stage[];
+        if (warps_per_row > 1) {
+            if (active) {
+#pragma unroll
+                for (int g = 0; g < SUMS; ++g)
+                    row_at[g] = stage_row(row_at[g], row_bytes, stage + g * stage_slot, threadIdx.x, blockDim.x);
+            }
+            __syncthreads();
+        } else {
+            if (active) {
+#pragma unroll
+                for (int g = 0; g < SUMS; ++g)
+                    row_at[g] = stage_row(row_at[g], row_bytes, stage + (warp * SUMS + g) * stage_slot, lane, WARP_SIZE);
+            }
+            __syncwarp();
+        }
+    }
     if (active) {
-        const u8 *row_at[SUMS];
-        row_at[0] = w + (u64)r * row_bytes;
-        if (GATED) row_at[SUMS - 1] = s.w1 + (u64)r * row_bytes;
         // Lane l takes values 8l..8l+8 of each 256-value stretch (of each
         // warp's share of a long row): a warp's loads of one stretch are
         // adjacent bytes.
         const u32 start = (part * WARP_SIZE + lane) * 8, stride = warps_per_row * WARP_SIZE * 8;
+        typedef Scaled<Format> S;
 #define MATVEC_STEP(first)                                                                             \
     _Pragma("unroll") for (int g = 0; g < SUMS; ++g) {                                                 \
-        float v[8];                                                                                    \
-        row_values8<Format>(row_at[g], first, v);                                                      \
+        float q[8], scale, offset;                                                                     \
+        S::values8(row_at[g], first, q, scale, offset);                                                \
         _Pragma("unroll") for (int t = 0; t < TOKENS; ++t) {                                           \
-            if (t < nt) acc[g][t] += dot8(v, x + (u64)t * cols + (first), norm ? norm + (first) : nullptr, g == 0, sq[t]); \
+            if (t < nt) {                                                                              \
+                float xsum;                                                                            \
+                const float d = dot8<S::has_offset>(q, x + (u64)t * cols + (first),                    \
+                                                    norm ? norm + (first) : nullptr, g == 0, sq[t], xsum); \
+                if constexpr (S::has_offset) acc[g][t] += scale * d - offset * xsum;                  \
+                else acc[g][t] += scale * d;                                                           \
+            }                                                                                          \
         }                                                                                              \
     }
         if constexpr (TOKENS == 1 && !GATED) {
@@ -179,7 +404,7 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
 #define MATVEC_ARGS                                                                                            \
     const u8 *w0, const u8 *w1, const u8 *w2, u32 rows0, u32 rows1, u32 rows2, float *y0, float *y1, float *y2, \
         u32 ldy0, u32 ldy1, u32 ldy2, u64 row_bytes, u32 cols, const float *x, u32 n_tokens, const float *norm,  \
-        float eps, u32 accumulate, u32 warps_per_row
+        float eps, u32 accumulate, u32 warps_per_row, u32 stage_slot
 #define MATVEC_SEGMENTS {w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, ldy0, ldy1, ldy2}
 
 #define MATVEC_KERNEL(name, Format, suffix, gated, tokens)                                                      \
@@ -187,7 +412,7 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
         matvec_##suffix##name##_##tokens(                                                                     \
         MATVEC_ARGS) {                                                                                        \
         const Segments s = MATVEC_SEGMENTS;                                                                   \
-        matvec<Format, tokens, gated>(s, row_bytes, cols, x, n_tokens, norm, eps, accumulate, warps_per_row); \
+        matvec<Format, tokens, gated>(s, row_bytes, cols, x, n_tokens, norm, eps, accumulate, warps_per_row, stage_slot); \
     }
 
 #define MATVEC_KERNELS(name, Format)                                                                          \

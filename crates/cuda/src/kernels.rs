@@ -22,6 +22,8 @@ const SPLIT_ROW_COLS: usize = 2048;
 pub const MATVEC_MAX_TOKENS: usize = 8;
 /// Matrices one matvec launch takes (MATVEC_MAX_SEGMENTS in matvec.cu).
 pub const MATVEC_MAX_SEGMENTS: usize = 3;
+/// Most shared memory a matvec block stages rows in (the default limit).
+const MATVEC_MAX_STAGE_BYTES: usize = 48 * 1024;
 /// Values each lane of a matvec takes at a time: rows are whole stretches.
 const MATVEC_STRETCH: usize = 8;
 /// Threads per block of the row-wise kernels.
@@ -64,6 +66,10 @@ struct MatvecLaunch {
     n: usize,
     norm: Option<(u64, f32)>,
     accumulate: bool,
+    /// Products per row: 2 for the gated kernels, else 1.
+    sums: usize,
+    /// Whether rows go through shared memory (block formats).
+    staged: bool,
 }
 
 /// The kernels of one formats' matvec and embedding.
@@ -102,6 +108,12 @@ fn grid(x: u32, y: u32, threads: u32) -> LaunchConfig {
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Whether `ty` stores values in blocks (the matvec stages their rows; the
+/// plain float types are read 16 bytes at a time as they are).
+fn is_block_format(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
 
 fn u32_of(what: &str, v: usize) -> Result<u32> {
@@ -263,6 +275,8 @@ impl Kernels {
                     n,
                     norm,
                     accumulate,
+                    sums: 1,
+                    staged: is_block_format(ty),
                 },
                 &|| format!("launching matvec for {ty} {total_rows}×{cols}"),
             )
@@ -316,6 +330,8 @@ impl Kernels {
                     n,
                     norm,
                     accumulate: false,
+                    sums: 2,
+                    staged: is_block_format(gate.ty),
                 },
                 &|| {
                     format!(
@@ -343,11 +359,27 @@ impl Kernels {
             1
         };
         let total_rows = u32_of("rows", l.total_rows)?;
-        let config = grid(
+        let mut config = grid(
             total_rows.div_ceil(MATVEC_ROWS_PER_BLOCK / warps_per_row),
             u32_of("token blocks", l.n.div_ceil(tokens_per_block))?,
             MATVEC_ROWS_PER_BLOCK * 32,
         );
+        // Block formats' rows are first copied to shared memory (see
+        // matvec.cu): a slot per row and sum, 16-byte units, room for the
+        // row's misalignment at both ends.
+        let (stage_slot, stage_bytes) = if l.staged {
+            let slot = l.row_bytes.div_ceil(16) + 2;
+            let slots = (MATVEC_ROWS_PER_BLOCK / warps_per_row) as usize * l.sums;
+            let bytes = slot * slots * 16;
+            if bytes <= MATVEC_MAX_STAGE_BYTES {
+                (u32_of("stage slot", slot)?, bytes as u32)
+            } else {
+                (0, 0)
+            }
+        } else {
+            (0, 0)
+        };
+        config.shared_mem_bytes = stage_bytes;
         let (row_bytes, cols, n_tokens) = (
             l.row_bytes as u64,
             u32_of("cols", l.cols)?,
@@ -376,7 +408,8 @@ impl Kernels {
             .arg(&norm)
             .arg(&eps)
             .arg(&accumulate)
-            .arg(&warps_per_row);
+            .arg(&warps_per_row)
+            .arg(&stage_slot);
         // SAFETY: the caller vouches for the buffers; the arguments match the kernel's.
         unsafe { launch.launch(config) }.context(what)?;
         Ok(())
