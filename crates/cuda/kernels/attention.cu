@@ -34,6 +34,8 @@ extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP_SIZE, 1) att
     const u32 *__restrict__ positions, const u32 *__restrict__ table_offsets,
     const u32 *__restrict__ block_tables, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 window, float scale,
     float *__restrict__ out) {
+    allow_dependents();
+    wait_for_prerequisites();
     __shared__ float query[MAX_HEAD_DIM];
     __shared__ float warp_max_of[ATTENTION_WARPS];
     __shared__ float warp_sum_of[ATTENTION_WARPS];

@@ -171,3 +171,23 @@ __device__ __forceinline__ u16 f32_to_bf16_bits(float x) {
     }
     return (u16)(((u64)bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
+
+// ---- programmatic dependent launch (Hopper and later) -----------------------
+//
+// Every forward-pass kernel is launched allowing the next kernel in the
+// stream to start before it ends (kernels.rs, `Launch`). So each kernel
+// first lets its dependents launch, does what needs nothing from the kernels
+// before it (reading weights), and waits for those kernels to finish (and
+// their writes to be visible) before it reads or writes any activation.
+// Before Hopper both are no-ops and launches are ordered as usual.
+__device__ __forceinline__ void allow_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_prerequisites() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}

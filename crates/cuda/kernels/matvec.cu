@@ -301,6 +301,8 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
             __syncwarp();
         }
     }
+    // The weights are on their way; the input comes from the kernel before.
+    wait_for_prerequisites();
     if (active) {
         // Lane l takes values 8l..8l+8 of each 256-value stretch (of each
         // warp's share of a long row): a warp's loads of one stretch are
@@ -407,10 +409,17 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
         float eps, u32 accumulate, u32 warps_per_row, u32 stage_slot
 #define MATVEC_SEGMENTS {w0, w1, w2, y0, y1, y2, rows0, rows1, rows2, ldy0, ldy1, ldy2}
 
+// Blocks per SM the register budget is made for: one-token kernels of block
+// formats in 48 registers (10 blocks, 40 warps: the 1,216 blocks of a
+// 0.5B model's gate/up product fit one wave of 132 SMs), the others as they
+// need (eight tokens' accumulators; f32 rows unstaged).
+#define MATVEC_MIN_BLOCKS(Format, tokens) ((tokens) == 1 && Format::block_values > 1 ? 10 : 1)
+
 #define MATVEC_KERNEL(name, Format, suffix, gated, tokens)                                                      \
-    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE, 1)      \
+    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE, MATVEC_MIN_BLOCKS(Format, tokens)) \
         matvec_##suffix##name##_##tokens(                                                                     \
         MATVEC_ARGS) {                                                                                        \
+        allow_dependents();                                                                                   \
         const Segments s = MATVEC_SEGMENTS;                                                                   \
         matvec<Format, tokens, gated>(s, row_bytes, cols, x, n_tokens, norm, eps, accumulate, warps_per_row, stage_slot); \
     }
@@ -424,6 +433,8 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
     MATVEC_KERNEL(name, Format, gated_gelu_, 2, 8)                                                            \
     extern "C" __global__ void embed_##name(const u8 *table, u64 row_bytes, u32 cols, const u32 *tokens,      \
                                             float scale, float *x) {                                          \
+        allow_dependents();                                                                                   \
+        wait_for_prerequisites();                                                                             \
         embed<Format>(table, row_bytes, cols, tokens, scale, x);                                              \
     }
 

@@ -13,6 +13,8 @@ __device__ __forceinline__ float rms_scale(const float *__restrict__ x, u32 dim,
 // out[i] = x[rows[i]] (or x[i] when rows is null), normalized and times w.
 extern "C" __global__ void rms_norm(const float *__restrict__ x, const u32 *__restrict__ rows,
                                     const float *__restrict__ w, float eps, u32 dim, float *__restrict__ out) {
+    allow_dependents();
+    wait_for_prerequisites();
     __shared__ float scratch[32];
     const u32 src = rows ? rows[blockIdx.x] : blockIdx.x;
     const float *row = x + (u64)src * dim;
@@ -25,6 +27,8 @@ extern "C" __global__ void rms_norm(const float *__restrict__ x, const u32 *__re
 // residual stream (gemma3's post-attention and post-FFN norms).
 extern "C" __global__ void add_rms_norm(float *__restrict__ x, const float *__restrict__ y,
                                         const float *__restrict__ w, float eps, u32 dim) {
+    allow_dependents();
+    wait_for_prerequisites();
     __shared__ float scratch[32];
     const float *row = y + (u64)blockIdx.x * dim;
     const float scale = rms_scale(row, dim, eps, scratch);

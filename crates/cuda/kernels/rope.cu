@@ -26,6 +26,8 @@ extern "C" __global__ void __launch_bounds__(WARP_SIZE) qkv_prepare(
     const u32 *__restrict__ positions, const u32 *__restrict__ table_offsets,
     const u32 *__restrict__ block_tables, __half *__restrict__ k_cache, __half *__restrict__ v_cache,
     u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 rope_dims, float theta_scale, u32 neox) {
+    allow_dependents();
+    wait_for_prerequisites();
     const u32 t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
     const bool is_query = h < n_heads;
     const u32 kv_head = h - n_heads;  // meaningful for key heads only

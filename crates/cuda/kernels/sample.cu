@@ -17,6 +17,8 @@ __device__ __forceinline__ u64 argmax_key(float v, u32 i) {
 // host reads the index back as the complement of the low half (0 if the key
 // is 0: a row of NaNs, where the CPU's argmax also says 0).
 extern "C" __global__ void argmax_rows(const float *__restrict__ logits, u32 vocab, u64 *__restrict__ out) {
+    allow_dependents();
+    wait_for_prerequisites();
     const float *row = logits + (u64)blockIdx.y * vocab;
     u64 best = 0;
     for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x) {

@@ -4,8 +4,11 @@
 
 use std::sync::Arc;
 
+use cudarc::driver::sys::{
+    self, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchAttributeValue, CUlaunchConfig,
+};
 use cudarc::driver::{
-    result as driver, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+    result as driver, CudaFunction, CudaModule, CudaStream, DriverError, LaunchConfig,
 };
 use gguf::GgmlType;
 
@@ -83,6 +86,8 @@ struct FormatKernels {
 
 pub struct Kernels {
     stream: Arc<CudaStream>,
+    /// Whether launches allow programmatic dependent launch (see [`Launch`]).
+    pdl: bool,
     /// Indexed like `dequantize::TYPES`.
     formats: Vec<FormatKernels>,
     rms_norm: CudaFunction,
@@ -100,6 +105,94 @@ fn function(module: &Arc<CudaModule>, file: &str, name: &str) -> Result<CudaFunc
     module
         .load_function(name)
         .context(|| format!("finding kernel {name} in kernels/{file}.cu"))
+}
+
+/// A kernel argument: passed to the driver from an 8-byte slot, the value in
+/// its low bytes (little-endian hosts; the driver copies the parameter's
+/// own size).
+trait LaunchArg: Copy {
+    fn bits(self) -> u64;
+}
+
+impl LaunchArg for u32 {
+    fn bits(self) -> u64 {
+        u64::from(self)
+    }
+}
+
+impl LaunchArg for u64 {
+    fn bits(self) -> u64 {
+        self
+    }
+}
+
+impl LaunchArg for f32 {
+    fn bits(self) -> u64 {
+        u64::from(self.to_bits())
+    }
+}
+
+/// One launch through `cuLaunchKernelEx`. With `pdl` (Hopper and later), the
+/// launch allows programmatic dependent launch: the kernel may start while
+/// the one before it in the stream still runs, and every kernel launched
+/// here first does what needs nothing from earlier kernels (a matvec loads
+/// its weight rows), then waits for them (`wait_for_prerequisites` in
+/// common.cuh), so a decode step's chain of small kernels overlaps each
+/// launch and weight fetch with the kernel before.
+struct Launch<'a> {
+    stream: &'a CudaStream,
+    function: &'a CudaFunction,
+    pdl: bool,
+    args: Vec<u64>,
+}
+
+impl Launch<'_> {
+    fn arg<T: LaunchArg>(&mut self, value: &T) -> &mut Self {
+        self.args.push(value.bits());
+        self
+    }
+
+    /// # Safety
+    /// The arguments must be the kernel's, in order, and every address they
+    /// hold valid for what the kernel does with it.
+    unsafe fn launch(&mut self, config: LaunchConfig) -> std::result::Result<(), DriverError> {
+        self.stream.context().bind_to_thread()?;
+        let mut params: Vec<*mut std::ffi::c_void> = self
+            .args
+            .iter_mut()
+            .map(|slot| (slot as *mut u64).cast())
+            .collect();
+        let mut value: CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attribute = CUlaunchAttribute {
+            id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = CUlaunchConfig {
+            gridDimX: config.grid_dim.0,
+            gridDimY: config.grid_dim.1,
+            gridDimZ: config.grid_dim.2,
+            blockDimX: config.block_dim.0,
+            blockDimY: config.block_dim.1,
+            blockDimZ: config.block_dim.2,
+            sharedMemBytes: config.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: u32::from(self.pdl),
+        };
+        // SAFETY: the parameters point at live slots, one per kernel
+        // parameter (as the caller vouches); the attribute outlives the call.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.function.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+    }
 }
 
 fn grid(x: u32, y: u32, threads: u32) -> LaunchConfig {
@@ -159,6 +252,11 @@ impl Kernels {
         let sample = device.load_module(&SAMPLE)?;
         Ok(Self {
             stream: device.stream().clone(),
+            // Programmatic dependent launch needs Hopper (sm_90); the
+            // kernels' griddepcontrol instructions exist only there.
+            // WORKER_ORCD_PDL=0 turns it off, to measure what it brings.
+            pdl: device.compute_capability().0 >= 9
+                && std::env::var("WORKER_ORCD_PDL").map_or(true, |v| v != "0"),
             formats,
             rms_norm: function(&norm, "norm", "rms_norm")?,
             add_rms_norm: function(&norm, "norm", "add_rms_norm")?,
@@ -170,6 +268,15 @@ impl Kernels {
             argmax_rows: function(&sample, "sample", "argmax_rows")?,
             dequantizer: Dequantizer::new(device)?,
         })
+    }
+
+    fn launch<'a>(&'a self, function: &'a CudaFunction) -> Launch<'a> {
+        Launch {
+            stream: &self.stream,
+            function,
+            pdl: self.pdl,
+            args: Vec::with_capacity(24),
+        }
     }
 
     fn format(&self, ty: GgmlType) -> Result<&FormatKernels> {
@@ -387,7 +494,7 @@ impl Kernels {
         );
         let (norm, eps) = l.norm.unwrap_or((0, 0.0));
         let accumulate = u32::from(l.accumulate);
-        let mut launch = self.stream.launch_builder(kernel);
+        let mut launch = self.launch(kernel);
         for w in &l.w {
             launch.arg(w);
         }
@@ -429,7 +536,7 @@ impl Kernels {
     ) -> Result<()> {
         let format = self.format(table.ty)?;
         let (row_bytes, cols) = (table.row_bytes as u64, u32_of("cols", table.cols)?);
-        let mut launch = self.stream.launch_builder(&format.embed);
+        let mut launch = self.launch(&format.embed);
         launch
             .arg(&table.ptr)
             .arg(&row_bytes)
@@ -459,7 +566,7 @@ impl Kernels {
         out: u64,
     ) -> Result<()> {
         let dim = u32_of("dim", dim)?;
-        let mut launch = self.stream.launch_builder(&self.rms_norm);
+        let mut launch = self.launch(&self.rms_norm);
         launch
             .arg(&x)
             .arg(&rows)
@@ -487,7 +594,7 @@ impl Kernels {
         n: usize,
     ) -> Result<()> {
         let dim = u32_of("dim", dim)?;
-        let mut launch = self.stream.launch_builder(&self.add_rms_norm);
+        let mut launch = self.launch(&self.add_rms_norm);
         launch.arg(&x).arg(&y).arg(&w).arg(&eps).arg(&dim);
         // SAFETY: as the caller vouches.
         unsafe { launch.launch(grid(u32_of("rows", n)?, 1, ROW_THREADS)) }
@@ -506,7 +613,7 @@ impl Kernels {
             &self.gated_silu
         };
         let count = n as u64;
-        let mut launch = self.stream.launch_builder(kernel);
+        let mut launch = self.launch(kernel);
         launch.arg(&gate).arg(&up).arg(&count);
         // SAFETY: as the caller vouches.
         unsafe { launch.launch(grid(elementwise_blocks(n), 1, ELEMENTWISE_THREADS)) }
@@ -520,7 +627,7 @@ impl Kernels {
     /// `x` must hold `n` f32, `y` room for `n` f16.
     pub unsafe fn f32_to_f16(&self, x: u64, y: u64, n: usize) -> Result<()> {
         let count = n as u64;
-        let mut launch = self.stream.launch_builder(&self.f32_to_f16);
+        let mut launch = self.launch(&self.f32_to_f16);
         launch.arg(&x).arg(&y).arg(&count);
         // SAFETY: as the caller vouches.
         unsafe { launch.launch(grid(elementwise_blocks(n), 1, ELEMENTWISE_THREADS)) }
@@ -543,7 +650,7 @@ impl Kernels {
             u32_of("rope dims", a.rope_dims)?,
         );
         let neox = u32::from(a.neox);
-        let mut launch = self.stream.launch_builder(&self.qkv_prepare);
+        let mut launch = self.launch(&self.qkv_prepare);
         launch
             .arg(&a.q)
             .arg(&a.k)
@@ -582,7 +689,7 @@ impl Kernels {
             u32_of("kv heads", a.n_kv_heads)?,
         );
         let (head_dim, window) = (u32_of("head_dim", a.head_dim)?, u32_of("window", a.window)?);
-        let mut launch = self.stream.launch_builder(&self.attention);
+        let mut launch = self.launch(&self.attention);
         launch
             .arg(&a.q)
             .arg(&a.k_cache)
@@ -619,7 +726,7 @@ impl Kernels {
             .context(|| "clearing the argmax keys".into())?;
         let blocks = vocab.div_ceil(ARGMAX_THREADS as usize * 8).clamp(1, 1024) as u32;
         let vocab = u32_of("vocab", vocab)?;
-        let mut launch = self.stream.launch_builder(&self.argmax_rows);
+        let mut launch = self.launch(&self.argmax_rows);
         launch.arg(&logits).arg(&vocab).arg(&out);
         // SAFETY: as the caller vouches.
         unsafe { launch.launch(grid(blocks, u32_of("rows", rows)?, ARGMAX_THREADS)) }
