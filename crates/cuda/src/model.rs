@@ -17,7 +17,7 @@
 //! docs/PERFORMANCE.md (H100: tg128 655 tok/s, pp512 57.5k tok/s, 64 streams
 //! 11.5k generated tok/s; decode is a chain of ~160 latency-bound kernels).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -47,6 +47,8 @@ use crate::upload::{upload_weights, DeviceWeights, UploadOptions, UploadReport};
 /// LM-head rows per pass (each pass reads the whole head once).
 /// (64 rows of logits of a 152k vocabulary are 39 MB: part of the workspace.)
 const LOGIT_ROWS: usize = 64;
+/// Most tokens of a step replayed as a CUDA graph (one LM-head pass).
+const GRAPH_MAX_TOKENS: usize = LOGIT_ROWS;
 /// cuBLAS's workspace.
 const BLAS_WORKSPACE_BYTES: usize = 16 << 20;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -201,8 +203,10 @@ struct Workspace {
     bytes: usize,
     /// Decode steps captured as CUDA graphs, by shape.
     graphs: HashMap<GraphKey, Graph>,
-    /// A capture failed: launch kernels one by one.
+    /// A capture of a mat-vec-sized step failed: launch kernels one by one.
     graphs_unavailable: bool,
+    /// Larger steps (through cuBLAS) whose capture failed: run directly.
+    uncapturable: HashSet<GraphKey>,
 }
 
 /// What fixes a decode step's graph: every address is the workspace's, so
@@ -676,14 +680,19 @@ impl CudaModel {
             wanted: wanted_at,
             tables: tables_at,
         };
-        // Decode steps (few tokens, one LM-head pass) run as CUDA graphs.
-        let graph_key =
-            (trace.is_none() && n <= MATVEC_MAX_TOKENS && (1..=LOGIT_ROWS).contains(&wanted.len()))
-                .then_some(GraphKey {
-                    tokens: n,
-                    rows: wanted.len(),
-                    greedy,
-                });
+        let lone_tokens = batch.iter().all(|seg| seg.tokens.len() == 1);
+        // Decode steps run as CUDA graphs: any step of up to 8 tokens, and
+        // steps of one token for each of up to 64 sequences (a 64-stream
+        // step is ~700 launches, whose host time would otherwise exceed the
+        // GPU's), so the shapes captured stay few.
+        let graph_key = (trace.is_none()
+            && (n <= MATVEC_MAX_TOKENS || (lone_tokens && n <= GRAPH_MAX_TOKENS))
+            && (1..=LOGIT_ROWS).contains(&wanted.len()))
+        .then_some(GraphKey {
+            tokens: n,
+            rows: wanted.len(),
+            greedy,
+        });
         let result = (|| -> Result<Output> {
             // The raw copies below use the thread's current context (the
             // scheduler runs this on its own thread).
@@ -812,30 +821,52 @@ impl CudaModel {
         ldy: usize,
         accumulate: bool,
     ) -> Result<()> {
-        // SAFETY (every block below): the addresses come from this model's
-        // buffers, sized at load for max_batch_tokens rows of every width.
-        if self.mode == WeightsMode::Quantized && n <= MATVEC_MAX_TOKENS && Kernels::matvec_takes(w)
-        {
-            return unsafe { self.kernels.matvec(w, x, n, y, ldy, accumulate) };
-        }
-        self.matmul_blas(work, w, x, n, y, ldy, accumulate)
+        self.matmul_from(work, w, x, false, n, y, ldy, accumulate)
+            .map(|_| ())
     }
 
-    /// `y (+)= x · Wᵀ` through cuBLAS: W itself if f16, else dequantized to
-    /// f16 scratch a chunk of rows at a time.
+    /// [`Self::matmul`] where `x_in_f16` says that the f16 activation buffer
+    /// already holds x (the previous product of the same input left it
+    /// there). Returns whether it now does.
     #[allow(clippy::too_many_arguments)]
-    fn matmul_blas(
+    fn matmul_from(
         &self,
         work: &Workspace,
         w: &DeviceMatrix,
         x: u64,
+        x_in_f16: bool,
+        n: usize,
+        y: u64,
+        ldy: usize,
+        accumulate: bool,
+    ) -> Result<bool> {
+        // SAFETY (every block below): the addresses come from this model's
+        // buffers, sized at load for max_batch_tokens rows of every width.
+        if self.mode == WeightsMode::Quantized && n <= MATVEC_MAX_TOKENS && Kernels::matvec_takes(w)
+        {
+            unsafe { self.kernels.matvec(w, x, n, y, ldy, accumulate)? };
+            return Ok(x_in_f16);
+        }
+        if !x_in_f16 {
+            // SAFETY: act_f16 holds max_batch_tokens rows of every width.
+            unsafe { self.kernels.f32_to_f16(x, work.act_f16, n * w.cols)? };
+        }
+        self.matmul_blas(work, w, n, y, ldy, accumulate)?;
+        Ok(true)
+    }
+
+    /// `y (+)= x · Wᵀ` through cuBLAS, x as f16 in `work.act_f16`: W itself
+    /// if f16, else dequantized to f16 scratch a chunk of rows at a time.
+    fn matmul_blas(
+        &self,
+        work: &Workspace,
+        w: &DeviceMatrix,
         n: usize,
         y: u64,
         ldy: usize,
         accumulate: bool,
     ) -> Result<()> {
         // SAFETY (every block below): as for `matmul`.
-        unsafe { self.kernels.f32_to_f16(x, work.act_f16, n * w.cols)? };
         if w.ty == GgmlType::F16 {
             return unsafe {
                 self.blas
@@ -955,8 +986,10 @@ impl CudaModel {
                 }
             } else {
                 unsafe { k.rms_norm(work.x, 0, layer.attn_norm, eps, embd, n, work.normed)? };
+                // One f16 copy of the normed rows serves all three.
+                let mut in_f16 = false;
                 for (w, y, ldy) in qkv {
-                    self.matmul(work, w, work.normed, n, y, ldy, false)?;
+                    in_f16 = self.matmul_from(work, w, work.normed, in_f16, n, y, ldy, false)?;
                 }
             }
             if first {
@@ -1058,8 +1091,17 @@ impl CudaModel {
                         )?
                     };
                 } else {
-                    self.matmul(work, &layer.gate, work.normed, n, work.gate, ff, false)?;
-                    self.matmul(work, &layer.up, work.normed, n, work.up, ff, false)?;
+                    let in_f16 = self.matmul_from(
+                        work,
+                        &layer.gate,
+                        work.normed,
+                        false,
+                        n,
+                        work.gate,
+                        ff,
+                        false,
+                    )?;
+                    self.matmul_from(work, &layer.up, work.normed, in_f16, n, work.up, ff, false)?;
                     unsafe { k.gated_activation(work.gate, work.up, n * ff, gelu)? };
                 }
             }
@@ -1132,15 +1174,12 @@ impl CudaModel {
         } else {
             // Several rows: the head's weights (the largest matrix) are read
             // once through cuBLAS rather than by the few-row matvec.
-            self.matmul_blas(
-                work,
-                &self.output,
-                work.final_rows,
-                rows,
-                work.logits,
-                vocab,
-                false,
-            )?;
+            // SAFETY: final_rows holds LOGIT_ROWS rows of n_embd; act_f16 room for them.
+            unsafe {
+                self.kernels
+                    .f32_to_f16(work.final_rows, work.act_f16, rows * self.output.cols)?
+            };
+            self.matmul_blas(work, &self.output, rows, work.logits, vocab, false)?;
         }
         if greedy {
             unsafe {
@@ -1156,7 +1195,7 @@ impl CudaModel {
     /// on the device; the results are left in `work.logits` / `work.ids`.
     /// Returns false, having run nothing, if graphs cannot be used here.
     fn replay(&self, work: &mut Workspace, key: GraphKey, at: &StepAddresses) -> Result<bool> {
-        if work.graphs_unavailable {
+        if work.graphs_unavailable || work.uncapturable.contains(&key) {
             return Ok(false);
         }
         if !work.graphs.contains_key(&key) {
@@ -1187,8 +1226,16 @@ impl CudaModel {
                         (_, Err(e)) => e.to_string(),
                         _ => "the capture produced no graph".to_string(),
                     };
-                    eprintln!("CUDA graphs unavailable ({why}); launching kernels one by one");
-                    work.graphs_unavailable = true;
+                    if key.tokens <= MATVEC_MAX_TOKENS {
+                        eprintln!("CUDA graphs unavailable ({why}); launching kernels one by one");
+                        work.graphs_unavailable = true;
+                    } else {
+                        eprintln!(
+                            "CUDA graph capture of a {}-token step failed ({why}); such steps run without one",
+                            key.tokens
+                        );
+                        work.uncapturable.insert(key);
+                    }
                     return Ok(false);
                 }
             }
@@ -1354,6 +1401,7 @@ impl WorkspaceParts {
             bytes: buffer.bytes(),
             graphs: HashMap::new(),
             graphs_unavailable: false,
+            uncapturable: HashSet::new(),
             _buffer: buffer,
         }
     }

@@ -2,7 +2,8 @@
 //! where a difference starts (every step of layer 0 and every layer's output
 //! against a traced CPU pass), the last position's logits of a batch of
 //! prompts, 32 teacher-forced decode steps of that batch (the CPU's greedy
-//! tokens fed to both), greedy decoding on the GPU (token ids only), and for
+//! tokens fed to both), greedy decoding on the GPU (token ids only; the
+//! prompts once, then four times over in one batch of 12), and for
 //! sliding-window models a prompt longer than the window, prefilled in chunks.
 //!
 //! A check fails when logits differ by more than [`MAX_LOGITS_REL_L2`]
@@ -97,6 +98,46 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
         return if diff == 0.0 { 0.0 } else { f64::INFINITY };
     }
     (diff / norm).sqrt()
+}
+
+/// Copies of the prompts in the large greedy batch: 3 prompts × 4 = 12
+/// sequences, past the mat-vec kernels' 8 rows.
+const GREEDY_COPIES: usize = 4;
+
+/// `steps` greedy tokens after each prompt, all decoded in one batch on the
+/// GPU (token ids only coming back).
+fn greedy_gpu(gpu: &CudaModel, prompts: &[&Vec<u32>], steps: usize) -> Result<Vec<Vec<u32>>> {
+    let mut caches: Vec<GpuCache> = prompts.iter().map(|_| gpu.new_cache(CONTEXT)).collect();
+    let mut ids = {
+        let mut batch: Vec<Segment<'_, GpuCache>> = caches
+            .iter_mut()
+            .zip(prompts)
+            .map(|(kv, p)| Segment {
+                kv,
+                tokens: p,
+                logits: Logits::Last,
+            })
+            .collect();
+        gpu.forward_greedy(&mut batch)?
+    };
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    for _ in 0..steps {
+        let next: Vec<[u32; 1]> = ids.iter().map(|i| [i[0]]).collect();
+        for (g, t) in generated.iter_mut().zip(&next) {
+            g.push(t[0]);
+        }
+        let mut batch: Vec<Segment<'_, GpuCache>> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(kv, t)| Segment {
+                kv,
+                tokens: t,
+                logits: Logits::Last,
+            })
+            .collect();
+        ids = gpu.forward_greedy(&mut batch)?;
+    }
+    Ok(generated)
 }
 
 /// The largest logit minus the second largest.
@@ -263,62 +304,54 @@ pub fn selftest(
     }
     drop(gpu_caches);
 
-    // 3. Greedy decoding on the GPU, only ids coming back.
-    let mut caches: Vec<GpuCache> = prompts.iter().map(|_| gpu.new_cache(CONTEXT)).collect();
-    let mut ids = {
-        let mut batch: Vec<Segment<'_, GpuCache>> = caches
-            .iter_mut()
-            .zip(prompts)
-            .map(|(kv, p)| Segment {
-                kv,
-                tokens: p,
-                logits: Logits::Last,
-            })
-            .collect();
-        gpu.forward_greedy(&mut batch)?
-    };
-    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
-    for _ in 0..options.steps {
-        let next: Vec<[u32; 1]> = ids.iter().map(|i| [i[0]]).collect();
-        for (g, t) in generated.iter_mut().zip(&next) {
-            g.push(t[0]);
-        }
-        let mut batch: Vec<Segment<'_, GpuCache>> = caches
-            .iter_mut()
-            .zip(&next)
-            .map(|(kv, t)| Segment {
-                kv,
-                tokens: t,
-                logits: Logits::Last,
-            })
-            .collect();
-        ids = gpu.forward_greedy(&mut batch)?;
-    }
-    drop(caches);
-    for (i, (gpu_seq, cpu_seq)) in generated.iter().zip(&cpu_tokens).enumerate() {
-        let same = gpu_seq
-            .iter()
-            .zip(cpu_seq)
-            .take_while(|(a, b)| a == b)
-            .count();
-        summary.greedy_match.0 += same;
-        summary.greedy_match.1 += cpu_seq.len();
-        if same < cpu_seq.len() {
-            let margin = cpu_margins[i][same];
-            log(&format!(
-                "prompt {i} greedy: GPU matches the CPU's first {same} of {} tokens (then {} vs {}, CPU margin {margin:.3})",
-                cpu_seq.len(),
-                gpu_seq[same],
-                cpu_seq[same]
-            ));
-            if margin >= MIN_MARGIN {
-                summary.failures.push(format!(
-                    "prompt {i} greedy: token {same} differs where the CPU's margin is {margin:.3}"
+    // 3. Greedy decoding on the GPU, only ids coming back: the prompts once
+    // (steps of a few tokens, through the mat-vec kernels), then each of
+    // them four times over (steps of more than 8 tokens, through cuBLAS,
+    // replayed as CUDA graphs as a busy server's are).
+    for copies in [1, GREEDY_COPIES] {
+        let sequences: Vec<&Vec<u32>> = (0..copies).flat_map(|_| prompts.iter()).collect();
+        let generated = greedy_gpu(&gpu, &sequences, options.steps)?;
+        let mut matched = (0, 0);
+        for (s, gpu_seq) in generated.iter().enumerate() {
+            let i = s % prompts.len();
+            let cpu_seq = &cpu_tokens[i];
+            let same = gpu_seq
+                .iter()
+                .zip(cpu_seq)
+                .take_while(|(a, b)| a == b)
+                .count();
+            summary.greedy_match.0 += same;
+            summary.greedy_match.1 += cpu_seq.len();
+            matched.0 += same;
+            matched.1 += cpu_seq.len();
+            let name = if copies == 1 {
+                format!("prompt {i} greedy")
+            } else {
+                format!("prompt {i} greedy (sequence {s} of {})", sequences.len())
+            };
+            if same < cpu_seq.len() {
+                let margin = cpu_margins[i][same];
+                log(&format!(
+                    "{name}: GPU matches the CPU's first {same} of {} tokens (then {} vs {}, CPU margin {margin:.3})",
+                    cpu_seq.len(),
+                    gpu_seq[same],
+                    cpu_seq[same]
                 ));
+                if margin >= MIN_MARGIN {
+                    summary.failures.push(format!(
+                        "{name}: token {same} differs where the CPU's margin is {margin:.3}"
+                    ));
+                }
+            } else if copies == 1 {
+                log(&format!("{name}: GPU matches all {same} CPU tokens"));
             }
-        } else {
+        }
+        if copies > 1 {
             log(&format!(
-                "prompt {i} greedy: GPU matches all {same} CPU tokens"
+                "{} sequences decoded together: {} of {} greedy tokens match the CPU's",
+                sequences.len(),
+                matched.0,
+                matched.1
             ));
         }
     }
