@@ -386,6 +386,41 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
     }
 }
 
+// Rows of a block-format matrix as f16, for the products of many rows that
+// run through cuBLAS: block b's warp w converts row 4b + w of the n_rows
+// at w (cols values, row_bytes apart) into dst (n_rows × cols, 16-byte
+// aligned). Each row is staged as the mat-vec's are and read as scale ×
+// small integers; the values are the CPU's rounded to f16 (the products'
+// inputs, not the bit-exact dequantization of dequantize.cu, whose NaN
+// payloads and K-quant rounding order this does not keep).
+template <typename Format>
+__device__ __forceinline__ void rows_to_f16(const u8 *__restrict__ w, u64 row_bytes, u32 cols, u32 n_rows,
+                                            u32 stage_slot, __half *__restrict__ dst) {
+    extern __shared__ uint4 stage[];
+    const u32 lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    const u32 row = blockIdx.x * MATVEC_WARPS + warp;
+    const bool active = row < n_rows;
+    const u8 *staged = nullptr;
+    if (active) staged = stage_row(w + (u64)row * row_bytes, row_bytes, stage + warp * stage_slot, lane, WARP_SIZE);
+    __syncwarp();
+    // dst may still be read by the product before.
+    wait_for_prerequisites();
+    if (!active) return;
+    typedef Scaled<Format> S;
+    for (u32 first = lane * 8; first < cols; first += WARP_SIZE * 8) {
+        float q[8], scale, offset;
+        S::values8(staged, first, q, scale, offset);
+        __half2 h[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            float a = scale * q[2 * k], b = scale * q[2 * k + 1];
+            if (S::has_offset) a -= offset, b -= offset;
+            h[k] = __floats2half2_rn(a, b);
+        }
+        *reinterpret_cast<uint4 *>(dst + (u64)row * cols + first) = *reinterpret_cast<const uint4 *>(h);
+    }
+}
+
 // Rows tokens[t] of the table, times `scale`, into x[t] (n_embd = cols values each).
 template <typename Format>
 __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_bytes, u32 cols,
@@ -431,6 +466,11 @@ __device__ __forceinline__ void embed(const u8 *__restrict__ table, u64 row_byte
     MATVEC_KERNEL(name, Format, gated_silu_, 1, 8)                                                            \
     MATVEC_KERNEL(name, Format, gated_gelu_, 2, 1)                                                            \
     MATVEC_KERNEL(name, Format, gated_gelu_, 2, 8)                                                            \
+    extern "C" __global__ void __launch_bounds__(MATVEC_WARPS * WARP_SIZE) rows_to_f16_##name(                \
+        const u8 *w, u64 row_bytes, u32 cols, u32 n_rows, u32 stage_slot, __half *dst) {                      \
+        allow_dependents();                                                                                   \
+        rows_to_f16<Format>(w, row_bytes, cols, n_rows, stage_slot, dst);                                     \
+    }                                                                                                         \
     extern "C" __global__ void embed_##name(const u8 *table, u64 row_bytes, u32 cols, const u32 *tokens,      \
                                             float scale, float *x) {                                          \
         allow_dependents();                                                                                   \

@@ -82,6 +82,7 @@ struct FormatKernels {
     /// Indexed [gelu][tokens 8], as matvec_gated_{silu,gelu}_<format>_{1,8}.
     gated: [[CudaFunction; 2]; 2],
     embed: CudaFunction,
+    rows_f16: CudaFunction,
 }
 
 pub struct Kernels {
@@ -242,6 +243,7 @@ impl Kernels {
                         [gated("gelu", 1)?, gated("gelu", 8)?],
                     ],
                     embed: function(&matvec, "matvec", &format!("embed_{stem}"))?,
+                    rows_f16: function(&matvec, "matvec", &format!("rows_to_f16_{stem}"))?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -520,6 +522,43 @@ impl Kernels {
         // SAFETY: the caller vouches for the buffers; the arguments match the kernel's.
         unsafe { launch.launch(config) }.context(what)?;
         Ok(())
+    }
+
+    /// Rows `first..first + rows` of the block-format matrix `w` as f16 into
+    /// `dst` (`rows × w.cols`, 16-byte aligned), for a product through
+    /// cuBLAS. Returns false, having launched nothing, where this kernel does
+    /// not take `w` (plain float types, rows not of whole 8-value stretches
+    /// or too long to stage); the bit-exact dequantizer does those.
+    ///
+    /// # Safety
+    /// `w` must hold its rows; `dst` room for the values.
+    pub unsafe fn rows_to_f16(&self, w: &DeviceMatrix, first: usize, rows: usize, dst: u64) -> Result<bool> {
+        let slot = w.row_bytes.div_ceil(16) + 2;
+        let shared = slot * MATVEC_ROWS_PER_BLOCK as usize * 16;
+        if !is_block_format(w.ty) || !Self::matvec_takes(w) || shared > MATVEC_MAX_STAGE_BYTES {
+            return Ok(false);
+        }
+        let format = self.format(w.ty)?;
+        let (row_bytes, cols, n_rows, stage_slot) = (
+            w.row_bytes as u64,
+            u32_of("cols", w.cols)?,
+            u32_of("rows", rows)?,
+            u32_of("stage slot", slot)?,
+        );
+        let start = w.ptr + (first * w.row_bytes) as u64;
+        let mut config = grid(n_rows.div_ceil(MATVEC_ROWS_PER_BLOCK), 1, MATVEC_ROWS_PER_BLOCK * 32);
+        config.shared_mem_bytes = shared as u32;
+        let mut launch = self.launch(&format.rows_f16);
+        launch
+            .arg(&start)
+            .arg(&row_bytes)
+            .arg(&cols)
+            .arg(&n_rows)
+            .arg(&stage_slot)
+            .arg(&dst);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(config) }.context(|| format!("launching rows_to_f16 for {}", w.ty))?;
+        Ok(true)
     }
 
     /// `x[t] = table[tokens[t]] · scale` for `n` tokens (x: `n × table.cols` f32).

@@ -884,13 +884,15 @@ impl CudaModel {
                 ));
             }
             unsafe {
-                self.kernels.dequantizer.dequantize_f16_raw(
-                    stream,
-                    w.ty,
-                    w.ptr + (first * w.row_bytes) as u64,
-                    (rows * w.cols) as u64,
-                    work.scratch,
-                )?;
+                if !self.kernels.rows_to_f16(w, first, rows, work.scratch)? {
+                    self.kernels.dequantizer.dequantize_f16_raw(
+                        stream,
+                        w.ty,
+                        w.ptr + (first * w.row_bytes) as u64,
+                        (rows * w.cols) as u64,
+                        work.scratch,
+                    )?;
+                }
                 self.blas.gemm_f16(
                     work.scratch,
                     rows,
