@@ -532,7 +532,13 @@ impl Kernels {
     ///
     /// # Safety
     /// `w` must hold its rows; `dst` room for the values.
-    pub unsafe fn rows_to_f16(&self, w: &DeviceMatrix, first: usize, rows: usize, dst: u64) -> Result<bool> {
+    pub unsafe fn rows_to_f16(
+        &self,
+        w: &DeviceMatrix,
+        first: usize,
+        rows: usize,
+        dst: u64,
+    ) -> Result<bool> {
         let slot = w.row_bytes.div_ceil(16) + 2;
         let shared = slot * MATVEC_ROWS_PER_BLOCK as usize * 16;
         if !is_block_format(w.ty) || !Self::matvec_takes(w) || shared > MATVEC_MAX_STAGE_BYTES {
@@ -546,7 +552,11 @@ impl Kernels {
             u32_of("stage slot", slot)?,
         );
         let start = w.ptr + (first * w.row_bytes) as u64;
-        let mut config = grid(n_rows.div_ceil(MATVEC_ROWS_PER_BLOCK), 1, MATVEC_ROWS_PER_BLOCK * 32);
+        let mut config = grid(
+            n_rows.div_ceil(MATVEC_ROWS_PER_BLOCK),
+            1,
+            MATVEC_ROWS_PER_BLOCK * 32,
+        );
         config.shared_mem_bytes = shared as u32;
         let mut launch = self.launch(&format.rows_f16);
         launch
@@ -557,7 +567,8 @@ impl Kernels {
             .arg(&stage_slot)
             .arg(&dst);
         // SAFETY: as the caller vouches.
-        unsafe { launch.launch(config) }.context(|| format!("launching rows_to_f16 for {}", w.ty))?;
+        unsafe { launch.launch(config) }
+            .context(|| format!("launching rows_to_f16 for {}", w.ty))?;
         Ok(true)
     }
 

@@ -3,19 +3,20 @@
 //! the CPU backend, with a paged f16 KV cache.
 //!
 //! Weights, by default, stay as the file's GGUF blocks (`upload.rs`):
-//! products with up to [`MATVEC_MAX_TOKENS`] activation rows (decode) run
-//! straight from the blocks (`matvec.cu`); larger batches (prefill)
-//! dequantize each matrix to an f16 scratch and multiply with cuBLAS. With
+//! products with up to `MATVEC_ROWS` (2) activation rows (decode) run
+//! straight from the blocks (`matvec.cu`); larger batches convert each
+//! matrix to an f16 scratch and multiply with cuBLAS. With
 //! [`WeightsMode::F16`] every matrix is dequantized to f16 at load (the raw
 //! blocks are then freed) and every product runs through cuBLAS.
 //! Activations are f32 between kernels; the LM head's rows come back as
 //! logits or, for greedy decoding, only as token ids (`sample.cu`). Decode
-//! steps (few tokens) replay as CUDA graphs captured per shape.
+//! steps (up to 8 tokens, or one token for each of up to 64 sequences)
+//! replay as CUDA graphs captured per shape, their kernels launched with
+//! programmatic dependent launch (`kernels.rs`).
 //!
 //! Decode steps fuse RMSNorm into the products that follow it and stack
 //! Q/K/V of one type into one launch. Measured speed and what bounds it:
-//! docs/PERFORMANCE.md (H100: tg128 655 tok/s, pp512 57.5k tok/s, 64 streams
-//! 11.5k generated tok/s; decode is a chain of ~160 latency-bound kernels).
+//! docs/PERFORMANCE.md.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -47,6 +48,11 @@ use crate::upload::{upload_weights, DeviceWeights, UploadOptions, UploadReport};
 /// LM-head rows per pass (each pass reads the whole head once).
 /// (64 rows of logits of a 152k vocabulary are 39 MB: part of the workspace.)
 const LOGIT_ROWS: usize = 64;
+/// Most activation rows a product runs through the mat-vec kernels by
+/// default; from 3 rows cuBLAS on f16 weights is faster (H200, 64 streams
+/// decoding per step: 8 rows 2,527 -> 3,220 tok/s, 4 rows 1,829 -> 1,969,
+/// 2 rows 1,144 -> 1,001 the other way).
+const MATVEC_ROWS: usize = 2;
 /// Most tokens of a step replayed as a CUDA graph (one LM-head pass).
 const GRAPH_MAX_TOKENS: usize = LOGIT_ROWS;
 /// cuBLAS's workspace.
@@ -244,6 +250,10 @@ pub struct CudaModel {
     output: DeviceMatrix,
     output_norm: u64,
     fuse: bool,
+    /// Most activation rows a product runs through the mat-vec kernels
+    /// (more go through cuBLAS): MATVEC_ROWS, or what WORKER_ORCD_MATVEC_ROWS
+    /// says (1..=MATVEC_MAX_TOKENS, to measure where cuBLAS wins).
+    matvec_rows: usize,
     work: Mutex<Workspace>,
     kv: Arc<KvPages>,
     _vectors: DeviceBuffer,
@@ -523,6 +533,11 @@ impl CudaModel {
             output,
             output_norm,
             fuse: options.fuse,
+            matvec_rows: std::env::var("WORKER_ORCD_MATVEC_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(MATVEC_ROWS)
+                .clamp(1, MATVEC_MAX_TOKENS),
             work: Mutex::new(work),
             kv,
             _vectors: vector_buffer,
@@ -842,7 +857,7 @@ impl CudaModel {
     ) -> Result<bool> {
         // SAFETY (every block below): the addresses come from this model's
         // buffers, sized at load for max_batch_tokens rows of every width.
-        if self.mode == WeightsMode::Quantized && n <= MATVEC_MAX_TOKENS && Kernels::matvec_takes(w)
+        if self.mode == WeightsMode::Quantized && n <= self.matvec_rows && Kernels::matvec_takes(w)
         {
             unsafe { self.kernels.matvec(w, x, n, y, ldy, accumulate)? };
             return Ok(x_in_f16);
@@ -913,7 +928,7 @@ impl CudaModel {
     fn fused(&self, n: usize, ws: &[&DeviceMatrix]) -> bool {
         self.fuse
             && self.mode == WeightsMode::Quantized
-            && n <= MATVEC_MAX_TOKENS
+            && n <= self.matvec_rows
             && ws.iter().all(|w| Kernels::matvec_takes(w))
     }
 
@@ -1076,7 +1091,7 @@ impl CudaModel {
             } else {
                 unsafe { k.rms_norm(work.x, 0, layer.ffn_norm, eps, embd, n, work.normed)? };
                 if self.mode == WeightsMode::Quantized
-                    && n <= MATVEC_MAX_TOKENS
+                    && n <= self.matvec_rows
                     && same_layout(&layer.gate, &layer.up)
                     && Kernels::matvec_takes(&layer.gate)
                 {

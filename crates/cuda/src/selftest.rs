@@ -2,8 +2,8 @@
 //! where a difference starts (every step of layer 0 and every layer's output
 //! against a traced CPU pass), the last position's logits of a batch of
 //! prompts, 32 teacher-forced decode steps of that batch (the CPU's greedy
-//! tokens fed to both), greedy decoding on the GPU (token ids only; the
-//! prompts once, then four times over in one batch of 12), and for
+//! tokens fed to both), greedy decoding on the GPU (token ids only; each
+//! prompt alone, then all four times over in one batch of 12), and for
 //! sliding-window models a prompt longer than the window, prefilled in chunks.
 //!
 //! A check fails when logits differ by more than [`MAX_LOGITS_REL_L2`]
@@ -304,13 +304,20 @@ pub fn selftest(
     }
     drop(gpu_caches);
 
-    // 3. Greedy decoding on the GPU, only ids coming back: the prompts once
-    // (steps of a few tokens, through the mat-vec kernels), then each of
-    // them four times over (steps of more than 8 tokens, through cuBLAS,
-    // replayed as CUDA graphs as a busy server's are).
+    // 3. Greedy decoding on the GPU, only ids coming back: each prompt
+    // alone (steps of one token, through the mat-vec kernels), then all of
+    // them four times over in one batch (steps of 12 tokens, through
+    // cuBLAS, replayed as CUDA graphs as a busy server's are).
     for copies in [1, GREEDY_COPIES] {
         let sequences: Vec<&Vec<u32>> = (0..copies).flat_map(|_| prompts.iter()).collect();
-        let generated = greedy_gpu(&gpu, &sequences, options.steps)?;
+        let generated = if copies == 1 {
+            sequences
+                .iter()
+                .map(|p| Ok(greedy_gpu(&gpu, &[*p], options.steps)?.remove(0)))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            greedy_gpu(&gpu, &sequences, options.steps)?
+        };
         let mut matched = (0, 0);
         for (s, gpu_seq) in generated.iter().enumerate() {
             let i = s % prompts.len();
