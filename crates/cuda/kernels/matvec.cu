@@ -75,71 +75,40 @@ struct Scaled {
     }
 };
 
-template <>
-struct Scaled<FormatQ4_0> {
-    static constexpr bool has_offset = false;
+// The 8 quants from value f of a legacy 4-bit block (nibbles in qs), or
+// with qh a 5-bit one (fifth bits in the byte qh[f / 8]), less `bias`.
+__device__ __forceinline__ void legacy_quants8(const u8 *qs, const u8 *qh, u32 f, float bias, float q[8]) {
+    u32 lo, hi;
+    load8(qs + f % 16, lo, hi);
+    const u32 shift = f >= 16 ? 4 : 0;
+    lo = (lo >> shift) & 0x0f0f0f0fu;
+    hi = (hi >> shift) & 0x0f0f0f0fu;
+    if (qh) {
+        const u32 high = qh[f / 8];
+        lo |= spread4_to_bit4(high);
+        hi |= spread4_to_bit4(high >> 4);
+    }
+    bytes_to_floats(lo, hi, bias, q);
+}
+
+// Q4_0, Q4_1, Q5_0, Q5_1: d at 0, then m (the _1 forms), qh (the 5-bit
+// forms) and qs.
+template <typename Block, bool MIN, bool FIVE>
+struct ScaledLegacy {
+    static constexpr bool has_offset = MIN;
     static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
-        const u8 *b = row + (first / QK_LEGACY) * sizeof(block_q4_0);
-        const u32 f = first % QK_LEGACY;
-        u32 lo, hi;
-        load8(b + 2 + f % 16, lo, hi);
-        const u32 shift = f >= 16 ? 4 : 0;
-        bytes_to_floats((lo >> shift) & 0x0f0f0f0fu, (hi >> shift) & 0x0f0f0f0fu, 8.0f, q);
+        const u8 *b = row + (first / QK_LEGACY) * sizeof(Block);
+        const u32 at_qh = MIN ? 4 : 2, at_qs = at_qh + (FIVE ? 4 : 0);
+        legacy_quants8(b + at_qs, FIVE ? b + at_qh : nullptr, first % QK_LEGACY, MIN ? 0.0f : (FIVE ? 16.0f : 8.0f), q);
         scale = half_at(b);
-        offset = 0.0f;
+        offset = MIN ? -half_at(b + 2) : 0.0f;
     }
 };
 
-template <>
-struct Scaled<FormatQ4_1> {
-    static constexpr bool has_offset = true;
-    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
-        const u8 *b = row + (first / QK_LEGACY) * sizeof(block_q4_1);
-        const u32 f = first % QK_LEGACY;
-        u32 lo, hi;
-        load8(b + 4 + f % 16, lo, hi);
-        const u32 shift = f >= 16 ? 4 : 0;
-        bytes_to_floats((lo >> shift) & 0x0f0f0f0fu, (hi >> shift) & 0x0f0f0f0fu, 0.0f, q);
-        scale = half_at(b);
-        offset = -half_at(b + 2);
-    }
-};
-
-template <>
-struct Scaled<FormatQ5_0> {
-    static constexpr bool has_offset = false;
-    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
-        const u8 *b = row + (first / QK_LEGACY) * sizeof(block_q5_0);
-        const u32 f = first % QK_LEGACY;
-        u32 lo, hi;
-        load8(b + 6 + f % 16, lo, hi);
-        const u32 shift = f >= 16 ? 4 : 0;
-        const u32 high = b[2 + f / 8];
-        lo = ((lo >> shift) & 0x0f0f0f0fu) | spread4_to_bit4(high);
-        hi = ((hi >> shift) & 0x0f0f0f0fu) | spread4_to_bit4(high >> 4);
-        bytes_to_floats(lo, hi, 16.0f, q);
-        scale = half_at(b);
-        offset = 0.0f;
-    }
-};
-
-template <>
-struct Scaled<FormatQ5_1> {
-    static constexpr bool has_offset = true;
-    static __device__ __forceinline__ void values8(const u8 *row, u32 first, float q[8], float &scale, float &offset) {
-        const u8 *b = row + (first / QK_LEGACY) * sizeof(block_q5_1);
-        const u32 f = first % QK_LEGACY;
-        u32 lo, hi;
-        load8(b + 8 + f % 16, lo, hi);
-        const u32 shift = f >= 16 ? 4 : 0;
-        const u32 high = b[4 + f / 8];
-        lo = ((lo >> shift) & 0x0f0f0f0fu) | spread4_to_bit4(high);
-        hi = ((hi >> shift) & 0x0f0f0f0fu) | spread4_to_bit4(high >> 4);
-        bytes_to_floats(lo, hi, 0.0f, q);
-        scale = half_at(b);
-        offset = -half_at(b + 2);
-    }
-};
+template <> struct Scaled<FormatQ4_0> : ScaledLegacy<block_q4_0, false, false> {};
+template <> struct Scaled<FormatQ4_1> : ScaledLegacy<block_q4_1, true, false> {};
+template <> struct Scaled<FormatQ5_0> : ScaledLegacy<block_q5_0, false, true> {};
+template <> struct Scaled<FormatQ5_1> : ScaledLegacy<block_q5_1, true, true> {};
 
 template <>
 struct Scaled<FormatQ8_0> {

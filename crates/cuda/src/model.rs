@@ -857,8 +857,7 @@ impl CudaModel {
     ) -> Result<bool> {
         // SAFETY (every block below): the addresses come from this model's
         // buffers, sized at load for max_batch_tokens rows of every width.
-        if self.mode == WeightsMode::Quantized && n <= self.matvec_rows && Kernels::matvec_takes(w)
-        {
+        if self.on_matvec(n, &[w]) {
             unsafe { self.kernels.matvec(w, x, n, y, ldy, accumulate)? };
             return Ok(x_in_f16);
         }
@@ -926,8 +925,14 @@ impl CudaModel {
     /// Whether a decode-sized product of `n` rows through `ws` runs fused
     /// (RMSNorm inside the matvec, matrices of one type in one launch).
     fn fused(&self, n: usize, ws: &[&DeviceMatrix]) -> bool {
-        self.fuse
-            && self.mode == WeightsMode::Quantized
+        self.fuse && self.on_matvec(n, ws)
+    }
+
+    /// Whether products of `n` rows through `ws` run on the mat-vec kernels
+    /// (quantized weights, few rows, rows of whole 8-value stretches) rather
+    /// than through cuBLAS.
+    fn on_matvec(&self, n: usize, ws: &[&DeviceMatrix]) -> bool {
+        self.mode == WeightsMode::Quantized
             && n <= self.matvec_rows
             && ws.iter().all(|w| Kernels::matvec_takes(w))
     }
@@ -1090,11 +1095,7 @@ impl CudaModel {
                 }
             } else {
                 unsafe { k.rms_norm(work.x, 0, layer.ffn_norm, eps, embd, n, work.normed)? };
-                if self.mode == WeightsMode::Quantized
-                    && n <= self.matvec_rows
-                    && same_layout(&layer.gate, &layer.up)
-                    && Kernels::matvec_takes(&layer.gate)
-                {
+                if same_layout(&layer.gate, &layer.up) && self.on_matvec(n, &[&layer.gate]) {
                     // SAFETY: as above, from the normed rows.
                     unsafe {
                         k.matvec_gated(
