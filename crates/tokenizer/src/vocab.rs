@@ -2,6 +2,7 @@
 //! (`llama_vocab::impl::load`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use aho_corasick::AhoCorasick;
 use gguf::{Array, Metadata, Value};
@@ -54,8 +55,8 @@ pub(crate) struct Bpe {
 pub struct Tokenizer {
     pub(crate) kind: VocabKind,
     pub(crate) bpe: Option<Bpe>,
-    pub(crate) tokens: Vec<String>,
-    pub(crate) token_to_id: HashMap<String, u32, FxBuild>,
+    pub(crate) tokens: Vec<Arc<str>>,
+    pub(crate) token_to_id: HashMap<Arc<str>, u32, FxBuild>,
     pub(crate) scores: Vec<f32>,
     pub(crate) attrs: Vec<u16>,
     /// What each token decodes to when special tokens are rendered
@@ -312,11 +313,13 @@ impl Tokenizer {
         let mut attrs = read_attrs(meta, n_tokens)?;
         let mut tokens = Vec::with_capacity(n_tokens);
         let mut token_to_id = HashMap::with_capacity_and_hasher(n_tokens, FxBuild);
+        // One allocation a token, shared by the list and the map (262k
+        // tokens for Gemma 3: allocation was most of the load time).
         for (i, text) in raw_tokens.iter().enumerate() {
-            let text = if text.is_empty() {
-                format!("[EMPTY_{i}]")
+            let text: Arc<str> = if text.is_empty() {
+                format!("[EMPTY_{i}]").into()
             } else {
-                text.clone()
+                text.as_str().into()
             };
             if let Some(first) = token_to_id.insert(text.clone(), i as u32) {
                 return Err(TokenizerError::invalid(
@@ -507,7 +510,7 @@ impl Tokenizer {
     /// The token's text as stored in the vocabulary (GPT-2 byte characters,
     /// `▁` for spaces), e.g. for a chat template's `bos_token`.
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str)
+        self.tokens.get(id as usize).map(|t| &**t)
     }
 
     /// The id of the token whose vocabulary text is exactly `text`.
@@ -598,8 +601,8 @@ impl SpecialIds {
     /// the end-of-generation ids, sorted (llama.cpp's load, step by step).
     fn recognise_by_text(
         &mut self,
-        tokens: &[String],
-        token_to_id: &HashMap<String, u32, FxBuild>,
+        tokens: &[Arc<str>],
+        token_to_id: &HashMap<Arc<str>, u32, FxBuild>,
         attrs: &mut [u16],
     ) -> Vec<u32> {
         // llama.cpp takes the first candidate in its hash map's order; the
@@ -653,7 +656,7 @@ impl SpecialIds {
         eog.extend([self.eos, self.eot, self.eom].into_iter().flatten());
         eog.sort_unstable();
         eog.dedup();
-        let has = |eog: &[u32], text: &str| eog.iter().any(|&id| tokens[id as usize] == text);
+        let has = |eog: &[u32], text: &str| eog.iter().any(|&id| &*tokens[id as usize] == text);
         // gpt-oss and solar-open: `<|end|>` ends a message, not the generation.
         if (has(&eog, "<|return|>") && has(&eog, "<|call|>")
             || has(&eog, "<|calls|>") && has(&eog, "<|flush|>"))
@@ -744,8 +747,8 @@ fn read_attrs(meta: &Metadata, n_tokens: usize) -> Result<Vec<u16>, TokenizerErr
 fn build_bpe(
     meta: &Metadata,
     pre: PreTokenizer,
-    tokens: &[String],
-    token_to_id: &HashMap<String, u32, FxBuild>,
+    tokens: &[Arc<str>],
+    token_to_id: &HashMap<Arc<str>, u32, FxBuild>,
 ) -> Result<Bpe, TokenizerError> {
     let lines = meta.get_string_array(KEY_MERGES)?;
     let mut extra: HashMap<String, u32, FxBuild> = HashMap::default();
@@ -807,7 +810,11 @@ fn build_bpe(
                 _ => None,
             }
         };
-        for (text, &id) in token_to_id.iter().chain(extra.iter()) {
+        let texts = token_to_id
+            .iter()
+            .map(|(t, id)| (&**t, id))
+            .chain(extra.iter().map(|(t, id)| (t.as_str(), id)));
+        for (text, &id) in texts {
             if let Some(c) = single_char(text) {
                 char_pieces.insert(c, id);
             }
@@ -835,9 +842,13 @@ fn piece_of(
     }
     if a & attr::NORMAL != 0 {
         let unescaped = || {
-            text.replace('\u{2581}', " ")
-                .into_bytes()
-                .into_boxed_slice()
+            if text.contains('\u{2581}') {
+                text.replace('\u{2581}', " ")
+                    .into_bytes()
+                    .into_boxed_slice()
+            } else {
+                text.as_bytes().into()
+            }
         };
         return Ok(match kind {
             VocabKind::Spm => unescaped(),
