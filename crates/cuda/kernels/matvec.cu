@@ -5,11 +5,12 @@
 // where W may be up to three matrices of one format and width stacked (Q, K
 // and V: one launch), and x may be normalized on the way in (RMSNorm fused:
 // y = rstd(x[t]) * sum_c W[r][c] * x[t][c] * norm[c]). One warp per weight
-// row (long rows: several warps of a block), each lane 8 values of every
-// 256, so that a warp reads adjacent bytes; every weight byte is read from
-// memory once per launch. Activations are f32,
-// accumulation is f32; the weights' values are exactly the CPU's
-// (formats.cuh).
+// row (long rows: several warps of a block), the row first staged in shared
+// memory, each lane 8 values of every 256, so that a warp reads adjacent
+// bytes; every weight byte is read from memory once per launch. Activations
+// and accumulation are f32; each 8 values' scale and quants are exactly the
+// CPU's, the scale applied once to their dot product (formats without a
+// fast form use formats.cuh's exact values).
 #include "common.cuh"
 #include "formats.cuh"
 #include "warp.cuh"

@@ -23,7 +23,7 @@ const MATVEC_ROWS_PER_BLOCK: u32 = 4;
 const SPLIT_ROW_COLS: usize = 2048;
 /// Token rows per matvec launch row of blocks (the kernels' TOKENS).
 pub const MATVEC_MAX_TOKENS: usize = 8;
-/// Matrices one matvec launch takes (MATVEC_MAX_SEGMENTS in matvec.cu).
+/// Matrices one matvec launch takes (`Segments` in matvec.cu).
 pub const MATVEC_MAX_SEGMENTS: usize = 3;
 /// Most shared memory a matvec block stages rows in (the default limit).
 const MATVEC_MAX_STAGE_BYTES: usize = 48 * 1024;
