@@ -210,6 +210,12 @@ fn is_block_format(ty: GgmlType) -> bool {
     !matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
 }
 
+/// A staged row's shared-memory slot (`stage_row` in matvec.cu), in 16-byte
+/// units: the row, plus room for its misalignment at both ends.
+fn stage_slot_units(row_bytes: usize) -> usize {
+    row_bytes.div_ceil(16) + 2
+}
+
 fn u32_of(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| CudaError::Invalid {
         what: what.to_string(),
@@ -474,10 +480,9 @@ impl Kernels {
             MATVEC_ROWS_PER_BLOCK * 32,
         );
         // Block formats' rows are first copied to shared memory (see
-        // matvec.cu): a slot per row and sum, 16-byte units, room for the
-        // row's misalignment at both ends.
+        // matvec.cu): a slot per row and sum.
         let (stage_slot, stage_bytes) = if l.staged {
-            let slot = l.row_bytes.div_ceil(16) + 2;
+            let slot = stage_slot_units(l.row_bytes);
             let slots = (MATVEC_ROWS_PER_BLOCK / warps_per_row) as usize * l.sums;
             let bytes = slot * slots * 16;
             if bytes <= MATVEC_MAX_STAGE_BYTES {
@@ -539,7 +544,7 @@ impl Kernels {
         rows: usize,
         dst: u64,
     ) -> Result<bool> {
-        let slot = w.row_bytes.div_ceil(16) + 2;
+        let slot = stage_slot_units(w.row_bytes);
         let shared = slot * MATVEC_ROWS_PER_BLOCK as usize * 16;
         if !is_block_format(w.ty) || !Self::matvec_takes(w) || shared > MATVEC_MAX_STAGE_BYTES {
             return Ok(false);

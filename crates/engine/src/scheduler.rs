@@ -285,18 +285,12 @@ impl<B: Backend> Loop<B> {
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].job.cancel.load(Ordering::Acquire) {
-                let seq = self.running.swap_remove(i);
-                self.stats
-                    .running
-                    .store(self.running.len(), Ordering::Release);
+                let seq = self.take_running(i);
                 self.finish(seq, StopReason::Cancelled);
             } else {
                 i += 1;
             }
         }
-        self.stats
-            .running
-            .store(self.running.len(), Ordering::Release);
     }
 
     /// Start waiting jobs, in order, while there are slots and pages for them.
@@ -436,14 +430,11 @@ impl<B: Backend> Loop<B> {
                 let mut failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
                 failed.sort_unstable_by(|a, b| b.cmp(a));
                 for i in failed {
-                    let mut seq = self.running.swap_remove(i);
+                    let mut seq = self.take_running(i);
                     (seq.job.sink)(Event::Error {
                         message: message.clone(),
                     });
                 }
-                self.stats
-                    .running
-                    .store(self.running.len(), Ordering::Release);
                 return;
             }
         };
@@ -471,15 +462,19 @@ impl<B: Backend> Loop<B> {
         }
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         for (i, reason) in done {
-            let seq = self.running.swap_remove(i);
-            self.stats
-                .running
-                .store(self.running.len(), Ordering::Release);
+            let seq = self.take_running(i);
             self.finish(seq, reason);
         }
+    }
+
+    /// Running sequence `i`, out of the running list, whose count the stats
+    /// follow at once (a client told its sequence ended sees it gone).
+    fn take_running(&mut self, i: usize) -> Sequence<B::Cache> {
+        let seq = self.running.swap_remove(i);
         self.stats
             .running
             .store(self.running.len(), Ordering::Release);
+        seq
     }
 
     /// Pick the next token, stream its text; `Some(reason)` when the sequence ends.

@@ -124,22 +124,31 @@ fn wrong_shape_is_named_with_both_shapes() {
     );
 }
 
-#[test]
-fn prompt_longer_than_the_context_is_an_error_and_the_scheduler_goes_on() {
+/// SmolLM2 on the CPU behind a scheduler of 64-position sequences and 8 KV
+/// pages, `max_running` at once and `max_queued` waiting.
+fn smollm_scheduler(
+    max_running: usize,
+    max_queued: usize,
+) -> (scheduler::SchedulerHandle, std::thread::JoinHandle<()>) {
     let file = Arc::new(GgufFile::open(smollm_path()).unwrap());
     let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata()).unwrap());
     let model = Arc::new(CpuModel::load(file).unwrap());
-    let (handle, _thread) = scheduler::spawn(
+    scheduler::spawn(
         model,
         tokenizer,
         SchedulerConfig {
             context: 64,
-            max_running: 2,
-            max_queued: 4,
+            max_running,
+            max_queued,
             step_tokens: 64,
             kv_pages: 8,
         },
-    );
+    )
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_an_error_and_the_scheduler_goes_on() {
+    let (handle, _thread) = smollm_scheduler(2, 4);
     let params = GenerateParams {
         max_tokens: 4,
         sampling: Default::default(),
@@ -176,20 +185,7 @@ fn prompt_longer_than_the_context_is_an_error_and_the_scheduler_goes_on() {
 
 #[test]
 fn a_full_queue_refuses_at_once_and_frees_as_jobs_start() {
-    let file = Arc::new(GgufFile::open(smollm_path()).unwrap());
-    let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata()).unwrap());
-    let model = Arc::new(CpuModel::load(file).unwrap());
-    let (handle, _thread) = scheduler::spawn(
-        model,
-        tokenizer,
-        SchedulerConfig {
-            context: 64,
-            max_running: 1,
-            max_queued: 1,
-            step_tokens: 64,
-            kv_pages: 8,
-        },
-    );
+    let (handle, _thread) = smollm_scheduler(1, 1);
     let params = GenerateParams {
         max_tokens: 40,
         sampling: Default::default(),
