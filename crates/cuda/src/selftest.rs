@@ -104,20 +104,29 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 /// sequences, past the mat-vec kernels' 8 rows.
 const GREEDY_COPIES: usize = 4;
 
+/// One segment per cache, each with its tokens and the last position's
+/// logits wanted.
+fn last_logits<'a, T: AsRef<[u32]>>(
+    caches: &'a mut [GpuCache],
+    tokens: &'a [T],
+) -> Vec<Segment<'a, GpuCache>> {
+    caches
+        .iter_mut()
+        .zip(tokens)
+        .map(|(kv, t)| Segment {
+            kv,
+            tokens: t.as_ref(),
+            logits: Logits::Last,
+        })
+        .collect()
+}
+
 /// `steps` greedy tokens after each prompt, all decoded in one batch on the
 /// GPU (token ids only coming back).
 fn greedy_gpu(gpu: &CudaModel, prompts: &[&Vec<u32>], steps: usize) -> Result<Vec<Vec<u32>>> {
     let mut caches: Vec<GpuCache> = prompts.iter().map(|_| gpu.new_cache(CONTEXT)).collect();
     let mut ids = {
-        let mut batch: Vec<Segment<'_, GpuCache>> = caches
-            .iter_mut()
-            .zip(prompts)
-            .map(|(kv, p)| Segment {
-                kv,
-                tokens: p,
-                logits: Logits::Last,
-            })
-            .collect();
+        let mut batch = last_logits(&mut caches, prompts);
         gpu.forward_greedy(&mut batch)?
     };
     let mut generated: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
@@ -126,15 +135,7 @@ fn greedy_gpu(gpu: &CudaModel, prompts: &[&Vec<u32>], steps: usize) -> Result<Ve
         for (g, t) in generated.iter_mut().zip(&next) {
             g.push(t[0]);
         }
-        let mut batch: Vec<Segment<'_, GpuCache>> = caches
-            .iter_mut()
-            .zip(&next)
-            .map(|(kv, t)| Segment {
-                kv,
-                tokens: t,
-                logits: Logits::Last,
-            })
-            .collect();
+        let mut batch = last_logits(&mut caches, &next);
         ids = gpu.forward_greedy(&mut batch)?;
     }
     Ok(generated)
@@ -233,15 +234,7 @@ pub fn selftest(
         cpu.forward_batch(&mut batch)?
     };
     let gpu_prefill = {
-        let mut batch: Vec<Segment<'_, GpuCache>> = gpu_caches
-            .iter_mut()
-            .zip(prompts)
-            .map(|(kv, p)| Segment {
-                kv,
-                tokens: p,
-                logits: Logits::Last,
-            })
-            .collect();
+        let mut batch = last_logits(&mut gpu_caches, prompts);
         gpu.forward_logits(&mut batch)?
     };
     let rel = rel_l2(&gpu_logits, &cpu_logits[0]);
@@ -277,15 +270,7 @@ pub fn selftest(
             cpu.forward_batch(&mut batch)?
         };
         let gpu_step = {
-            let mut batch: Vec<Segment<'_, GpuCache>> = gpu_caches
-                .iter_mut()
-                .zip(&next)
-                .map(|(kv, t)| Segment {
-                    kv,
-                    tokens: t,
-                    logits: Logits::Last,
-                })
-                .collect();
+            let mut batch = last_logits(&mut gpu_caches, &next);
             gpu.forward_logits(&mut batch)?
         };
         for (i, (g, c)) in gpu_step.iter().zip(&cpu_logits).enumerate() {

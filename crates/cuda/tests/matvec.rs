@@ -17,23 +17,14 @@ fn open_device() -> CudaDevice {
         .unwrap_or_else(|e| panic!("this test needs an NVIDIA GPU and its driver: {e}"))
 }
 
-/// Every type the weights may come in that `quant` can also quantize (random
-/// but valid blocks come from quantizing random values).
-const TYPES: [GgmlType; 13] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q2_K,
-    GgmlType::Q3_K,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
+/// Every type the weights may come in that `quant` can also quantize
+/// (random but valid blocks come from quantizing random values): all of
+/// `quant`'s but the activation-only Q8_1 and Q8_K.
+fn weight_types() -> impl Iterator<Item = GgmlType> {
+    quant::SUPPORTED_TYPES
+        .into_iter()
+        .filter(|t| !matches!(t, GgmlType::Q8_1 | GgmlType::Q8_K))
+}
 
 fn upload<T: Copy>(device: &CudaDevice, data: &[T], what: &str) -> DeviceBuffer {
     let buffer = DeviceBuffer::new(device, std::mem::size_of_val(data), what).unwrap();
@@ -117,7 +108,7 @@ fn matvec_every_format_matches_cpu() {
     for &(cols, tokens) in &[(512usize, [1usize, 3, 8, 11]), (2304, [1, 2, 8, 9])] {
         let norm: Vec<f32> = (0..cols).map(|_| rng.gen_range(0.5..1.5)).collect();
         let norm_dev = upload(&device, &norm, "norm");
-        for ty in TYPES {
+        for ty in weight_types() {
             // Q, K and V shaped: three matrices of one type stacked.
             let shapes = [72usize, 24, 24];
             let mats: Vec<_> = shapes
@@ -286,7 +277,7 @@ fn matvec_speed() {
     // Qwen2.5-0.5B's FFN down projection (896 × 4864) and its gate/up shape
     // (4864 × 896, not for the K-quants' 256-value blocks).
     for (rows, cols) in [(896usize, 4864usize), (4864, 896), (151_936, 896)] {
-        for ty in TYPES {
+        for ty in weight_types() {
             if cols % ty.block_size() != 0
                 || (rows > 100_000 && ty != GgmlType::Q8_0 && ty != GgmlType::Q5_0)
             {
