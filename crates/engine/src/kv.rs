@@ -57,7 +57,8 @@ impl KvPool {
         self.inner
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                (used + pages <= self.inner.total).then_some(used + pages)
+                used.checked_add(pages)
+                    .filter(|&after| after <= self.inner.total)
             })
             .is_ok()
     }
@@ -138,11 +139,20 @@ impl KvCache {
                 });
             }
         }
-        self.pages = needed;
-        let floats = needed * PAGE_TOKENS * self.kv_dim;
+        // Memory is taken here, so a failed allocation is an error for this
+        // sequence alone, never an abort of the process and its other jobs.
+        let floats = needed
+            .checked_mul(PAGE_TOKENS * self.kv_dim)
+            .ok_or(EngineError::KvAllocation { positions })?;
         for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            layer.reserve_exact(floats - layer.len());
+            if layer.try_reserve_exact(floats - layer.len()).is_err() {
+                if let Some(pool) = &self.pool {
+                    pool.give_back(extra);
+                }
+                return Err(EngineError::KvAllocation { positions });
+            }
         }
+        self.pages = needed;
         Ok(())
     }
 
@@ -196,6 +206,32 @@ impl KvCache {
     }
 }
 
+/// Bytes of memory the system can still give (`MemAvailable`), where known.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Check that a KV budget of `bytes` (every page of every sequence) can be
+/// held in host memory, so that no request can later ask for more than the
+/// machine has; `what` says what sized it, for the error.
+pub fn check_host_budget(bytes: u128, what: &str) -> Result<(), EngineError> {
+    let Some(available) = available_memory() else {
+        return Ok(());
+    };
+    if bytes > u128::from(available) {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        return Err(EngineError::Invalid(format!(
+            "{what} needs {:.1} GiB of KV cache, but only {:.1} GiB of memory is available; lower it",
+            gib(bytes as f64),
+            gib(available as f64)
+        )));
+    }
+    Ok(())
+}
+
 impl Drop for KvCache {
     fn drop(&mut self) {
         if let Some(pool) = &self.pool {
@@ -225,5 +261,33 @@ mod tests {
         assert_eq!(pool.used_pages(), 1);
         drop(b);
         assert_eq!(pool.used_pages(), 0);
+    }
+
+    #[test]
+    fn an_allocation_the_machine_cannot_give_is_an_error_not_an_abort() {
+        // A budget far past any machine's memory (as an unchecked --ctx-size
+        // of 2^32 gave): reserving is an error and the pages go back.
+        let pool = KvPool::new(1 << 40);
+        let mut cache = KvCache::new_in(&pool, 30, 192, usize::MAX);
+        let err = cache.reserve(1 << 40).unwrap_err();
+        assert!(err.to_string().contains("cannot allocate"), "{err}");
+        assert_eq!((pool.used_pages(), cache.pages()), (0, 0));
+        assert!(cache.reserve(usize::MAX).is_err());
+        cache.reserve(PAGE_TOKENS).unwrap();
+        assert_eq!(pool.used_pages(), 1);
+    }
+
+    #[test]
+    fn a_budget_past_the_available_memory_is_refused() {
+        if available_memory().is_none() {
+            return;
+        }
+        let err = check_host_budget(1 << 60, "--ctx-size 4294967296").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--ctx-size 4294967296 needs 1073741824.0 GiB of KV cache, but only"),
+            "{err}"
+        );
+        check_host_budget(1 << 20, "a small context").unwrap();
     }
 }

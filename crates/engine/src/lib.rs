@@ -21,7 +21,7 @@ pub enum EngineError {
     Gguf(#[from] gguf::GgufError),
     #[error(transparent)]
     Quant(#[from] quant::QuantError),
-    #[error("tensor {name}: {reason}")]
+    #[error("tensor {}: {reason}", gguf::shown(name))]
     Tensor { name: String, reason: String },
     #[error("{0}")]
     Invalid(String),
@@ -32,6 +32,8 @@ pub enum EngineError {
     },
     #[error("the KV cache is full: {needed} more pages needed, {free} free")]
     KvPoolExhausted { needed: usize, free: usize },
+    #[error("cannot allocate the KV cache for {positions} positions (out of memory)")]
+    KvAllocation { positions: usize },
     #[error("context is full: {needed} positions needed, the cache holds {capacity}")]
     ContextFull { needed: usize, capacity: usize },
 }

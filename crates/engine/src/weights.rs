@@ -118,6 +118,15 @@ impl Loader<'_> {
                 reason: e.to_string(),
             }
         })?;
+        // Norm and bias vectors are small and enter every token: one NaN or
+        // infinity in them turns all output into garbage, so they are
+        // scanned (the large matrices are not; `inspect --check` does that).
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            return Err(EngineError::Tensor {
+                name: name.to_string(),
+                reason: format!("value {i} is {}; the file is corrupt", out[i]),
+            });
+        }
         Ok(out)
     }
 

@@ -232,3 +232,125 @@ fn a_full_queue_refuses_at_once_and_frees_as_jobs_start() {
         .unwrap();
     cancel_b.store(true, std::sync::atomic::Ordering::Release);
 }
+
+/// A tiny-llama with metadata key `key` set to `value`.
+fn with_metadata(key: &str, value: Value) -> GgufFile {
+    tiny_model(|original, out| {
+        out.set(key, value);
+        copy_tensors(original, out, "", None);
+    })
+}
+
+#[test]
+fn a_huge_block_count_is_refused_before_anything_is_sized_by_it() {
+    // 2^28 .. 2^32-1 blocks used to size the layer list first: an abort
+    // asking for terabytes. Now every count is checked against the tensors.
+    for n in [100u32, 1 << 28, u32::MAX] {
+        let msg = load_err(with_metadata("llama.block_count", Value::U32(n)));
+        assert_eq!(
+            msg,
+            format!("model metadata: block_count is {n} but the file has tensors for 2 blocks"),
+        );
+    }
+}
+
+#[test]
+fn out_of_range_hyperparameters_are_refused() {
+    for (key, value, needle) in [
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(f32::NAN),
+            "layer_norm_rms_epsilon is NaN",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(-1e-5),
+            "layer_norm_rms_epsilon is -0.00001",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(0.0),
+            "layer_norm_rms_epsilon is 0",
+        ),
+        (
+            "llama.rope.freq_base",
+            Value::F32(f32::INFINITY),
+            "rope.freq_base is inf",
+        ),
+        (
+            "llama.rope.freq_base",
+            Value::F32(0.0),
+            "rope.freq_base is 0",
+        ),
+        (
+            "llama.rope.freq_base",
+            Value::F32(-10_000.0),
+            "rope.freq_base is -10000",
+        ),
+        // Present but malformed is an error, not a silent default.
+        (
+            "llama.rope.freq_base",
+            Value::String("1e4".into()),
+            "llama.rope.freq_base: expected number, found string",
+        ),
+        (
+            "llama.attention.head_count_kv",
+            Value::F32(2.0),
+            "llama.attention.head_count_kv: expected integer",
+        ),
+        (
+            "llama.context_length",
+            Value::U32(1),
+            "context_length is 1; a model needs at least 2 positions",
+        ),
+        (
+            "llama.attention.key_length",
+            Value::U32(33),
+            "the head size 33 (attention.key_length",
+        ),
+        (
+            "llama.embedding_length",
+            Value::U32(512),
+            "embedding_length is 512 but token_embd.weight has rows of 256",
+        ),
+    ] {
+        let msg = load_err(with_metadata(key, value));
+        assert!(msg.contains(needle), "{key}: {msg}");
+    }
+}
+
+#[test]
+fn non_finite_norm_and_bias_values_are_refused() {
+    for (name, bad) in [
+        ("blk.1.attn_norm.weight", f32::NAN),
+        ("output_norm.weight", f32::INFINITY),
+    ] {
+        let file = tiny_model(|original, out| {
+            for t in original.tensors() {
+                let mut data = original.tensor_data(t).to_vec();
+                if t.name == name {
+                    assert_eq!(t.ty, gguf::GgmlType::F32);
+                    data[12..16].copy_from_slice(&bad.to_le_bytes());
+                }
+                out.add_tensor(t.name.clone(), t.ty, &t.dims, data).unwrap();
+            }
+        });
+        let msg = load_err(file);
+        assert_eq!(
+            msg,
+            format!("tensor {name}: value 3 is {bad}; the file is corrupt")
+        );
+    }
+}
+
+#[test]
+fn a_hostile_architecture_name_is_escaped_and_bounded() {
+    let name = "\u{1b}[31m\0".repeat(50_000);
+    let msg = load_err(with_metadata("general.architecture", Value::String(name)));
+    assert!(msg.len() < 400, "{} bytes", msg.len());
+    assert!(!msg.chars().any(char::is_control), "{msg:?}");
+    assert!(
+        msg.starts_with("unsupported architecture \"\\u{1b}[31m\\u{0}"),
+        "{msg}"
+    );
+}

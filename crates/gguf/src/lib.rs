@@ -11,7 +11,7 @@ mod types;
 mod value;
 mod writer;
 
-pub use error::{GgufError, Result};
+pub use error::{shown, shown_bounded, GgufError, Result, SHOWN_BYTES};
 pub use reader::{GgufFile, TensorInfo, DEFAULT_ALIGNMENT, MAX_DIMS};
 pub use types::{GgmlType, QK_K};
 pub use value::{Array, Metadata, Value, ValueType};

@@ -431,6 +431,8 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
 
     let mut metadata = Metadata::new();
     let mut keys = HashSet::with_capacity(n_kv.min(MAX_RESERVE));
+    // Where `general.alignment`'s value is, for an error about it.
+    let mut alignment_at = 0;
     for i in 0..n_kv {
         let key_at = c.pos;
         let key = c.string(&|| format!("metadata key #{i}"))?;
@@ -443,6 +445,9 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
         }
         let field = || format!("metadata value {key}");
         let ty = c.value_type(&field)?;
+        if key == "general.alignment" {
+            alignment_at = c.pos as u64;
+        }
         let value = c.value(ty, 0, &field)?;
         metadata.push_new(key, value);
     }
@@ -450,13 +455,18 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.as_u64() {
-            Some(a) if a.is_power_of_two() => a,
+            // Past 2^30 the data section's start could overflow; no writer uses more than 64.
+            Some(a) if a.is_power_of_two() && a <= 1 << 30 => a,
             _ => {
+                let found = match v.as_u64() {
+                    Some(a) => a.to_string(),
+                    None => format!("a {}", v.type_description()),
+                };
                 return Err(GgufError::Invalid {
                     field: "metadata value general.alignment".to_string(),
-                    offset: 0,
-                    reason: format!("{v:?} is not a power of two"),
-                })
+                    offset: alignment_at,
+                    reason: format!("is {found}; it must be a power of two up to 2^30"),
+                });
             }
         },
     };
@@ -570,6 +580,8 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
         }
     }
 
+    check_overlaps(&tensors, &offsets_at)?;
+
     Ok(Header {
         version,
         metadata,
@@ -577,4 +589,31 @@ fn parse_header(buf: &[u8]) -> Result<Header> {
         alignment,
         data_offset,
     })
+}
+
+/// Two tensors must not share bytes: a file whose tensors overlap was not
+/// written by any converter, and loading it would run one tensor's bytes as
+/// another's weights.
+fn check_overlaps(tensors: &[TensorInfo], offsets_at: &[usize]) -> Result<()> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_unstable_by_key(|&i| tensors[i].offset);
+    for pair in order.windows(2) {
+        let (a, b) = (&tensors[pair[0]], &tensors[pair[1]]);
+        // Both ends were checked to lie inside the file, so this cannot overflow.
+        let a_end = a.offset + a.n_bytes;
+        if a_end > b.offset {
+            return Err(GgufError::Invalid {
+                field: format!("tensor {}", b.name),
+                offset: offsets_at[pair[1]] as u64,
+                reason: format!(
+                    "data [{}, {}) overlaps tensor {}'s data [{}, {a_end})",
+                    b.offset,
+                    b.offset + b.n_bytes,
+                    crate::shown(&a.name),
+                    a.offset
+                ),
+            });
+        }
+    }
+    Ok(())
 }

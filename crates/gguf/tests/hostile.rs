@@ -177,6 +177,53 @@ fn invalid_values_name_the_key() {
     b.extend(4u32.to_le_bytes());
     b.extend(24u32.to_le_bytes());
     assert!(parse_err(b).to_string().contains("power of two"));
+
+    // The error gives the value's own offset and the value as a number.
+    let mut b = header(0, 1);
+    string(&mut b, "general.alignment");
+    b.extend(4u32.to_le_bytes());
+    let value_at = b.len();
+    b.extend(3u32.to_le_bytes());
+    let msg = parse_err(b).to_string();
+    assert_eq!(
+        msg,
+        format!("metadata value general.alignment at offset {value_at}: is 3; it must be a power of two up to 2^30")
+    );
+}
+
+#[test]
+fn overlapping_tensors_are_refused() {
+    // Two index entries whose data share bytes: b starts inside a.
+    let mut b = header(2, 0);
+    for (name, offset) in [("a", 0u64), ("b", 32)] {
+        string(&mut b, name);
+        b.extend(1u32.to_le_bytes());
+        b.extend(32u64.to_le_bytes()); // 32 f32 values = 128 bytes
+        b.extend(0u32.to_le_bytes());
+        b.extend(offset.to_le_bytes());
+    }
+    b.resize(b.len().next_multiple_of(32) + 160, 0);
+    let msg = parse_err(b).to_string();
+    assert!(
+        msg.contains("tensor b") && msg.contains("overlaps tensor a's data [0, 128)"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn file_strings_in_errors_are_escaped_and_bounded() {
+    // A 300 kB key of NUL and escape bytes, then a duplicate of it.
+    let key: String = "\0\x1b[2J".repeat(100_000);
+    let mut b = header(0, 2);
+    for _ in 0..2 {
+        string(&mut b, &key);
+        b.extend(4u32.to_le_bytes());
+        b.extend(1u32.to_le_bytes());
+    }
+    let msg = parse_err(b).to_string();
+    assert!(msg.len() < 1000, "{} bytes", msg.len());
+    assert!(!msg.chars().any(char::is_control), "{msg:?}");
+    assert!(msg.contains("…") && msg.contains("duplicate key"), "{msg}");
 }
 
 /// A file with one tensor-index entry and `data_len` bytes of data.

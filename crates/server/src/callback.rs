@@ -41,8 +41,33 @@ pub struct Capabilities {
     pub streaming: bool,
 }
 
+/// Check a callback URL at startup: an `http` or `https` URL with a host.
+/// One that can never work fails at once instead of being retried forever.
+pub fn check_url(url: &str) -> anyhow::Result<reqwest::Url> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| anyhow::anyhow!("--callback-url {url:?} is not a URL: {e}"))?;
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "http" | "https"),
+        "--callback-url {url:?}: the scheme must be http or https, not {:?}",
+        parsed.scheme()
+    );
+    anyhow::ensure!(
+        parsed.host_str().is_some_and(|h| !h.is_empty()),
+        "--callback-url {url:?} has no host"
+    );
+    Ok(parsed)
+}
+
+/// `backoff` less up to half of it, at random, so that a fleet of workers
+/// restarted together does not retry in step.
+fn jittered(backoff: Duration) -> Duration {
+    backoff.mul_f64(1.0 - rand::random::<f64>() * 0.5)
+}
+
 /// POST `payload` to `url` until it is accepted (2xx), backing off between
-/// attempts; the caller aborts it when the worker begins to drain.
+/// attempts (doubling up to [`MAX_BACKOFF`], with jitter); a refusal (4xx,
+/// 5xx) is logged with its status and retried the same way. The caller
+/// aborts it when the worker begins to drain. `url` was checked by [`check_url`].
 pub async fn announce(url: String, payload: ReadyPayload) {
     let client = match reqwest::Client::builder().timeout(ATTEMPT_TIMEOUT).build() {
         Ok(client) => client,
@@ -77,7 +102,7 @@ pub async fn announce(url: String, payload: ReadyPayload) {
                 "ready callback failed"
             ),
         }
-        tokio::time::sleep(backoff).await;
+        tokio::time::sleep(jittered(backoff)).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

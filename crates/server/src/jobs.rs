@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use engine::scheduler::{Event, Job, SubmitError};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
+use tracing::{info, warn, Span};
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -124,8 +125,14 @@ pub fn submit(
     let prompt_tokens = request.prompt.len();
     let metrics = state.metrics.clone();
     let mut last_token: Option<Instant> = None;
+    let mut log = JobLog {
+        span: Span::current(),
+        id: id.to_string(),
+        ended: false,
+    };
     let sink = Box::new(move |event: Event| {
         record(&metrics, api, &event, &mut last_token);
+        log.event(&event);
         tx.send(event).is_ok()
     });
     state
@@ -147,6 +154,49 @@ pub fn submit(
         prompt_tokens,
         _guard: guard,
     })
+}
+
+/// Logs each job's end once, whatever ended it (its last token, a stop, a
+/// cancel, a client that went away, a failure), in the request's span. It
+/// lives in the scheduler's sink, which sees every job to its end even when
+/// nobody reads the events any more.
+struct JobLog {
+    span: Span,
+    id: String,
+    ended: bool,
+}
+
+impl JobLog {
+    fn event(&mut self, event: &Event) {
+        let job_id = self.id.as_str();
+        match event {
+            Event::End(finish) => self.span.in_scope(|| {
+                info!(
+                    job_id,
+                    stop_reason = finish.stop_reason.as_str(),
+                    prompt_tokens = finish.prompt_tokens,
+                    tokens_out = finish.tokens_out,
+                    decode_ms = finish.decode_time.as_millis() as u64,
+                    "job finished"
+                )
+            }),
+            Event::Error { message } => self
+                .span
+                .in_scope(|| warn!(job_id, error = message.as_str(), "job failed")),
+            _ => return,
+        }
+        self.ended = true;
+    }
+}
+
+impl Drop for JobLog {
+    fn drop(&mut self) {
+        if !self.ended {
+            let job_id = self.id.as_str();
+            self.span
+                .in_scope(|| warn!(job_id, "job dropped: the scheduler stopped before it ended"));
+        }
+    }
 }
 
 /// Update the metrics for one event; runs on the scheduler thread as the event happens.

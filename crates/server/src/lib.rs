@@ -31,7 +31,7 @@ pub mod openapi;
 pub mod validate;
 pub mod worker_api;
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,7 +42,6 @@ use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tracing::{info, info_span, warn, Instrument};
@@ -55,7 +54,8 @@ pub use model::{cpu_backend, BackendInfo, Model, ModelInfo, ModelOptions, Sizing
 
 /// Header carrying the caller's request id; echoed and logged with the job.
 pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
-/// Longest correlation id taken from a request; longer (or non-visible-ASCII) ones are replaced.
+/// Longest correlation id taken from a request; longer ones, or ones with
+/// characters outside `A-Z a-z 0-9 . _ : -`, are replaced by a new id.
 const MAX_CORRELATION_ID: usize = 128;
 
 /// How the service runs around the model.
@@ -71,6 +71,16 @@ pub struct ServerConfig {
     pub model_ref: Option<String>,
     /// After shutdown is asked for, running jobs may finish for this long; then they are cancelled.
     pub drain_timeout: Duration,
+    /// Origins (`https://app.example.com`) whose web pages may call the API
+    /// (CORS); none by default, so browsers keep other sites' pages out.
+    pub cors_origins: Vec<String>,
+    /// A connection must send a request's headers within this long (an idle
+    /// keep-alive connection, its next request's); otherwise it is closed.
+    pub header_timeout: Duration,
+    /// A request's body must arrive within this long (408 otherwise).
+    pub body_timeout: Duration,
+    /// Connections held open at once; more are closed as they arrive.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -81,8 +91,51 @@ impl Default for ServerConfig {
             callback_url: None,
             model_ref: None,
             drain_timeout: Duration::from_secs(30),
+            cors_origins: Vec::new(),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            max_connections: 1024,
         }
     }
+}
+
+impl ServerConfig {
+    /// Settings that can never work are refused before the model loads.
+    pub fn check(&self) -> Result<()> {
+        if self.api_key.as_ref().is_some_and(|k| k.trim().is_empty()) {
+            anyhow::bail!(
+                "the API key is empty: an empty key would leave the worker open; give a key or none"
+            );
+        }
+        if let Some(url) = &self.callback_url {
+            callback::check_url(url)?;
+        }
+        for origin in &self.cors_origins {
+            cors_origin(origin)?;
+        }
+        anyhow::ensure!(
+            self.max_connections >= 1,
+            "--max-connections must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.header_timeout.is_zero() && !self.body_timeout.is_zero(),
+            "the header and body timeouts must be more than 0"
+        );
+        Ok(())
+    }
+}
+
+/// `scheme://host[:port]`, as browsers send it in `Origin`.
+fn cors_origin(origin: &str) -> Result<HeaderValue> {
+    let parsed = reqwest::Url::parse(origin)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .filter(|u| u.path() == "/" && u.query().is_none() && !origin.ends_with('/'));
+    anyhow::ensure!(
+        parsed.is_some(),
+        "--cors-origin {origin:?}: expected an origin such as https://app.example.com (scheme, host and port only)"
+    );
+    Ok(HeaderValue::from_str(origin)?)
 }
 
 /// What every handler shares.
@@ -144,14 +197,39 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             require_api_key,
         ));
-    Router::new()
+    let router = Router::new()
         .route("/health", get(worker_api::health))
         .route("/metrics", get(worker_api::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .merge(protected)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(state.clone(), observe));
+    // Outermost, so that a browser's preflight is answered before auth.
+    let router = match cors_layer(&state.config.cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// CORS for the allowed origins (none: no CORS headers, so browsers let no
+/// other site's page read a response or send a JSON body).
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::Method;
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    // Checked by ServerConfig::check; one that is not valid is left out.
+    let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| cors_origin(o).ok()).collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, CORRELATION_ID])
+            .expose_headers([CORRELATION_ID])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// Give each request a span carrying its correlation id (the caller's
@@ -161,11 +239,7 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         .headers()
         .get(&CORRELATION_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= MAX_CORRELATION_ID
-                && v.bytes().all(|b| b.is_ascii_graphic())
-        });
+        .filter(|v| is_correlation_id(v));
     let correlation_id = match given {
         Some(id) => id.to_string(),
         None => format!("{:016x}", rand::random::<u64>()),
@@ -177,9 +251,9 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         .to_string();
     let span = info_span!(
         "request",
-        correlation_id = %correlation_id,
-        method = %request.method(),
-        route = %route
+        correlation_id = correlation_id.as_str(),
+        method = request.method().as_str(),
+        route = route.as_str()
     );
     let mut response = next.run(request).instrument(span).await;
     state
@@ -192,6 +266,25 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         HeaderValue::from_str(&correlation_id).expect("visible ASCII"),
     );
     response
+}
+
+/// A caller's id that may go into logs and headers as it is: 1 to 128 of
+/// `A-Z a-z 0-9 . _ : -` (the `job_id` alphabet), so that it cannot forge a
+/// log line or a field.
+fn is_correlation_id(id: &str) -> bool {
+    (1..=MAX_CORRELATION_ID).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme name
+/// is case-insensitive (RFC 7235).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
 }
 
 /// With `--api-key`, require `Authorization: Bearer <key>`.
@@ -207,7 +300,7 @@ async fn require_api_key(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), key.as_bytes()) {
         return next.run(request).await;
@@ -234,6 +327,7 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    config.check()?;
     let address = listener.local_addr()?;
     let uri = format!("http://{address}");
     let state = Arc::new(AppState::new(model, config));
@@ -253,7 +347,7 @@ pub async fn run(
         .map(|url| tokio::spawn(callback::announce(url, ready_payload(&state, uri.clone()))));
 
     let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
-    let graceful = {
+    let drained = {
         let state = state.clone();
         // A draining worker is no longer ready: stop announcing it.
         let stop_announcing = announce.as_ref().map(|task| task.abort_handle());
@@ -276,13 +370,7 @@ pub async fn run(
             }
         }
     };
-    let listener = listener.tap_io(|tcp| {
-        // Tokens go out one small write at a time; do not let Nagle hold them.
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(graceful)
-        .into_future();
+    let server = serve_connections(listener, router(state.clone()), &state.config, drained);
     let deadline = {
         let state = state.clone();
         async move {
@@ -300,7 +388,7 @@ pub async fn run(
         }
     };
     tokio::select! {
-        result = server => result?,
+        () = server => {}
         () = deadline => warn!("connections still open after the drain deadline; stopping anyway"),
     }
     if let Some(task) = announce {
@@ -308,6 +396,67 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Accept connections and serve `app` on each until `until` resolves; then
+/// stop accepting and wait for the open connections to finish their
+/// requests. Each connection must send a request's headers within the
+/// header timeout (an idle keep-alive connection too) and at most
+/// `max_connections` are open at once: a client that opens many and sends
+/// nothing (slowloris) is closed instead of holding the worker's files.
+async fn serve_connections(
+    listener: TcpListener,
+    app: Router,
+    config: &ServerConfig,
+    until: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let connections = GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    let mut last_refusal_logged: Option<Instant> = None;
+    tokio::pin!(until);
+    loop {
+        let tcp = tokio::select! {
+            () = &mut until => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _peer)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    warn!(error = e.to_string(), "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Closed at once (dropped): a flood must not queue up file descriptors.
+            if last_refusal_logged.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                last_refusal_logged = Some(Instant::now());
+                warn!(
+                    max_connections = config.max_connections,
+                    "connection limit reached: closing new connections"
+                );
+            }
+            continue;
+        };
+        // Tokens go out one small write at a time; do not let Nagle hold them.
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = connections.watch(http.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            // A client that goes away or times out is not an error of the worker's.
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
 }
 
 fn ready_payload(state: &AppState, uri: String) -> ReadyPayload {
@@ -332,5 +481,74 @@ fn ready_payload(state: &AppState, uri: String) -> ReadyPayload {
             openai_compatible: true,
             streaming: true,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for (value, token) in [
+            ("Bearer k3y", Some("k3y")),
+            ("bearer k3y", Some("k3y")),
+            ("BEARER  k3y", Some("k3y")),
+            ("Basic k3y", None),
+            ("Bearerk3y", None),
+            ("k3y", None),
+        ] {
+            assert_eq!(bearer_token(value), token, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn correlation_ids_are_restricted_to_a_safe_alphabet() {
+        assert!(is_correlation_id("req-42.a_b:c"));
+        for bad in [
+            "",
+            "x}:_server::worker_api:_job_finished_job_id=\"evil\"",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
+            assert!(!is_correlation_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let with = |edit: &dyn Fn(&mut ServerConfig)| {
+            let mut config = ServerConfig::default();
+            edit(&mut config);
+            config.check().map_err(|e| e.to_string())
+        };
+        assert!(with(&|_| {}).is_ok());
+        let err = with(&|c| c.api_key = Some(String::new())).unwrap_err();
+        assert!(err.contains("the API key is empty"), "{err}");
+        assert!(with(&|c| c.api_key = Some("  ".into())).is_err());
+        for url in [
+            "notaurl",
+            "ftp://host/x",
+            "http://",
+            "https://",
+            "mailto:ops@example.com",
+        ] {
+            let err = with(&|c| c.callback_url = Some(url.into())).unwrap_err();
+            assert!(err.contains("--callback-url"), "{url}: {err}");
+        }
+        assert!(with(&|c| c.callback_url = Some("https://orch.example:8443/ready".into())).is_ok());
+        for origin in [
+            "*",
+            "example.com",
+            "https://a.example/path",
+            "https://a.example/",
+        ] {
+            assert!(
+                with(&|c| c.cors_origins = vec![origin.into()]).is_err(),
+                "{origin}"
+            );
+        }
+        assert!(with(&|c| c.cors_origins = vec!["http://localhost:3000".into()]).is_ok());
     }
 }

@@ -14,7 +14,8 @@ use engine::kv::PAGE_TOKENS;
 use engine::scheduler::{self, SchedulerConfig, SchedulerHandle};
 use engine::spec::ModelSpec;
 use gguf::GgufFile;
-use tokenizer::{ChatTemplate, Tokenizer};
+use tokenizer::{ChatTemplate, Tokenizer, TokenizerError};
+use tracing::{info, warn};
 
 /// How to size the scheduler around the model.
 #[derive(Clone, Debug)]
@@ -27,6 +28,10 @@ pub struct ModelOptions {
     pub max_queue: usize,
     /// Tokens per forward pass (decode tokens plus prefill chunks).
     pub step_tokens: usize,
+    /// Allow a `ctx_size` past the model's training context.
+    pub ctx_beyond_training: bool,
+    /// A chat template's source to use instead of the file's (`--chat-template`).
+    pub chat_template: Option<String>,
 }
 
 impl Default for ModelOptions {
@@ -36,6 +41,8 @@ impl Default for ModelOptions {
             max_concurrent: 8,
             max_queue: 64,
             step_tokens: 512,
+            ctx_beyond_training: false,
+            chat_template: None,
         }
     }
 }
@@ -112,6 +119,27 @@ pub fn cpu_backend(file: Arc<GgufFile>, spec: &ModelSpec) -> Result<(CpuModel, B
     Ok((model, info))
 }
 
+/// The chat template to serve: a given one must work; the file's may be
+/// absent (a base model still serves /execute and /v1/completions) or
+/// broken, which is logged with its error (the chat route then refuses).
+fn chat_template(meta: &gguf::Metadata, explicit: Option<&str>) -> Result<Option<ChatTemplate>> {
+    match ChatTemplate::load(meta, explicit) {
+        Ok(template) => Ok(Some(template)),
+        Err(e) if explicit.is_some() => Err(e).context("the template given with --chat-template"),
+        Err(TokenizerError::NoTemplate(why)) => {
+            info!("no chat template: {why}; /v1/chat/completions is refused");
+            Ok(None)
+        }
+        Err(e) => {
+            warn!(
+                error = e.to_string(),
+                "the model's chat template cannot be used; /v1/chat/completions is refused until one is given with --chat-template"
+            );
+            Ok(None)
+        }
+    }
+}
+
 impl Model {
     /// Load a GGUF file for the CPU backend and start its scheduler thread.
     pub fn load(path: &Path, options: &ModelOptions) -> Result<Model> {
@@ -133,8 +161,7 @@ impl Model {
             Arc::new(GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?);
         let meta = file.metadata();
         let tokenizer = Tokenizer::from_gguf(meta).context("loading the tokenizer")?;
-        // A base model without a template still serves /execute and /v1/completions.
-        let template = ChatTemplate::from_gguf(meta).ok();
+        let template = chat_template(meta, options.chat_template.as_deref())?;
         let id = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -147,23 +174,33 @@ impl Model {
             .to_string();
         let spec =
             ModelSpec::from_gguf(&file).with_context(|| format!("loading {}", path.display()))?;
-        let context = options
-            .ctx_size
-            .unwrap_or_else(|| spec.context_length.min(4096));
-        anyhow::ensure!(
-            context >= 2,
-            "--ctx-size must be at least 2 (one prompt token and one generated)"
-        );
+        let context = spec.serving_context(options.ctx_size, options.ctx_beyond_training)?;
+        let kv_pages = context
+            .div_ceil(PAGE_TOKENS)
+            .checked_mul(options.max_concurrent)
+            .context("--ctx-size × --max-concurrent overflows")?;
         let sizing = Sizing {
             context,
             // Room for every slot at full context: pages are only a budget
             // (memory is taken as sequences reserve it), and with this many an
             // admitted request never waits on the others.
-            kv_pages: context.div_ceil(PAGE_TOKENS) * options.max_concurrent,
+            kv_pages,
             step_tokens: options.step_tokens,
         };
         let (model, backend) =
             make(file, &spec, &sizing).with_context(|| format!("loading {}", path.display()))?;
+        if backend.device_bytes.is_none() {
+            // On the CPU the budget is taken as sequences grow: check now that
+            // the machine can hold all of it, so that no request finds out later.
+            // (A GPU backend allocates its whole KV cache at load.)
+            engine::kv::check_host_budget(
+                kv_pages as u128 * u128::from(backend.kv_page_bytes),
+                &format!(
+                    "--ctx-size {context} with --max-concurrent {}",
+                    options.max_concurrent
+                ),
+            )?;
+        }
         let info = ModelInfo {
             id,
             path: path.display().to_string(),

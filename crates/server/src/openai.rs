@@ -17,7 +17,7 @@ use engine::generate::StopReason;
 use engine::scheduler::{Event, Finish};
 use serde::{Deserialize, Serialize};
 use tokenizer::Message;
-use tracing::{info, warn, Span};
+use tracing::info;
 use utoipa::openapi::schema::{
     ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
 };
@@ -37,12 +37,36 @@ const COMPLETIONS_DEFAULTS: Defaults = Defaults {
 };
 
 /// `stop`: one string or a list.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
 }
+
+/// Deserialize a field that is one string or a list of them, with an error
+/// that says so (serde's untagged enums only say no variant matched).
+macro_rules! one_or_many {
+    ($ty:ident, $one:ident, $many:ident, $expected:literal) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                match serde_json::Value::deserialize(d)? {
+                    serde_json::Value::String(s) => Ok($ty::$one(s)),
+                    serde_json::Value::Array(items) => items
+                        .into_iter()
+                        .map(|item| match item {
+                            serde_json::Value::String(s) => Ok(s),
+                            _ => Err(serde::de::Error::custom(concat!("must be ", $expected))),
+                        })
+                        .collect::<Result<_, _>>()
+                        .map($ty::$many),
+                    _ => Err(serde::de::Error::custom(concat!("must be ", $expected))),
+                }
+            }
+        }
+    };
+}
+
+one_or_many!(Stop, One, Many, "a string or an array of strings");
 
 impl PartialSchema for Stop {
     fn schema() -> RefOr<Schema> {
@@ -289,11 +313,47 @@ impl Role {
 }
 
 /// Text, or a list of text parts.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum MessageContent {
     Text(String),
     Parts(Vec<ContentPart>),
+}
+
+impl PartialSchema for MessageContent {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .item(ArrayBuilder::new().items(ContentPart::schema()))
+            .into()
+    }
+}
+
+impl ToSchema for MessageContent {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        // The parts' schema is inlined above; the kind it refers to is a component.
+        schemas.push((PartKind::name().into_owned(), PartKind::schema()));
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match serde_json::Value::deserialize(d)? {
+            serde_json::Value::String(s) => Ok(MessageContent::Text(s)),
+            serde_json::Value::Array(parts) => parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, part)| {
+                    ContentPart::deserialize(part)
+                        .map_err(|e| D::Error::custom(format!("part {i}: {e}")))
+                })
+                .collect::<Result<_, _>>()
+                .map(MessageContent::Parts),
+            _ => Err(D::Error::custom(
+                "must be a string or an array of text parts ({\"type\": \"text\", \"text\": …})",
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -315,8 +375,9 @@ impl ChatCompletionRequest {
     fn validate(
         mut self,
         state: &AppState,
+        type_errors: Vec<crate::error::FieldError>,
     ) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
-        let mut errors = Errors::default();
+        let mut errors = Errors(type_errors);
         if self.logprobs == Some(true) {
             errors.add("logprobs", "unsupported", "logprobs are not supported");
         }
@@ -331,7 +392,11 @@ impl ChatCompletionRequest {
                 errors.add(field, "range", "must be at least 1");
             }
         }
-        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        // Both were checked just above: a 0 is not named again.
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .filter(|&n| n > 0);
         let (fields, stream) = self.take_common().check(max_tokens, &mut errors);
         let params = validate::check_sampling(&fields, &OPENAI_DEFAULTS, &mut errors);
         if self.messages.is_empty() {
@@ -340,9 +405,20 @@ impl ChatCompletionRequest {
         let messages: Vec<Message> = self
             .messages
             .into_iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
                 let content = match m.content {
-                    None => String::new(),
+                    // Only an assistant turn may come without content (OpenAI's rule:
+                    // one that made tool calls); anything else has to say something.
+                    None if m.role == Role::Assistant => String::new(),
+                    None => {
+                        errors.add(
+                            &format!("messages[{i}].content"),
+                            "required",
+                            "content is required (a string or an array of text parts)",
+                        );
+                        String::new()
+                    }
                     Some(MessageContent::Text(text)) => text,
                     Some(MessageContent::Parts(parts)) => {
                         parts.into_iter().map(|p| p.text).collect()
@@ -358,7 +434,7 @@ impl ChatCompletionRequest {
             errors.add(
                 "messages",
                 "unsupported",
-                "the model has no chat template; use /v1/completions",
+                "the model has no usable chat template (see the worker's log); use /v1/completions, or start the worker with --chat-template FILE",
             );
             return Err(errors.0);
         };
@@ -400,12 +476,13 @@ pub struct CompletionRequest {
 }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub enum PromptInput {
     Text(String),
     Texts(Vec<String>),
 }
+
+one_or_many!(PromptInput, Text, Texts, "a string or an array of strings");
 
 impl PartialSchema for PromptInput {
     fn schema() -> RefOr<Schema> {
@@ -432,8 +509,9 @@ impl CompletionRequest {
     fn validate(
         mut self,
         state: &AppState,
+        type_errors: Vec<crate::error::FieldError>,
     ) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
-        let mut errors = Errors::default();
+        let mut errors = Errors(type_errors);
         if self.echo == Some(true) {
             errors.add("echo", "unsupported", "echo is not supported");
         }
@@ -647,19 +725,6 @@ async fn wait(job: &mut RunningJob) -> Outcome {
     }
 }
 
-fn log_outcome(span: &Span, id: &str, outcome: &Outcome) {
-    span.in_scope(|| match outcome {
-        Outcome::Finished(f) => info!(
-            job_id = id,
-            stop_reason = f.stop_reason.as_str(),
-            tokens_out = f.tokens_out,
-            decode_ms = f.decode_time.as_millis() as u64,
-            "job finished"
-        ),
-        Outcome::Failed(message) => warn!(job_id = id, message, "job failed"),
-    });
-}
-
 /// What a stream chunk carries; each route spells it in its own chunk type.
 enum Piece {
     /// Before any text (chat: the assistant's role).
@@ -674,16 +739,13 @@ enum Piece {
 /// or an SSE stream of the chunks `chunk` makes, ending with `data: [DONE]`.
 async fn respond<T: Serialize + Send + 'static>(
     job: RunningJob,
-    job_id: String,
     mode: StreamMode,
     chunk: impl Fn(Piece) -> Option<T> + Send + 'static,
     whole: impl FnOnce(Finish) -> Response,
 ) -> Result<Response, OpenAiError> {
-    let span = Span::current();
     if !mode.stream {
         let mut job = job;
         let outcome = wait(&mut job).await;
-        log_outcome(&span, &job_id, &outcome);
         return match outcome {
             Outcome::Finished(finish) => Ok(whole(finish)),
             Outcome::Failed(message) => Err(ApiError::Internal(message).into()),
@@ -703,7 +765,6 @@ async fn respond<T: Serialize + Send + 'static>(
                     }
                 }
                 Some(Event::End(finish)) => {
-                    log_outcome(&span, &job_id, &Outcome::Finished(finish.clone()));
                     if let Some(c) = chunk(Piece::Finish(finish.stop_reason)) {
                         yield data(&c);
                     }
@@ -715,7 +776,6 @@ async fn respond<T: Serialize + Send + 'static>(
                     break;
                 }
                 Some(Event::Error { message }) => {
-                    log_outcome(&span, &job_id, &Outcome::Failed(message.clone()));
                     yield stream_error(message);
                     break;
                 }
@@ -776,9 +836,12 @@ async fn accept(
 )]
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    OpenAiJson(request): OpenAiJson<ChatCompletionRequest>,
+    OpenAiJson(request, type_errors): OpenAiJson<ChatCompletionRequest>,
 ) -> Result<Response, OpenAiError> {
-    let (job, id, mode) = accept(&state, "chatcmpl", move |s| request.validate(s)).await?;
+    let (job, id, mode) = accept(&state, "chatcmpl", move |s| {
+        request.validate(s, type_errors)
+    })
+    .await?;
     let model = state.model.info.id.clone();
     let created = unix_now();
     let (chunk_id, chunk_model) = (id.clone(), model.clone());
@@ -841,7 +904,7 @@ pub async fn chat_completions(
         })
         .into_response()
     };
-    respond(job, id.clone(), mode, chunk, whole).await
+    respond(job, mode, chunk, whole).await
 }
 
 /// Text completion of a raw prompt.
@@ -866,9 +929,9 @@ pub async fn chat_completions(
 )]
 pub async fn completions(
     State(state): State<Arc<AppState>>,
-    OpenAiJson(request): OpenAiJson<CompletionRequest>,
+    OpenAiJson(request, type_errors): OpenAiJson<CompletionRequest>,
 ) -> Result<Response, OpenAiError> {
-    let (job, id, mode) = accept(&state, "cmpl", move |s| request.validate(s)).await?;
+    let (job, id, mode) = accept(&state, "cmpl", move |s| request.validate(s, type_errors)).await?;
     let model = state.model.info.id.clone();
     let created = unix_now();
     let completion = {
@@ -918,7 +981,7 @@ pub async fn completions(
         // The usage chunk has no choices.
         Piece::Usage(usage) => Some(completion(String::new(), None, Some(usage), false)),
     };
-    respond(job, id, mode, chunk, whole).await
+    respond(job, mode, chunk, whole).await
 }
 
 /// The one model this worker serves.

@@ -13,7 +13,7 @@ use axum::Json;
 use engine::scheduler::Event;
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn, Span};
+use tracing::info;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ErrorBody, WorkerJson};
@@ -71,8 +71,12 @@ pub struct ExecuteRequest {
 
 impl ExecuteRequest {
     /// Tokenize and check every field (run off the async threads: a long prompt takes a while).
-    pub fn validate(self, state: &AppState) -> Result<ValidRequest, Vec<crate::error::FieldError>> {
-        let mut errors = Errors::default();
+    pub fn validate(
+        self,
+        state: &AppState,
+        type_errors: Vec<crate::error::FieldError>,
+    ) -> Result<ValidRequest, Vec<crate::error::FieldError>> {
+        let mut errors = Errors(type_errors);
         validate::check_job_id(&self.job_id, &mut errors);
         let fields = SamplingFields {
             max_tokens: self.max_tokens,
@@ -169,11 +173,11 @@ fn sse<T: Serialize>(name: &'static str, data: &T) -> Result<SseEvent, Infallibl
 )]
 pub async fn execute(
     State(state): State<Arc<AppState>>,
-    WorkerJson(request): WorkerJson<ExecuteRequest>,
+    WorkerJson(request, type_errors): WorkerJson<ExecuteRequest>,
 ) -> Result<Response, ApiError> {
     let job_id = request.job_id.clone();
     let valid = state
-        .validate_off_thread(move |s| request.validate(s))
+        .validate_off_thread(move |s| request.validate(s, type_errors))
         .await?;
     let max_tokens = valid.params.max_tokens;
     let job = jobs::submit(&state, &job_id, "worker", valid)?;
@@ -190,22 +194,20 @@ pub async fn execute(
         started_at: rfc3339(SystemTime::now()),
         seed: job.seed,
     };
-    let stream = execute_events(started, job, Span::current());
+    let stream = execute_events(started, job);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
 }
 
-/// The job's scheduler events as SSE events; logs its end inside the request's span.
+/// The job's scheduler events as SSE events (the job's end is logged by [`jobs`]).
 fn execute_events(
     started: StartedEvent,
     job: RunningJob,
-    span: Span,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     async_stream::stream! {
         // Move the whole job in (not just its receiver): its guard must live as long as the stream.
         let mut job = job;
-        let job_id = started.job_id.clone();
         yield sse("started", &started);
         loop {
             match job.events.recv().await {
@@ -222,13 +224,6 @@ fn execute_events(
                         decode_tokens_per_second: (decode_tokens > 0 && decode_s > 0.0)
                             .then(|| decode_tokens as f64 / decode_s),
                     });
-                    span.in_scope(|| info!(
-                        job_id,
-                        stop_reason = finish.stop_reason.as_str(),
-                        tokens_out = finish.tokens_out,
-                        decode_ms = (decode_s * 1e3) as u64,
-                        "job finished"
-                    ));
                     yield sse("end", &EndEvent {
                         tokens_out: finish.tokens_out,
                         decode_time_ms: decode_s * 1e3,
@@ -237,7 +232,6 @@ fn execute_events(
                     break;
                 }
                 Some(Event::Error { message }) => {
-                    span.in_scope(|| warn!(job_id, message, "job failed"));
                     yield sse("error", &ErrorEvent {
                         code: "INFERENCE_FAILED".into(),
                         message,
@@ -246,7 +240,6 @@ fn execute_events(
                     break;
                 }
                 None => {
-                    span.in_scope(|| warn!(job_id, "the scheduler stopped before the job ended"));
                     yield sse("error", &ErrorEvent {
                         code: "WORKER_STOPPED".into(),
                         message: "the scheduler stopped before the job ended".into(),
@@ -288,15 +281,18 @@ pub struct CancelResponse {
 )]
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
-    WorkerJson(request): WorkerJson<CancelRequest>,
-) -> Response {
+    WorkerJson(request, type_errors): WorkerJson<CancelRequest>,
+) -> Result<Response, ApiError> {
+    if !type_errors.is_empty() {
+        return Err(ApiError::Invalid(type_errors));
+    }
     let found = state.jobs.cancel(&request.job_id);
     info!(job_id = request.job_id, found, "cancel requested");
     let body = CancelResponse {
         job_id: request.job_id,
         found,
     };
-    (StatusCode::ACCEPTED, Json(body)).into_response()
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -349,13 +345,23 @@ pub struct KvPages {
     get,
     path = "/health",
     tag = "worker",
-    responses((status = 200, description = "Worker state", body = HealthResponse))
+    responses(
+        (status = 200, description = "Worker state", body = HealthResponse),
+        (status = 503, description = "Draining after SIGTERM: the same body, status `draining`", body = HealthResponse),
+    )
 )]
-pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> {
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     let info = &state.model.info;
     let pool = state.model.scheduler.pool();
     let kv_cache_bytes = state.model.kv_bytes_used();
-    Json(HealthResponse {
+    // Readiness probes and load balancers read the status: a draining
+    // worker takes no new jobs, so it says 503 (the body is the same).
+    let status = if state.is_draining() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let body = Json(HealthResponse {
         status: if state.is_draining() {
             "draining"
         } else {
@@ -383,7 +389,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<HealthResponse> 
             used: pool.used_pages(),
             total: pool.total_pages(),
         },
-    })
+    });
+    (status, body).into_response()
 }
 
 /// Prometheus metrics (text exposition format 0.0.4).

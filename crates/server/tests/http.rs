@@ -854,8 +854,16 @@ async fn shutdown_drains_running_jobs() {
     let started = Instant::now();
     let stopped = server.begin_shutdown();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // Draining: still answering, refusing new jobs with a retriable 503.
-    let health = server.get_json("/health").await;
+    // Draining: still answering (503, so readiness probes stop sending
+    // jobs), refusing new jobs with a retriable 503.
+    let response = server
+        .client
+        .get(server.url("/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let health: Value = response.json().await.unwrap();
     assert_eq!(health["status"], "draining");
     let response = server.post("/execute", &greedy("late", 2)).await;
     assert_eq!(response.status(), 503);
@@ -916,6 +924,6 @@ async fn correlation_id_is_in_the_jobs_log_lines() {
         "{text}"
     );
     for line in lines {
-        assert!(line.contains("correlation_id=corr-log-5150"), "{line}");
+        assert!(line.contains("correlation_id=\"corr-log-5150\""), "{line}");
     }
 }

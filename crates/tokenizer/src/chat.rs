@@ -85,6 +85,27 @@ impl ChatTemplate {
         Self::new(source, text(bos), text(eos))
     }
 
+    /// The template to chat with: `explicit` (a template's source, e.g. from
+    /// `--chat-template FILE`) when given, else the file's (as
+    /// [`from_gguf`](Self::from_gguf)); either way with the file's BOS and
+    /// EOS texts, and checked by rendering one user message, so that a
+    /// template that does not parse or raises on the simplest conversation
+    /// is an error at load rather than on the first chat request.
+    pub fn load(meta: &Metadata, explicit: Option<&str>) -> Result<Self, TokenizerError> {
+        let template = match explicit {
+            Some(source) => {
+                let tokens = meta.get_string_array("tokenizer.ggml.tokens")?;
+                let (bos, eos) = crate::vocab::bos_eos_ids(meta, tokens.len())?;
+                let text =
+                    |id: Option<u32>| id.map(|id| tokens[id as usize].clone()).unwrap_or_default();
+                Self::new(source, text(bos), text(eos))?
+            }
+            None => Self::from_gguf(meta)?,
+        };
+        template.render(&[Message::new("user", "Hello")], true)?;
+        Ok(template)
+    }
+
     /// Compile `source`; `bos_token` and `eos_token` are the texts the
     /// template sees under those names.
     pub fn new(

@@ -53,14 +53,18 @@ pub enum TokenizerError {
     #[error(transparent)]
     Metadata(#[from] gguf::GgufError),
     /// The metadata is present but inconsistent or out of range.
-    #[error("metadata key {key}: {reason}")]
+    #[error(
+        "metadata key {}: {}",
+        gguf::shown(key),
+        gguf::shown_bounded(reason, 800)
+    )]
     Invalid { key: String, reason: String },
     /// A tokenizer model or pre-tokenizer this crate does not implement.
-    #[error("unsupported {0}")]
+    #[error("unsupported {}", gguf::shown_bounded(.0, 800))]
     Unsupported(String),
     /// The chat template does not compile, fails while rendering, or calls
     /// `raise_exception`.
-    #[error("chat template: {0}")]
+    #[error("chat template: {}", gguf::shown_bounded(.0, 800))]
     Template(String),
     /// The file has no chat template and none can be inferred.
     #[error("{0}")]

@@ -52,7 +52,12 @@ impl<'a> Report<'a> {
         )?;
         writeln!(out, "\nmetadata ({} keys)", f.metadata().len())?;
         for (key, value) in f.metadata().iter() {
-            writeln!(out, "  {key} = {}", describe_value(value, full))?;
+            writeln!(
+                out,
+                "  {} = {}",
+                gguf::shown(key),
+                describe_value(value, full)
+            )?;
         }
         writeln!(out, "\ntensors ({})", f.tensors().len())?;
         let width = f.tensors().iter().map(|t| t.name.len()).max().unwrap_or(4);
@@ -65,7 +70,7 @@ impl<'a> Report<'a> {
             writeln!(
                 out,
                 "  {:width$}  {:7}  {:>20}  {:>12}",
-                t.name,
+                gguf::shown(&t.name),
                 t.ty.name(),
                 t.shape_string(),
                 t.n_bytes
@@ -158,6 +163,100 @@ impl<'a> Report<'a> {
             },
         })
     }
+}
+
+/// What `inspect --check` found in one tensor.
+pub struct TensorCheck {
+    pub name: String,
+    /// Values that are NaN or infinite, and the index of the first.
+    pub non_finite: u64,
+    pub first: Option<u64>,
+    /// Why the tensor could not be decoded, if it could not.
+    pub error: Option<String>,
+}
+
+/// Decode every tensor and count its non-finite values. Loading scans only
+/// the small norm and bias vectors; this reads every weight (a few seconds
+/// per GB), so that a corrupt matrix is found and named.
+pub fn check_tensors(file: &GgufFile) -> Vec<TensorCheck> {
+    use rayon::prelude::*;
+    file.tensors()
+        .par_iter()
+        .map(|t| {
+            let mut check = TensorCheck {
+                name: t.name.clone(),
+                non_finite: 0,
+                first: None,
+                error: None,
+            };
+            if !quant::can_dequantize(t.ty) {
+                check.error = Some(format!("type {} cannot be decoded", t.ty));
+                return check;
+            }
+            // A few thousand rows at a time, so that memory stays small whatever the tensor.
+            let row_len = t.row_len() as usize;
+            let row_bytes = (t.n_bytes / t.n_rows()) as usize;
+            let rows_per_chunk = (1 << 20) / row_len.max(1) + 1;
+            let mut values = vec![0f32; rows_per_chunk * row_len];
+            let data = file.tensor_data(t);
+            for (chunk_index, chunk) in data.chunks(rows_per_chunk * row_bytes).enumerate() {
+                let n = chunk.len() / row_bytes * row_len;
+                if let Err(e) = quant::dequantize(t.ty, chunk, &mut values[..n]) {
+                    check.error = Some(e.to_string());
+                    return check;
+                }
+                for (i, v) in values[..n].iter().enumerate() {
+                    if !v.is_finite() {
+                        check.non_finite += 1;
+                        check
+                            .first
+                            .get_or_insert((chunk_index * rows_per_chunk * row_len + i) as u64);
+                    }
+                }
+            }
+            check
+        })
+        .collect()
+}
+
+/// Print the checks, one line per tensor; whether every tensor is sound.
+pub fn print_checks(out: &mut impl Write, checks: &[TensorCheck]) -> io::Result<bool> {
+    writeln!(
+        out,
+        "
+check (every value of every tensor)"
+    )?;
+    let width = checks
+        .iter()
+        .map(|c| gguf::shown(&c.name).len())
+        .max()
+        .unwrap_or(4);
+    let mut sound = true;
+    for c in checks {
+        let verdict = match (&c.error, c.first) {
+            (Some(e), _) => format!("cannot be decoded: {e}"),
+            (None, Some(first)) => {
+                format!("{} non-finite values, the first at {first}", c.non_finite)
+            }
+            (None, None) => "ok".to_string(),
+        };
+        sound &= verdict == "ok";
+        writeln!(out, "  {:width$}  {verdict}", gguf::shown(&c.name))?;
+    }
+    let bad = checks
+        .iter()
+        .filter(|c| c.error.is_some() || c.non_finite > 0)
+        .count();
+    writeln!(out, "  {} tensors, {bad} with problems", checks.len())?;
+    Ok(sound)
+}
+
+/// The checks as JSON, for `inspect --check --json`.
+pub fn checks_json(checks: &[TensorCheck]) -> serde_json::Value {
+    checks
+        .iter()
+        .map(|c| json!({"name": c.name, "non_finite": c.non_finite, "first_non_finite": c.first, "error": c.error}))
+        .collect()
 }
 
 /// `Q4_1 ×210, F32 ×61, Q8_0 ×1`, most frequent first.

@@ -36,9 +36,14 @@ enum Command {
         gpu: run::GpuArgs,
         #[command(flatten)]
         sampling: run::SamplingArgs,
-        /// The prompt, used as given unless --chat wraps it in the model's template.
-        #[arg(short, long)]
-        prompt: String,
+        /// The prompt, used as given (special tokens such as <|im_start|> in
+        /// it are parsed) unless --chat wraps it in the model's template;
+        /// `-` reads it from standard input.
+        #[arg(short, long, required_unless_present = "file", conflicts_with = "file")]
+        prompt: Option<String>,
+        /// Read the prompt from this file.
+        #[arg(short = 'f', long)]
+        file: Option<PathBuf>,
         /// Send the prompt as a user message through the model's chat template.
         #[arg(long)]
         chat: bool,
@@ -68,6 +73,11 @@ enum Command {
         /// Print arrays and strings in full instead of shortening them.
         #[arg(long)]
         full: bool,
+        /// Decode every tensor and report non-finite values per tensor
+        /// (loading scans only norm and bias vectors); exits with an error
+        /// if any tensor has them.
+        #[arg(long)]
+        check: bool,
     },
     /// Re-quantize a model file (llama.cpp's per-tensor rules for the _S/_M mixes).
     Quantize {
@@ -118,8 +128,19 @@ fn main() -> Result<()> {
             gpu,
             sampling,
             prompt,
+            file,
             chat,
-        } => run::run_generate(&model, &gpu, &sampling, &prompt, chat)?,
+        } => {
+            let source = match (prompt, file) {
+                (Some(p), _) if p == "-" => run::PromptSource::Stdin,
+                (Some(p), _) => run::PromptSource::Text(p),
+                (None, Some(f)) => run::PromptSource::File(f),
+                (None, None) => {
+                    bail!("give a prompt with -p TEXT, -p - (standard input) or -f FILE")
+                }
+            };
+            run::run_generate(&model, &gpu, &sampling, &source, chat)?
+        }
         Command::Bench(args) => bench::run_bench(&args)?,
         Command::Selftest(args) => selftest::run_selftest(&args)?,
         Command::Chat {
@@ -128,20 +149,42 @@ fn main() -> Result<()> {
             sampling,
             system,
         } => run::run_chat(&model, &gpu, &sampling, system.as_deref())?,
-        Command::Inspect { file, json, full } => {
+        Command::Inspect {
+            file,
+            json,
+            full,
+            check,
+        } => {
             let gguf = open(&file)?;
             let report = inspect::Report::new(&gguf);
+            let checks = check.then(|| inspect::check_tensors(&gguf));
+            let sound = checks
+                .as_ref()
+                .is_none_or(|c| c.iter().all(|t| t.error.is_none() && t.non_finite == 0));
             let mut out = std::io::stdout().lock();
             let written = if json {
-                let text = serde_json::to_string_pretty(&report.to_json())?;
+                let mut value = report.to_json();
+                if let Some(checks) = &checks {
+                    value["check"] = inspect::checks_json(checks);
+                }
+                let text = serde_json::to_string_pretty(&value)?;
                 writeln!(out, "{text}")
             } else {
-                report.print(&mut out, full)
+                report.print(&mut out, full).and_then(|()| match &checks {
+                    Some(checks) => inspect::print_checks(&mut out, checks).map(|_| ()),
+                    None => Ok(()),
+                })
             };
             match written {
                 // A closed pipe (`inspect … | head`) is not an error.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
                 other => other?,
+            }
+            if !sound {
+                bail!(
+                    "{}: some tensors have non-finite values or cannot be decoded",
+                    file.display()
+                );
             }
         }
         Command::Quantize {

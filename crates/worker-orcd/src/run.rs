@@ -14,7 +14,7 @@ use engine::kv::PAGE_TOKENS;
 use engine::sampler::SamplingParams;
 use engine::scheduler::{self, Finish, SchedulerConfig, SchedulerHandle};
 use gguf::GgufFile;
-use tokenizer::{ChatTemplate, Message, Tokenizer};
+use tokenizer::{ChatTemplate, Message, Tokenizer, TokenizerError};
 
 /// The model used when none is given: SmolLM2-135M-Instruct from the fetch script's cache.
 const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -28,6 +28,12 @@ pub struct ModelArgs {
     /// Context size in tokens [default: the model's training context, at most 4096].
     #[arg(long)]
     pub ctx_size: Option<usize>,
+    /// Allow a --ctx-size past the model's training context (its output degrades there).
+    #[arg(long)]
+    pub allow_ctx_beyond_training: bool,
+    /// A Jinja chat template to use instead of the model file's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
     /// cpu or cuda.
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     pub device: String,
@@ -41,6 +47,17 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The source of `--chat-template FILE`, if given.
+    pub fn chat_template_source(&self) -> Result<Option<String>> {
+        self.chat_template
+            .as_ref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the chat template {}", path.display()))
+            })
+            .transpose()
+    }
+
     pub fn activations(&self) -> quant::Activations {
         match self.cpu_activations.as_str() {
             "q8" => quant::Activations::Q8,
@@ -197,12 +214,28 @@ pub fn load(args: &ModelArgs, gpu: &GpuArgs) -> Result<Loaded> {
     let file =
         Arc::new(GgufFile::open(&path).with_context(|| format!("reading {}", path.display()))?);
     let tokenizer = Tokenizer::from_gguf(file.metadata()).context("loading the tokenizer")?;
-    let template = ChatTemplate::from_gguf(file.metadata()).ok();
+    let explicit = args.chat_template_source()?;
+    let template = match ChatTemplate::load(file.metadata(), explicit.as_deref()) {
+        Ok(template) => Some(template),
+        Err(e) if explicit.is_some() => {
+            return Err(e).context("the template given with --chat-template")
+        }
+        Err(TokenizerError::NoTemplate(_)) => None,
+        Err(e) => {
+            eprintln!("warning: the model's chat template cannot be used ({e}); pass one with --chat-template FILE");
+            None
+        }
+    };
     let spec = engine::spec::ModelSpec::from_gguf(&file)
         .with_context(|| format!("loading {}", path.display()))?;
-    let context = args
-        .ctx_size
-        .unwrap_or_else(|| spec.context_length.min(4096));
+    let context = spec.serving_context(args.ctx_size, args.allow_ctx_beyond_training)?;
+    if args.device != "cuda" {
+        engine::kv::check_host_budget(
+            (context.div_ceil(PAGE_TOKENS) * PAGE_TOKENS * spec.n_layers * spec.kv_dim() * 2 * 4)
+                as u128,
+            &format!("--ctx-size {context}"),
+        )?;
+    }
     let tokenizer = Arc::new(tokenizer);
     let config = SchedulerConfig {
         context,
@@ -273,28 +306,64 @@ fn stream_to_stdout(piece: &str) -> bool {
         .is_ok()
 }
 
+/// End the streamed text with a newline; a closed stdout (`| head`) is not
+/// an error here either (`println!` would panic on it).
+fn end_line() {
+    let _ = writeln!(std::io::stdout().lock());
+}
+
+/// Where `generate` takes its prompt from.
+#[derive(Clone, Debug)]
+pub enum PromptSource {
+    /// `-p TEXT`.
+    Text(String),
+    /// `-p -`: standard input, to its end.
+    Stdin,
+    /// `-f FILE`.
+    File(PathBuf),
+}
+
+impl PromptSource {
+    fn read(&self) -> Result<String> {
+        match self {
+            PromptSource::Text(text) => Ok(text.clone()),
+            PromptSource::Stdin => {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .context("reading the prompt from standard input")?;
+                Ok(text)
+            }
+            PromptSource::File(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading the prompt from {}", path.display())),
+        }
+    }
+}
+
 pub fn run_generate(
     model_args: &ModelArgs,
     gpu: &GpuArgs,
     sampling: &SamplingArgs,
-    prompt: &str,
+    prompt: &PromptSource,
     chat: bool,
 ) -> Result<()> {
+    let prompt = prompt.read()?;
+    anyhow::ensure!(!prompt.is_empty(), "the prompt is empty");
     let loaded = load(model_args, gpu)?;
     let text = if chat {
-        let template = loaded
-            .template
-            .as_ref()
-            .context("the model has no chat template; run without --chat")?;
+        let template = loaded.template.as_ref().context(
+            "the model has no usable chat template; run without --chat or pass --chat-template FILE",
+        )?;
         template.render(&[Message::new("user", prompt)], true)?
     } else {
-        prompt.to_string()
+        prompt
     };
-    let tokens = loaded.tokenizer.encode(&text, true, chat);
+    // Special tokens written in the prompt (`<|im_start|>`) are parsed, as
+    // llama.cpp's CLI and the worker API do.
+    let tokens = loaded.tokenizer.encode(&text, true, true);
     let params = sampling.params();
     let seed = params.sampling.seed;
     let finish = generate_blocking(loaded.scheduler(), tokens, params, stream_to_stdout)?;
-    println!();
+    end_line();
     report(&finish, seed);
     Ok(())
 }
@@ -309,7 +378,7 @@ pub fn run_chat(
     let template = loaded
         .template
         .as_ref()
-        .context("the model has no chat template, so it cannot chat")?;
+        .context("the model has no usable chat template; pass one with --chat-template FILE")?;
     let mut messages = Vec::new();
     if let Some(system) = system {
         messages.push(Message::new("system", system));
@@ -335,7 +404,7 @@ pub fn run_chat(
         let tokens = loaded.tokenizer.encode(&text, true, true);
         let finish =
             generate_blocking(loaded.scheduler(), tokens, params.clone(), stream_to_stdout)?;
-        println!();
+        end_line();
         report(&finish, params.sampling.seed);
         messages.push(Message::new("assistant", finish.text.trim()));
         params.sampling.seed = params.sampling.seed.wrapping_add(1);

@@ -1,7 +1,7 @@
 //! `serve`: run the worker's HTTP service (crates/server) on one model.
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -35,16 +35,67 @@ pub struct ServeArgs {
     /// Jobs waiting for a slot beyond those; more get 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
-    /// Require `Authorization: Bearer KEY` on /execute, /cancel and /v1/*.
-    #[arg(long)]
+    /// Require `Authorization: Bearer KEY` on /execute, /cancel and /v1/*
+    /// (an empty key is refused). Prefer the environment variable or
+    /// --api-key-file: a flag shows in `ps`.
+    #[arg(long, env = "WORKER_ORCD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Read the API key from this file (its first line).
+    #[arg(long, value_name = "FILE", conflicts_with = "api_key")]
+    pub api_key_file: Option<PathBuf>,
     /// Seconds running jobs may go on after SIGTERM before they are cancelled.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout: u64,
+    /// An origin (`https://app.example.com`) whose web pages may call the
+    /// API (CORS; repeatable). None by default.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
+    /// Connections open at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a connection has to send a request's headers.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a request's body has to arrive.
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout: u64,
+    /// Log lines as text or as one JSON object each.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl ServeArgs {
+    /// The service's settings, checked, before anything is loaded.
+    fn config(&self, port: u16) -> Result<ServerConfig> {
+        let api_key = match &self.api_key_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the API key from {}", path.display()))?;
+                Some(text.lines().next().unwrap_or("").trim().to_string())
+            }
+            None => self.api_key.clone(),
+        };
+        let config = ServerConfig {
+            api_key,
+            worker_id: self
+                .worker_id
+                .clone()
+                .unwrap_or_else(|| format!("worker-orcd-{port}")),
+            callback_url: self.callback_url.clone(),
+            model_ref: None,
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+            cors_origins: self.cors_origins.clone(),
+            header_timeout: Duration::from_secs(self.header_timeout),
+            body_timeout: Duration::from_secs(self.body_timeout),
+            max_connections: self.max_connections,
+        };
+        config.check()?;
+        Ok(config)
+    }
 }
 
 pub fn run_serve(args: &ServeArgs) -> Result<()> {
-    init_logging();
+    init_logging(&args.log_format);
     run::set_threads(args.model.threads)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -55,9 +106,13 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         let listener = TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        let port = listener.local_addr()?.port();
+        let config = args.config(port)?;
         let path = run::resolve_model(&args.model.model)?;
         let options = ModelOptions {
             ctx_size: args.model.ctx_size,
+            ctx_beyond_training: args.model.allow_ctx_beyond_training,
+            chat_template: args.model.chat_template_source()?,
             max_concurrent: args.max_concurrent,
             max_queue: args.max_queue,
             ..ModelOptions::default()
@@ -74,17 +129,6 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         })
         .await
         .context("loading the model")??;
-        let port = listener.local_addr()?.port();
-        let config = ServerConfig {
-            api_key: args.api_key.clone(),
-            worker_id: args
-                .worker_id
-                .clone()
-                .unwrap_or_else(|| format!("worker-orcd-{port}")),
-            callback_url: args.callback_url.clone(),
-            model_ref: None,
-            drain_timeout: Duration::from_secs(args.drain_timeout),
-        };
         server::run(listener, model, config, shutdown_signal()).await
     })
 }
@@ -128,13 +172,23 @@ async fn shutdown_signal() {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` filters them [default: info].
-fn init_logging() {
+/// Logs to stderr, as text or one JSON object a line (`format`); `RUST_LOG`
+/// filters them [default: info].
+fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
 }

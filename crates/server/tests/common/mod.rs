@@ -53,9 +53,18 @@ impl TestServer {
     }
 
     pub async fn start_with(options: ModelOptions, config: ServerConfig) -> TestServer {
+        Self::start_model(&model_path(), options, config).await
+    }
+
+    pub async fn start_model(
+        path: &std::path::Path,
+        options: ModelOptions,
+        config: ServerConfig,
+    ) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let model = tokio::task::spawn_blocking(move || Model::load(&model_path(), &options))
+        let path = path.to_path_buf();
+        let model = tokio::task::spawn_blocking(move || Model::load(&path, &options))
             .await
             .unwrap()
             .expect("loading the test model");
