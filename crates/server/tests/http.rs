@@ -779,7 +779,7 @@ async fn metrics_are_valid_prometheus_text() {
         .contains(&("stop_reason".into(), "MAX_TOKENS".into())));
 }
 
-/// The ready callback reaches the orchestrator, retried after a refusal.
+/// The ready callback reaches the orchestrator, retried after refusals (4xx and 5xx alike).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_callback_is_retried_until_accepted() {
     let received: Arc<Mutex<Vec<Value>>> = Arc::default();
@@ -794,11 +794,12 @@ async fn ready_callback_is_retried_until_accepted() {
                 async move {
                     let mut received = received.lock().unwrap();
                     received.push(body);
-                    // Refuse the first attempt, as an orchestrator that is not ready yet would.
-                    if received.len() == 1 {
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE
-                    } else {
-                        axum::http::StatusCode::OK
+                    // Refuse the first attempts, as an orchestrator that is not
+                    // ready yet (or not yet routed) would: a 4xx is retried too.
+                    match received.len() {
+                        1 => axum::http::StatusCode::NOT_FOUND,
+                        2 => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        _ => axum::http::StatusCode::OK,
                     }
                 }
             }),
@@ -812,10 +813,10 @@ async fn ready_callback_is_retried_until_accepted() {
     };
     let server = TestServer::start_with(common::options(), config).await;
     let start = Instant::now();
-    while received.lock().unwrap().len() < 2 {
+    while received.lock().unwrap().len() < 3 {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "no second callback"
+            "no third callback"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -823,8 +824,8 @@ async fn ready_callback_is_retried_until_accepted() {
     server.get_json("/health").await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let received = received.lock().unwrap().clone();
-    assert_eq!(received.len(), 2, "{received:?}");
-    let ready = &received[1];
+    assert_eq!(received.len(), 3, "{received:?}");
+    let ready = &received[2];
     assert_eq!(ready["worker_id"], "worker-7");
     assert!(ready["model_ref"]
         .as_str()

@@ -287,6 +287,41 @@ fn get_status(uri: &str, authorization: Option<&str>) -> u16 {
 }
 
 #[test]
+fn json_logs_are_one_object_a_line() {
+    let model = smollm_path();
+    let mut child = binary()
+        .args([
+            "serve",
+            "-m",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+            "--ctx-size",
+            "256",
+        ])
+        .args(["--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let value: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(value["level"], "INFO", "{line}");
+    assert_eq!(value["fields"]["message"], "serving", "{line}");
+    assert!(
+        value["fields"]["uri"]
+            .as_str()
+            .unwrap()
+            .starts_with("http://127.0.0.1:"),
+        "{line}"
+    );
+}
+
+#[test]
 fn the_api_key_comes_from_the_environment_or_a_file() {
     let (mut child, uri) = serve(&[], &[("WORKER_ORCD_API_KEY", "from-env")]);
     assert_eq!(get_status(&uri, None), 401);
