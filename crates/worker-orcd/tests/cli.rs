@@ -255,7 +255,10 @@ fn serve(extra: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) 
     loop {
         let mut line = String::new();
         let n = std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-        assert!(n > 0, "serve exited: {log}");
+        if n == 0 {
+            let status = child.wait().unwrap();
+            panic!("serve exited ({status}): {log}");
+        }
         log.push_str(&line);
         if let Some(at) = line.find("http://127.0.0.1:") {
             let uri: String = line[at..]
