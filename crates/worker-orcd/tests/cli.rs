@@ -229,7 +229,9 @@ fn serve_refuses_settings_that_cannot_work_before_loading() {
     }
 }
 
-/// Starts `serve` on a free port; the child and its address.
+/// Starts `serve` on a free port; the child and its address. The caller
+/// kills and waits for the child it is given.
+#[allow(clippy::zombie_processes)]
 fn serve(extra: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
     let model = smollm_path();
     let mut command = binary();
