@@ -199,6 +199,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     let router = Router::new()
         .route("/health", get(worker_api::health))
+        .route("/ready", get(worker_api::ready))
+        .route("/load", get(worker_api::load))
         .route("/metrics", get(worker_api::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .merge(protected)
@@ -370,7 +372,7 @@ pub async fn run(
             }
         }
     };
-    let server = serve_connections(listener, router(state.clone()), &state.config, drained);
+    let server = serve_connections(&listener, router(state.clone()), &state.config, drained);
     let deadline = {
         let state = state.clone();
         async move {
@@ -405,7 +407,7 @@ pub async fn run(
 /// `max_connections` are open at once: a client that opens many and sends
 /// nothing (slowloris) is closed instead of holding the worker's files.
 async fn serve_connections(
-    listener: TcpListener,
+    listener: &TcpListener,
     app: Router,
     config: &ServerConfig,
     until: impl Future<Output = ()>,
@@ -455,8 +457,53 @@ async fn serve_connections(
             drop(permit);
         });
     }
-    drop(listener);
     connections.shutdown().await;
+}
+
+/// Serve on `listener` while `load` loads the model, then as [`run`]: the
+/// port answers from the start, `/health` (liveness) with 200 and
+/// `loading`, `/ready` with 503, every other route with a retriable 503. A
+/// failed load is returned; a shutdown asked for while loading returns at once.
+pub async fn run_after_loading(
+    listener: TcpListener,
+    load: impl Future<Output = Result<Model>>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    use futures_util::FutureExt;
+    config.check()?;
+    let shutdown = shutdown.shared();
+    let loading = Router::new()
+        .route(
+            "/health",
+            get(|| async { axum::Json(serde_json::json!({"status": "loading"})) }),
+        )
+        .route(
+            "/ready",
+            get(|| async { worker_api::ready_response("loading") }),
+        )
+        .fallback(|| async {
+            ApiError::Unavailable("the worker is loading its model".into()).into_response()
+        });
+    let mut loaded = None;
+    {
+        let load = load.map(|model| loaded = Some(model));
+        let until = async {
+            tokio::select! {
+                () = load => {}
+                () = shutdown.clone() => {}
+            }
+        };
+        serve_connections(&listener, loading, &config, until).await;
+    }
+    match loaded {
+        None => {
+            info!("shut down while loading");
+            Ok(())
+        }
+        Some(Err(e)) => Err(e),
+        Some(Ok(model)) => run(listener, model, config, shutdown).await,
+    }
 }
 
 fn ready_payload(state: &AppState, uri: String) -> ReadyPayload {

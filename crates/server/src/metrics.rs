@@ -26,6 +26,9 @@ pub struct Metrics {
     running: IntGauge,
     kv_pages_used: IntGauge,
     kv_pages_total: IntGauge,
+    kv_used_ratio: Gauge,
+    max_concurrent: IntGauge,
+    ready: IntGauge,
     uptime: Gauge,
 }
 
@@ -34,7 +37,7 @@ impl Metrics {
         let registry = Registry::new();
         let http_requests = IntCounterVec::new(
             Opts::new(
-                "worker_http_requests_total",
+                "worker_orcd_http_requests_total",
                 "HTTP requests by route and status",
             ),
             &["route", "status"],
@@ -42,22 +45,23 @@ impl Metrics {
         .expect("valid metric");
         let jobs = IntCounterVec::new(
             Opts::new(
-                "worker_jobs_total",
+                "worker_orcd_jobs_total",
                 "Generation jobs finished, by API and stop reason (ERROR for failures)",
             ),
             &["api", "stop_reason"],
         )
         .expect("valid metric");
         let prompt_tokens = IntCounter::new(
-            "worker_prompt_tokens_total",
+            "worker_orcd_prompt_tokens_total",
             "Prompt tokens of finished jobs",
         )
         .expect("valid metric");
-        let generated_tokens = IntCounter::new("worker_generated_tokens_total", "Tokens generated")
-            .expect("valid metric");
+        let generated_tokens =
+            IntCounter::new("worker_orcd_generated_tokens_total", "Tokens generated")
+                .expect("valid metric");
         let time_to_first_token = Histogram::with_opts(
             HistogramOpts::new(
-                "worker_time_to_first_token_seconds",
+                "worker_orcd_time_to_first_token_seconds",
                 "From submission (queueing and prefill included) to the first generated token",
             )
             .buckets(vec![
@@ -67,7 +71,7 @@ impl Metrics {
         .expect("valid metric");
         let inter_token_latency = Histogram::with_opts(
             HistogramOpts::new(
-                "worker_inter_token_latency_seconds",
+                "worker_orcd_inter_token_latency_seconds",
                 "Time between successive generated tokens of one job",
             )
             .buckets(vec![
@@ -75,17 +79,38 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
-        let queue_depth =
-            IntGauge::new("worker_queue_depth", "Jobs waiting for a slot").expect("valid metric");
+        let queue_depth = IntGauge::new("worker_orcd_queued_jobs", "Jobs waiting for a slot")
+            .expect("valid metric");
         let running =
-            IntGauge::new("worker_running_jobs", "Jobs decoding now").expect("valid metric");
-        let kv_pages_used =
-            IntGauge::new("worker_kv_pages_used", "KV-cache pages held by sequences")
+            IntGauge::new("worker_orcd_running_jobs", "Jobs decoding now").expect("valid metric");
+        let kv_pages_used = IntGauge::new(
+            "worker_orcd_kv_pages_used",
+            "KV-cache pages held by sequences",
+        )
+        .expect("valid metric");
+        let kv_pages_total =
+            IntGauge::new("worker_orcd_kv_pages_total", "KV-cache pages in the pool")
                 .expect("valid metric");
-        let kv_pages_total = IntGauge::new("worker_kv_pages_total", "KV-cache pages in the pool")
-            .expect("valid metric");
-        let uptime = Gauge::new("worker_uptime_seconds", "Seconds since the worker started")
-            .expect("valid metric");
+        let kv_used_ratio = Gauge::new(
+            "worker_orcd_kv_used_ratio",
+            "Fraction of the KV-cache pool held by sequences (0 to 1)",
+        )
+        .expect("valid metric");
+        let max_concurrent = IntGauge::new(
+            "worker_orcd_max_concurrent_jobs",
+            "Jobs that may decode at once (--max-concurrent)",
+        )
+        .expect("valid metric");
+        let ready = IntGauge::new(
+            "worker_orcd_ready",
+            "1 while the worker takes new jobs, 0 while it drains",
+        )
+        .expect("valid metric");
+        let uptime = Gauge::new(
+            "worker_orcd_uptime_seconds",
+            "Seconds since the worker started",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(jobs.clone()),
@@ -97,6 +122,9 @@ impl Metrics {
             Box::new(running.clone()),
             Box::new(kv_pages_used.clone()),
             Box::new(kv_pages_total.clone()),
+            Box::new(kv_used_ratio.clone()),
+            Box::new(max_concurrent.clone()),
+            Box::new(ready.clone()),
             Box::new(uptime.clone()),
         ] {
             registry
@@ -115,17 +143,24 @@ impl Metrics {
             running,
             kv_pages_used,
             kv_pages_total,
+            kv_used_ratio,
+            max_concurrent,
+            ready,
             uptime,
         }
     }
 
     /// The text exposition, with the gauges read now.
-    pub fn render(&self, model: &Model, uptime: Duration) -> String {
+    pub fn render(&self, model: &Model, uptime: Duration, ready: bool) -> String {
         self.queue_depth.set(model.queued() as i64);
         self.running.set(model.running() as i64);
         let pool = model.scheduler.pool();
         self.kv_pages_used.set(pool.used_pages() as i64);
         self.kv_pages_total.set(pool.total_pages() as i64);
+        self.kv_used_ratio
+            .set(pool.used_pages() as f64 / pool.total_pages().max(1) as f64);
+        self.max_concurrent.set(model.info.max_concurrent as i64);
+        self.ready.set(i64::from(ready));
         self.uptime.set(uptime.as_secs_f64());
         let mut out = Vec::new();
         TextEncoder::new()

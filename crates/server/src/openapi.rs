@@ -20,6 +20,8 @@ use crate::{error, openai, worker_api};
         worker_api::execute,
         worker_api::cancel,
         worker_api::health,
+        worker_api::ready,
+        worker_api::load,
         worker_api::metrics,
         openai::chat_completions,
         openai::completions,

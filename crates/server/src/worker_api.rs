@@ -393,6 +393,88 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     (status, body).into_response()
 }
 
+/// Readiness, for Kubernetes probes and load balancers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReadyResponse {
+    /// `ready`, `loading` or `draining`.
+    pub status: String,
+}
+
+/// Readiness: 200 while the worker takes new jobs; 503 while it loads the
+/// model or drains after SIGTERM. (`/health` is liveness: 200 while the
+/// process works, 503 only while draining.)
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "worker",
+    responses(
+        (status = 200, description = "Taking new jobs", body = ReadyResponse),
+        (status = 503, description = "Loading or draining", body = ReadyResponse),
+    )
+)]
+pub async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_draining() {
+        ready_response("draining")
+    } else {
+        ready_response("ready")
+    }
+}
+
+/// The `/ready` answer for `status`: 200 only when `ready`.
+pub fn ready_response(status: &str) -> Response {
+    let code = if status == "ready" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(ReadyResponse {
+            status: status.into(),
+        }),
+    )
+        .into_response()
+}
+
+/// How loaded the worker is, for a router choosing among replicas.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoadResponse {
+    /// Whether it takes new jobs (not draining).
+    pub ready: bool,
+    /// Jobs decoding now.
+    pub running: usize,
+    /// Jobs waiting for a slot.
+    pub queued: usize,
+    /// Jobs that may decode at once.
+    pub max_concurrent: usize,
+    /// Jobs it can still take before answering 503 (free slots plus free queue places).
+    pub available: usize,
+    /// Fraction of the KV-cache pool that is free (0 to 1).
+    pub kv_free_ratio: f64,
+}
+
+/// Load signals, cheap to poll: read from counters the scheduler keeps.
+#[utoipa::path(
+    get,
+    path = "/load",
+    tag = "worker",
+    responses((status = 200, description = "Load now", body = LoadResponse))
+)]
+pub async fn load(State(state): State<Arc<AppState>>) -> Json<LoadResponse> {
+    let info = &state.model.info;
+    let pool = state.model.scheduler.pool();
+    let (running, queued) = (state.model.running(), state.model.queued());
+    let capacity = info.max_concurrent + info.max_queue;
+    Json(LoadResponse {
+        ready: !state.is_draining(),
+        running,
+        queued,
+        max_concurrent: info.max_concurrent,
+        available: capacity.saturating_sub(running + queued),
+        kv_free_ratio: pool.free_pages() as f64 / pool.total_pages().max(1) as f64,
+    })
+}
+
 /// Prometheus metrics (text exposition format 0.0.4).
 #[utoipa::path(
     get,
@@ -401,7 +483,9 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String))
 )]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(&state.model, state.started.elapsed());
+    let text = state
+        .metrics
+        .render(&state.model, state.started.elapsed(), !state.is_draining());
     (
         [(
             header::CONTENT_TYPE,

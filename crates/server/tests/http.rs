@@ -340,7 +340,7 @@ async fn cancel_ends_a_running_job_with_cancelled() {
     let generated = |text: &str| {
         common::prometheus::parse(text)
             .iter()
-            .find(|s| s.name == "worker_generated_tokens_total")
+            .find(|s| s.name == "worker_orcd_generated_tokens_total")
             .map(|s| s.value as u64)
             .unwrap()
     };
@@ -396,11 +396,12 @@ async fn client_disconnect_cancels_the_job_and_frees_its_pages() {
     }
     let metrics = server.metrics().await;
     assert!(
-        metrics.contains(r#"worker_jobs_total{api="worker",stop_reason="CANCELLED"} 1"#)
-            && metrics.contains(r#"worker_jobs_total{api="openai",stop_reason="CANCELLED"} 1"#),
+        metrics.contains(r#"worker_orcd_jobs_total{api="worker",stop_reason="CANCELLED"} 1"#)
+            && metrics
+                .contains(r#"worker_orcd_jobs_total{api="openai",stop_reason="CANCELLED"} 1"#),
         "{metrics}"
     );
-    assert!(metrics.contains("worker_kv_pages_used 0"), "{metrics}");
+    assert!(metrics.contains("worker_orcd_kv_pages_used 0"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -750,19 +751,19 @@ async fn metrics_are_valid_prometheus_text() {
             .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
             .value
     };
-    assert_eq!(value("worker_generated_tokens_total"), 3.0);
-    assert!(value("worker_prompt_tokens_total") >= 5.0);
-    assert_eq!(value("worker_time_to_first_token_seconds_count"), 1.0);
-    assert_eq!(value("worker_inter_token_latency_seconds_count"), 2.0);
-    assert_eq!(value("worker_kv_pages_used"), 0.0);
-    assert!(value("worker_kv_pages_total") > 0.0);
-    assert_eq!(value("worker_queue_depth"), 0.0);
-    assert_eq!(value("worker_running_jobs"), 0.0);
+    assert_eq!(value("worker_orcd_generated_tokens_total"), 3.0);
+    assert!(value("worker_orcd_prompt_tokens_total") >= 5.0);
+    assert_eq!(value("worker_orcd_time_to_first_token_seconds_count"), 1.0);
+    assert_eq!(value("worker_orcd_inter_token_latency_seconds_count"), 2.0);
+    assert_eq!(value("worker_orcd_kv_pages_used"), 0.0);
+    assert!(value("worker_orcd_kv_pages_total") > 0.0);
+    assert_eq!(value("worker_orcd_queued_jobs"), 0.0);
+    assert_eq!(value("worker_orcd_running_jobs"), 0.0);
     let requests = |status: &str| {
         samples
             .iter()
             .find(|s| {
-                s.name == "worker_http_requests_total"
+                s.name == "worker_orcd_http_requests_total"
                     && s.labels.contains(&("route".into(), "/execute".into()))
                     && s.labels.contains(&("status".into(), status.into()))
             })
@@ -772,7 +773,7 @@ async fn metrics_are_valid_prometheus_text() {
     assert_eq!(requests("400"), Some(1.0));
     let jobs = samples
         .iter()
-        .find(|s| s.name == "worker_jobs_total")
+        .find(|s| s.name == "worker_orcd_jobs_total")
         .unwrap();
     assert!(jobs
         .labels

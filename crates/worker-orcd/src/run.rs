@@ -23,26 +23,26 @@ const FETCH_SCRIPT: &str = include_str!("../../../scripts/fetch-models.sh");
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
     /// GGUF model file [default: SmolLM2-135M-Instruct from the model cache, fetched if missing].
-    #[arg(short, long)]
+    #[arg(short, long, env = "WORKER_ORCD_MODEL")]
     pub model: Option<PathBuf>,
     /// Context size in tokens [default: the model's training context, at most 4096].
-    #[arg(long)]
+    #[arg(long, env = "WORKER_ORCD_CTX_SIZE")]
     pub ctx_size: Option<usize>,
     /// Allow a --ctx-size past the model's training context (its output degrades there).
-    #[arg(long)]
+    #[arg(long, env = "WORKER_ORCD_ALLOW_CTX_BEYOND_TRAINING")]
     pub allow_ctx_beyond_training: bool,
     /// A Jinja chat template to use instead of the model file's.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "WORKER_ORCD_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,
     /// cpu or cuda.
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"], env = "WORKER_ORCD_DEVICE")]
     pub device: String,
     /// Worker threads for the CPU backend [default: all cores].
-    #[arg(short, long)]
+    #[arg(short, long, env = "WORKER_ORCD_THREADS")]
     pub threads: Option<usize>,
     /// CPU matrix products: f32 activations (exact, the reference) or q8
     /// (activations quantized to 8 bits per block as llama.cpp does; faster).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "q8"])]
+    #[arg(long, default_value = "f32", value_parser = ["f32", "q8"], env = "WORKER_ORCD_CPU_ACTIVATIONS")]
     pub cpu_activations: String,
 }
 
@@ -70,15 +70,19 @@ impl ModelArgs {
 #[derive(Args, Clone, Debug)]
 pub struct GpuArgs {
     /// The GPU to run on, as the driver numbers them.
-    #[arg(long = "gpu-device", default_value_t = 0)]
+    #[arg(
+        long = "gpu-device",
+        default_value_t = 0,
+        env = "WORKER_ORCD_GPU_DEVICE"
+    )]
     pub gpu_device: usize,
     /// Weights on the GPU: quant keeps the file's blocks (fused
     /// dequantize-and-multiply kernels), f16 dequantizes them at load (cuBLAS).
-    #[arg(long, default_value = "quant", value_parser = ["quant", "f16"])]
+    #[arg(long, default_value = "quant", value_parser = ["quant", "f16"], env = "WORKER_ORCD_WEIGHTS")]
     pub weights: String,
     /// Run the decode step's kernels unfused (RMSNorm separate, Q/K/V in
     /// three launches), to measure what fusing gains.
-    #[arg(long)]
+    #[arg(long, env = "WORKER_ORCD_UNFUSED")]
     pub unfused: bool,
 }
 

@@ -16,24 +16,24 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub model: run::ModelArgs,
     /// Port to listen on (0 picks a free one; the log says which).
-    #[arg(long)]
+    #[arg(long, env = "WORKER_ORCD_PORT")]
     pub port: u16,
     /// Address to listen on: loopback unless told otherwise.
-    #[arg(long, default_value = "127.0.0.1")]
+    #[arg(long, default_value = "127.0.0.1", env = "WORKER_ORCD_HOST")]
     pub host: String,
     #[command(flatten)]
     pub gpu: run::GpuArgs,
     /// The id the ready callback reports [default: worker-orcd-PORT].
-    #[arg(long)]
+    #[arg(long, env = "WORKER_ORCD_WORKER_ID")]
     pub worker_id: Option<String>,
     /// POST {worker_id, model_ref, vram_bytes, uri, capabilities} here once serving; retried with backoff until accepted.
-    #[arg(long)]
+    #[arg(long, env = "WORKER_ORCD_CALLBACK_URL")]
     pub callback_url: Option<String>,
     /// Sequences decoding at once.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, env = "WORKER_ORCD_MAX_CONCURRENT")]
     pub max_concurrent: usize,
     /// Jobs waiting for a slot beyond those; more get 503 with Retry-After.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "WORKER_ORCD_MAX_QUEUE")]
     pub max_queue: usize,
     /// Require `Authorization: Bearer KEY` on /execute, /cancel and /v1/*
     /// (an empty key is refused). Prefer the environment variable or
@@ -41,26 +41,36 @@ pub struct ServeArgs {
     #[arg(long, env = "WORKER_ORCD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Read the API key from this file (its first line).
-    #[arg(long, value_name = "FILE", conflicts_with = "api_key")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "api_key",
+        env = "WORKER_ORCD_API_KEY_FILE"
+    )]
     pub api_key_file: Option<PathBuf>,
     /// Seconds running jobs may go on after SIGTERM before they are cancelled.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "WORKER_ORCD_DRAIN_TIMEOUT")]
     pub drain_timeout: u64,
     /// An origin (`https://app.example.com`) whose web pages may call the
     /// API (CORS; repeatable). None by default.
-    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    #[arg(
+        long = "cors-origin",
+        value_name = "ORIGIN",
+        env = "WORKER_ORCD_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
     pub cors_origins: Vec<String>,
     /// Connections open at once; more are closed as they arrive.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, env = "WORKER_ORCD_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Seconds a connection has to send a request's headers.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, env = "WORKER_ORCD_HEADER_TIMEOUT")]
     pub header_timeout: u64,
     /// Seconds a request's body has to arrive.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "WORKER_ORCD_BODY_TIMEOUT")]
     pub body_timeout: u64,
     /// Log lines as text or as one JSON object each.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    #[arg(long, default_value = "text", value_parser = ["text", "json"], env = "WORKER_ORCD_LOG_FORMAT")]
     pub log_format: String,
 }
 
@@ -108,7 +118,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         let port = listener.local_addr()?.port();
         let config = args.config(port)?;
-        let path = run::resolve_model(&args.model.model)?;
+        let model_arg = args.model.model.clone();
         let options = ModelOptions {
             ctx_size: args.model.ctx_size,
             ctx_beyond_training: args.model.allow_ctx_beyond_training,
@@ -120,16 +130,22 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
         let device = args.model.device.clone();
         let gpu = args.gpu.clone();
         let activations = args.model.activations();
-        let model = tokio::task::spawn_blocking(move || match device.as_str() {
-            "cuda" => load_cuda(&path, &options, &gpu),
-            _ => Model::load_with(&path, &options, |file, spec, _| {
-                let (model, info) = server::cpu_backend(file, spec)?;
-                Ok((model.with_activations(activations), info))
-            }),
-        })
-        .await
-        .context("loading the model")??;
-        server::run(listener, model, config, shutdown_signal()).await
+        // The port answers while the model loads: /health 200, /ready 503.
+        let load = async move {
+            tokio::task::spawn_blocking(move || {
+                let path = run::resolve_model(&model_arg)?;
+                match device.as_str() {
+                    "cuda" => load_cuda(&path, &options, &gpu),
+                    _ => Model::load_with(&path, &options, |file, spec, _| {
+                        let (model, info) = server::cpu_backend(file, spec)?;
+                        Ok((model.with_activations(activations), info))
+                    }),
+                }
+            })
+            .await
+            .context("loading the model")?
+        };
+        server::run_after_loading(listener, load, config, shutdown_signal()).await
     })
 }
 
