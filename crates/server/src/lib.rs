@@ -199,6 +199,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     let router = Router::new()
         .route("/health", get(worker_api::health))
+        .route("/live", get(worker_api::live))
         .route("/ready", get(worker_api::ready))
         .route("/load", get(worker_api::load))
         .route("/metrics", get(worker_api::metrics))
@@ -482,6 +483,7 @@ pub async fn run_after_loading(
             "/ready",
             get(|| async { worker_api::ready_response("loading") }),
         )
+        .route("/live", get(worker_api::live))
         .fallback(|| async {
             ApiError::Unavailable("the worker is loading its model".into()).into_response()
         });

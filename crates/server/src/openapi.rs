@@ -20,6 +20,7 @@ use crate::{error, openai, worker_api};
         worker_api::execute,
         worker_api::cancel,
         worker_api::health,
+        worker_api::live,
         worker_api::ready,
         worker_api::load,
         worker_api::metrics,

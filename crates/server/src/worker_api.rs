@@ -393,10 +393,24 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
     (status, body).into_response()
 }
 
+/// Liveness: 200 whenever the process serves HTTP, loading and draining
+/// included, so that an orchestrator restarts only a worker that is stuck.
+#[utoipa::path(
+    get,
+    path = "/live",
+    tag = "worker",
+    responses((status = 200, description = "The process serves HTTP", body = ReadyResponse))
+)]
+pub async fn live() -> Json<ReadyResponse> {
+    Json(ReadyResponse {
+        status: "alive".into(),
+    })
+}
+
 /// Readiness, for Kubernetes probes and load balancers.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReadyResponse {
-    /// `ready`, `loading` or `draining`.
+    /// `ready`, `loading` or `draining` (`alive` from `/live`).
     pub status: String,
 }
 

@@ -44,6 +44,8 @@ async fn the_port_answers_probes_while_the_model_loads() {
     assert_eq!((status, body["status"].as_str()), (200, Some("loading")));
     let (status, body) = status_and_json(&client, url("/ready")).await;
     assert_eq!((status, body["status"].as_str()), (503, Some("loading")));
+    let (status, _) = status_and_json(&client, url("/live")).await;
+    assert_eq!(status, 200);
     let response = client
         .post(url("/execute"))
         .json(&json!({"job_id": "early", "prompt": "hi"}))
@@ -150,6 +152,9 @@ async fn load_signals_and_gauges_follow_the_jobs() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (status, body) = status_and_json(&server.client, server.url("/ready")).await;
     assert_eq!((status, body["status"].as_str()), (503, Some("draining")));
+    // Still alive (liveness must not restart a draining worker).
+    let (status, _) = status_and_json(&server.client, server.url("/live")).await;
+    assert_eq!(status, 200);
     let draining = server.get_json("/load").await;
     assert_eq!(draining["ready"], false);
     let metrics = server.metrics().await;
