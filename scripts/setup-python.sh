@@ -9,10 +9,14 @@
 # venv afresh so that nothing from an older set of requirements stays behind.
 set -euo pipefail
 
+#
+#   scripts/setup-python.sh                      the tests' reference venv
+#   scripts/setup-python.sh REQUIREMENTS VENV    another pinned venv (the fleet test's)
+
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-requirements="$repo/scripts/requirements-test.txt"
-venv="${WORKER_ORCD_PYENV:-$repo/target/pyenv}"
-stamp="$venv/.requirements-test.sha256"
+requirements="${1:-$repo/scripts/requirements-test.txt}"
+venv="${2:-${WORKER_ORCD_PYENV:-$repo/target/pyenv}}"
+stamp="$venv/.requirements.sha256"
 
 want="$( { cat "$requirements"; python3 --version; } | sha256sum | cut -d' ' -f1)"
 if [[ -x "$venv/bin/python" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
@@ -27,6 +31,8 @@ if [[ -e "$venv" && ! -f "$venv/pyvenv.cfg" ]]; then
 fi
 python3 -m venv --clear "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
-"$venv/bin/python" -c 'import gguf.quants, numpy'
+if [[ $# -eq 0 ]]; then
+    "$venv/bin/python" -c 'import gguf.quants, numpy'
+fi
 echo "$want" > "$stamp"
 echo "setup-python: $venv ready"
