@@ -285,23 +285,23 @@ impl ModelSpec {
 /// before anything is sized by it: `block_count` may not name more blocks
 /// than the file has (a hostile 2^32 would otherwise size the layer list).
 fn check_block_count(file: &GgufFile, n_layers: usize) -> Result<(), EngineError> {
-    let blocks = file
+    let blocks: std::collections::HashSet<usize> = file
         .tensors()
         .iter()
-        .filter_map(|t| {
-            t.name
-                .strip_prefix("blk.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .map(|i| i + 1)
-        .max()
-        .unwrap_or(0);
-    if n_layers > blocks {
+        .filter_map(|t| t.name.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+        .collect();
+    // Every block 0..n_layers must have tensors: a count past the number of
+    // distinct blocks (which the file's size bounds) is refused before any
+    // loop runs that far.
+    if n_layers > blocks.len() {
         return Err(EngineError::Invalid(format!(
-            "model metadata: block_count is {n_layers} but the file has tensors for {blocks} blocks"
+            "model metadata: block_count is {n_layers} but the file has tensors for {} blocks",
+            blocks.len()
+        )));
+    }
+    if let Some(missing) = (0..n_layers).find(|i| !blocks.contains(i)) {
+        return Err(EngineError::Invalid(format!(
+            "model metadata: block_count is {n_layers} but the file has no tensors for block {missing}"
         )));
     }
     Ok(())

@@ -354,3 +354,28 @@ fn a_hostile_architecture_name_is_escaped_and_bounded() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_block_index_at_the_edge_of_usize_is_a_clear_error() {
+    // Found by the load fuzzer: a tensor named blk.18446744073709551615.…
+    // overflowed the block count; a far block must not stand in for the
+    // blocks before it either.
+    for index in [usize::MAX, 1 << 40, 7] {
+        let file = tiny_model(|original, out| {
+            out.set("llama.block_count", Value::U32(3));
+            copy_tensors(original, out, "", None);
+            out.add_tensor(
+                format!("blk.{index}.attn_norm.weight"),
+                gguf::GgmlType::F32,
+                &[256],
+                vec![0u8; 1024],
+            )
+            .unwrap();
+        });
+        let msg = load_err(file);
+        assert_eq!(
+            msg, "model metadata: block_count is 3 but the file has no tensors for block 2",
+            "{index}"
+        );
+    }
+}

@@ -5,6 +5,10 @@
 //! cd crates/engine/fuzz && cargo run --release --example reach -- corpus/load seeds
 //! ```
 //!
+//! With `REACH_MUTATE=N` in the environment, each file is replaced by N
+//! structural mutations of it (`engine_fuzz::mutate::structured`), to see
+//! how deep the mutator's output gets.
+//!
 //! No sanitizers here: a crashing input stops it (reproduce those with the
 //! fuzz target instead).
 
@@ -24,14 +28,28 @@ fn main() {
         }
     }
     files.sort();
+    let mutants: u32 = std::env::var("REACH_MUTATE").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut inputs: Vec<Vec<u8>> = Vec::new();
+    for f in &files {
+        let data = std::fs::read(f).unwrap();
+        if mutants == 0 {
+            inputs.push(data);
+        } else {
+            for seed in 0..mutants {
+                if let Some(m) = engine_fuzz::mutate::structured(&data, 1 << 20, seed * 2) {
+                    inputs.push(m);
+                }
+            }
+        }
+    }
+    println!("{} inputs", inputs.len());
     let mut counts = [0usize; 8];
     let names = [
         "parsed", "spec", "tokenizer", "template", "rendered", "loaded", "forward", "all",
     ];
     let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
-    for f in &files {
-        let data = std::fs::read(f).unwrap();
-        let r = engine_fuzz::run(&data);
+    for data in &inputs {
+        let r = engine_fuzz::run(data);
         for (i, reached) in [
             r.parsed, r.spec, r.tokenizer, r.template, r.rendered, r.loaded, r.forward, true,
         ]

@@ -6,6 +6,8 @@
 //! and is formatted with `to_string()` so the error text is built too; a
 //! panic, abort, hang or an allocation the input cannot justify is a bug.
 
+pub mod mutate;
+
 use std::hint::black_box;
 use std::sync::{Arc, Once};
 
