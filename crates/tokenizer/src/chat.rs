@@ -115,6 +115,7 @@ impl ChatTemplate {
     ) -> Result<Self, TokenizerError> {
         let source = source.into();
         let mut env = Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         minijinja_contrib::add_to_environment(&mut env);
@@ -187,9 +188,48 @@ impl ChatTemplate {
             function_call => (),
             tool_choice => (),
         };
-        template
-            .render(ctx)
-            .map_err(|e| TokenizerError::Template(describe(&e)))
+        // The template comes from the model file: bound what it may write
+        // (and, through the environment's fuel, how long it may run).
+        let mut out = BoundedOutput::default();
+        match template.render_to_write(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| TokenizerError::Template("the template wrote invalid UTF-8".into())),
+            Err(_) if out.overflowed => Err(TokenizerError::Template(format!(
+                "the template wrote more than {MAX_RENDERED_BYTES} bytes"
+            ))),
+            Err(e) => Err(TokenizerError::Template(describe(&e))),
+        }
+    }
+}
+
+/// Most bytes a rendered conversation may have. Requests are at most 1 MiB,
+/// so a real template's output stays far below; a hostile one (nested loops
+/// writing a long string) is stopped here instead of exhausting memory.
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
+/// Template instructions one render may run (minijinja's fuel): a few
+/// hundred per message for real templates; nested loops over `range` run out
+/// within a fraction of a second instead of for hours.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// A writer that refuses bytes past [`MAX_RENDERED_BYTES`].
+#[derive(Default)]
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered output too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -409,6 +449,35 @@ mod tests {
         assert_eq!(
             render(CHATML, &msgs, true).unwrap(),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    /// Found by the load fuzzer: a file's template can loop for hours or
+    /// write gigabytes; both stop with an error, quickly.
+    #[test]
+    fn hostile_templates_are_bounded_in_time_and_output() {
+        let msgs = [Message::new("user", "x")];
+        let start = std::time::Instant::now();
+        let err = render(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% set k = j %}{% endfor %}{% endfor %}",
+            &msgs,
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("fuel"), "{err}");
+        let err = render(
+            "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{{ s }}{% endfor %}",
+            &msgs,
+            true,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("more than 16777216 bytes"), "{err}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
         );
     }
 
