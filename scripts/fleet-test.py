@@ -341,7 +341,7 @@ async def main():
 
     report = {}
     failures = []
-    replicas = [Replica(f"replica-{i}", args.binary, args.model, drain_timeout=20) for i in range(3)]
+    replicas = [Replica(f"replica-{i}", args.binary, args.model, drain_timeout=45) for i in range(3)]
     gateway = None
     try:
         for r in replicas:
