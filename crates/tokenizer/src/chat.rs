@@ -191,7 +191,7 @@ impl ChatTemplate {
         // The template comes from the model file: bound what it may write
         // (and, through the environment's fuel, how long it may run).
         let mut out = BoundedOutput::default();
-        match template.render_to_write(ctx, &mut out) {
+        match template.render_captured_to(ctx, &mut out) {
             Ok(_) => String::from_utf8(out.bytes)
                 .map_err(|_| TokenizerError::Template("the template wrote invalid UTF-8".into())),
             Err(_) if out.overflowed => Err(TokenizerError::Template(format!(
