@@ -62,10 +62,20 @@ fn fuzz_regressions_load_without_crashing() {
         let start = Instant::now();
         let errors = run(&std::fs::read(&path).unwrap());
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(start.elapsed() < Duration::from_secs(30), "{name}: {:?}", start.elapsed());
-        assert!(!errors.is_empty(), "{name} is a broken model: it must be refused somewhere");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{name}: {:?}",
+            start.elapsed()
+        );
+        assert!(
+            !errors.is_empty(),
+            "{name} is a broken model: it must be refused somewhere"
+        );
         for e in &errors {
-            assert!(e.len() < 2000 && !e.chars().any(char::is_control), "{name}: {e:?}");
+            assert!(
+                e.len() < 2000 && !e.chars().any(char::is_control),
+                "{name}: {e:?}"
+            );
         }
     }
 }

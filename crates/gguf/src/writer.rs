@@ -101,9 +101,16 @@ impl<'a> GgufWriter<'a> {
     fn alignment(&self) -> Result<u64> {
         match self.metadata.get("general.alignment") {
             None => Ok(DEFAULT_ALIGNMENT),
-            Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| {
-                GgufError::Write(format!("general.alignment {v:?} is not a power of two"))
-            }),
+            // The reader's limit: a file copied from a hostile one must not
+            // pad each tensor to a terabyte.
+            Some(v) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two() && *a <= 1 << 30)
+                .ok_or_else(|| {
+                    GgufError::Write(format!(
+                        "general.alignment {v:?} is not a power of two up to 2^30"
+                    ))
+                }),
         }
     }
 

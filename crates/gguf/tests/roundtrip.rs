@@ -98,6 +98,17 @@ fn custom_alignment_is_honoured() {
     assert_eq!(f.data_offset() % 256, 0);
     assert_eq!(f.tensor("b").unwrap().offset, 256);
     assert_eq!(f.tensor_bytes("b").unwrap(), &[1u8; 6]);
+
+    // What the reader refuses, the writer refuses too (a copied hostile
+    // file would otherwise pad every tensor to a terabyte).
+    for alignment in [1u64 << 40, 3] {
+        let mut w = GgufWriter::new();
+        w.set("general.alignment", Value::U64(alignment));
+        w.add_tensor("a", GgmlType::F16, &[3], vec![0u8; 6])
+            .unwrap();
+        let e = w.write(&mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("up to 2^30"), "{e}");
+    }
 }
 
 #[test]
