@@ -229,10 +229,10 @@ fn serve_refuses_settings_that_cannot_work_before_loading() {
     }
 }
 
-/// Starts `serve` on a free port; the child and its address. The caller
-/// kills and waits for the child it is given.
+/// Starts `serve` on a free port; the child, its address and its log up to
+/// the line that names the address. The caller kills and waits for the child.
 #[allow(clippy::zombie_processes)]
-fn serve(extra: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) {
+fn serve(extra: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String, String) {
     let model = smollm_path();
     let mut command = binary();
     command
@@ -269,7 +269,7 @@ fn serve(extra: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String) 
                 .collect();
             // Keep draining stderr so that the child never blocks on it.
             std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-            return (child, uri);
+            return (child, uri, log);
         }
     }
 }
@@ -293,28 +293,12 @@ fn get_status(uri: &str, authorization: Option<&str>) -> u16 {
 
 #[test]
 fn json_logs_are_one_object_a_line() {
-    let model = smollm_path();
-    let mut child = binary()
-        .args([
-            "serve",
-            "-m",
-            model.to_str().unwrap(),
-            "--port",
-            "0",
-            "--ctx-size",
-            "256",
-        ])
-        .args(["--log-format", "json"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let (mut child, _uri, log) = serve(&["--log-format", "json"], &[]);
     child.kill().unwrap();
     child.wait().unwrap();
+    let line = log.lines().next().unwrap();
     let value: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(value["level"], "INFO", "{line}");
     assert_eq!(value["fields"]["message"], "serving", "{line}");
     assert!(
@@ -328,7 +312,7 @@ fn json_logs_are_one_object_a_line() {
 
 #[test]
 fn the_api_key_comes_from_the_environment_or_a_file() {
-    let (mut child, uri) = serve(&[], &[("WORKER_ORCD_API_KEY", "from-env")]);
+    let (mut child, uri, _) = serve(&[], &[("WORKER_ORCD_API_KEY", "from-env")]);
     assert_eq!(get_status(&uri, None), 401);
     assert_eq!(get_status(&uri, Some("bearer from-env")), 200);
     child.kill().unwrap();
@@ -337,7 +321,7 @@ fn the_api_key_comes_from_the_environment_or_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("key");
     std::fs::write(&key_file, "from-file\n").unwrap();
-    let (mut child, uri) = serve(&["--api-key-file", key_file.to_str().unwrap()], &[]);
+    let (mut child, uri, _) = serve(&["--api-key-file", key_file.to_str().unwrap()], &[]);
     assert_eq!(get_status(&uri, Some("Bearer from-file")), 200);
     assert_eq!(get_status(&uri, Some("Bearer from-env")), 401);
     child.kill().unwrap();
