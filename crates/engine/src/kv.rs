@@ -206,6 +206,12 @@ impl KvCache {
     }
 }
 
+/// Bytes of one page of a CPU cache: f32 keys and values of every layer
+/// for [`PAGE_TOKENS`] positions.
+pub fn cpu_page_bytes(n_layers: usize, kv_dim: usize) -> u64 {
+    (PAGE_TOKENS * n_layers * kv_dim * 2 * std::mem::size_of::<f32>()) as u64
+}
+
 /// Bytes of memory the system can still give (`MemAvailable`), where known.
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;

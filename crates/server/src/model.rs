@@ -112,8 +112,7 @@ pub fn cpu_backend(file: Arc<GgufFile>, spec: &ModelSpec) -> Result<(CpuModel, B
     let info = BackendInfo {
         device: "cpu".into(),
         weight_bytes,
-        // f32 keys and values.
-        kv_page_bytes: (PAGE_TOKENS * spec.n_layers * spec.kv_dim() * 2 * 4) as u64,
+        kv_page_bytes: engine::kv::cpu_page_bytes(spec.n_layers, spec.kv_dim()),
         device_bytes: None,
     };
     Ok((model, info))

@@ -235,8 +235,8 @@ pub fn load(args: &ModelArgs, gpu: &GpuArgs) -> Result<Loaded> {
     let context = spec.serving_context(args.ctx_size, args.allow_ctx_beyond_training)?;
     if args.device != "cuda" {
         engine::kv::check_host_budget(
-            (context.div_ceil(PAGE_TOKENS) * PAGE_TOKENS * spec.n_layers * spec.kv_dim() * 2 * 4)
-                as u128,
+            context.div_ceil(PAGE_TOKENS) as u128
+                * u128::from(engine::kv::cpu_page_bytes(spec.n_layers, spec.kv_dim())),
             &format!("--ctx-size {context}"),
         )?;
     }
