@@ -21,6 +21,7 @@ __device__ __forceinline__ const __half *cache_row(const __half *cache, const u3
 
 //   q: [n][n_heads * head_dim] (after RoPE); out: same shape
 //   window: 0 for full causal attention, else keys pos - window + 1 ..= pos
+//   softcap: 0, or scores pass through softcap * tanh(score / softcap) (Gemma 2)
 // head_dim must be a multiple of 8 and at most MAX_HEAD_DIM.
 //
 // A block of ATTENTION_WARPS warps per (token, query head): warp w takes the
@@ -33,7 +34,7 @@ extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP_SIZE, 1) att
     const float *__restrict__ q, const __half *__restrict__ k_cache, const __half *__restrict__ v_cache,
     const u32 *__restrict__ positions, const u32 *__restrict__ table_offsets,
     const u32 *__restrict__ block_tables, u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 window, float scale,
-    float *__restrict__ out) {
+    float softcap, float *__restrict__ out) {
     allow_dependents();
     wait_for_prerequisites();
     __shared__ float query[MAX_HEAD_DIM];
@@ -84,6 +85,7 @@ extern "C" __global__ void __launch_bounds__(ATTENTION_WARPS * WARP_SIZE, 1) att
                 }
             }
             score = dot * scale;
+            if (softcap != 0.0f) score = softcap * tanhf(score / softcap);
         }
         const float new_max = fmaxf(running_max, warp_max(score));
         const float correction = expf(running_max - new_max);

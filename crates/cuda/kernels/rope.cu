@@ -18,14 +18,18 @@
 // RoPE rotates the first rope_dims dimensions of each head, pair i by
 // pos * theta_scale^i, the power built by repeated multiplication in f32 as
 // the CPU backend (and llama.cpp) does, so the angle is the CPU's bit for bit; pairs are (i, i + rope_dims/2) for NEOX,
-// (2i, 2i + 1) otherwise.
+// (2i, 2i + 1) otherwise. The angle is then divided by rope_factors[i] (Llama 3's
+// rope_freqs, Phi-3's LongRoPE factors; null: 1) and multiplied by freq_scale
+// (linear scaling), and cos and sin by attn_factor. rope_dims 0: no rotation
+// (SmolLM3's every fourth layer).
 extern "C" __global__ void __launch_bounds__(WARP_SIZE) qkv_prepare(
     float *__restrict__ q, float *__restrict__ k, const float *__restrict__ v,
     const float *__restrict__ bq, const float *__restrict__ bk, const float *__restrict__ bv,
     const float *__restrict__ q_norm, const float *__restrict__ k_norm, float eps,
     const u32 *__restrict__ positions, const u32 *__restrict__ table_offsets,
     const u32 *__restrict__ block_tables, __half *__restrict__ k_cache, __half *__restrict__ v_cache,
-    u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 rope_dims, float theta_scale, u32 neox) {
+    u32 n_heads, u32 n_kv_heads, u32 head_dim, u32 rope_dims, float theta_scale, u32 neox,
+    const float *__restrict__ rope_factors, float freq_scale, float attn_factor) {
     allow_dependents();
     wait_for_prerequisites();
     const u32 t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
@@ -69,6 +73,7 @@ extern "C" __global__ void __launch_bounds__(WARP_SIZE) qkv_prepare(
     for (u32 i = lane; i < half; i += WARP_SIZE) {
         float angle = (float)pos;
         for (u32 step = 0; step < i; ++step) angle *= theta_scale;
+        angle = freq_scale * (rope_factors ? angle / rope_factors[i] : angle);
         // The f32 angle reduced to [-pi, pi] in double (exact to ~1e-16 of
         // its size), so the fast sine and cosine (absolute error < 4e-7
         // there) stand in for cosf/sinf, whose large-argument path would
@@ -78,6 +83,8 @@ extern "C" __global__ void __launch_bounds__(WARP_SIZE) qkv_prepare(
         const float reduced = (float)fma(-turns, two_pi, (double)angle);
         float s, c;
         __sincosf(reduced, &s, &c);
+        s *= attn_factor;
+        c *= attn_factor;
         const u32 a = neox ? i : 2 * i;
         const u32 b = neox ? i + half : 2 * i + 1;
         const float x0 = head[a], x1 = head[b];

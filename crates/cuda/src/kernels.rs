@@ -726,7 +726,10 @@ impl Kernels {
             .arg(&head_dim)
             .arg(&rope_dims)
             .arg(&a.theta_scale)
-            .arg(&neox);
+            .arg(&neox)
+            .arg(&a.rope_factors)
+            .arg(&a.freq_scale)
+            .arg(&a.attn_factor);
         let config = grid(u32_of("tokens", a.n_tokens)?, n_heads + n_kv_heads, 32);
         // SAFETY: as the caller vouches.
         unsafe { launch.launch(config) }.context(|| "launching qkv_prepare".into())?;
@@ -757,6 +760,7 @@ impl Kernels {
             .arg(&head_dim)
             .arg(&window)
             .arg(&a.scale)
+            .arg(&a.softcap)
             .arg(&a.out);
         let config = grid(u32_of("tokens", a.n_tokens)?, n_heads, ATTENTION_THREADS);
         // SAFETY: as the caller vouches.
@@ -825,6 +829,10 @@ pub struct QkvPrepare {
     pub rope_dims: usize,
     pub theta_scale: f32,
     pub neox: bool,
+    /// Per-pair divisors of the angle, `[rope_dims / 2]` f32, or 0.
+    pub rope_factors: u64,
+    pub freq_scale: f32,
+    pub attn_factor: f32,
 }
 
 /// The arguments of `attention` (attention.cu).
@@ -842,5 +850,7 @@ pub struct Attention {
     /// 0: full causal attention.
     pub window: usize,
     pub scale: f32,
+    /// 0, or Gemma 2's attention logit soft-cap.
+    pub softcap: f32,
     pub out: u64,
 }

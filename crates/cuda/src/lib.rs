@@ -20,7 +20,6 @@ mod kernels;
 mod kv;
 mod memory;
 mod model;
-pub mod reference;
 pub mod selftest;
 mod toolkit;
 mod upload;

@@ -26,11 +26,11 @@ use std::time::Instant;
 use cudarc::driver::result as driver;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
-use engine::backend::{Backend, Cache, Segment};
+use engine::backend::{split_rows, Backend, Cache, Segment};
 use engine::cpu::Logits;
 use engine::kv::{KvPool, PAGE_TOKENS};
 use engine::spec::{Activation, ModelSpec, RopeStyle};
-use engine::weights::{Matrix, ModelWeights};
+use engine::weights::{HostWeights, Matrix, ModelWeights};
 use engine::EngineError;
 use gguf::{GgmlType, GgufFile};
 
@@ -99,6 +99,12 @@ pub struct CudaOptions {
     /// Fuse the decode step's kernels (RMSNorm into the products that follow
     /// it, Q/K/V in one launch); off only to measure what fusing gains.
     pub fuse: bool,
+    /// Most activation rows a product runs through the mat-vec kernels
+    /// (more go through cuBLAS), 1..=8; to measure where cuBLAS wins.
+    pub matvec_rows: usize,
+    /// Positions a sequence may reach (picks Phi-3's RoPE factors); `None`:
+    /// the training context.
+    pub context: Option<usize>,
 }
 
 impl Default for CudaOptions {
@@ -110,6 +116,8 @@ impl Default for CudaOptions {
             max_batch_tokens: 512,
             progress: false,
             fuse: true,
+            matvec_rows: MATVEC_ROWS,
+            context: None,
         }
     }
 }
@@ -165,24 +173,13 @@ impl fmt::Display for LoadReport {
     }
 }
 
-/// Device addresses of one layer's weights; vectors are f32, 0 when absent.
-struct Layer {
-    attn_norm: u64,
-    wq: DeviceMatrix,
-    wk: DeviceMatrix,
-    wv: DeviceMatrix,
-    bq: u64,
-    bk: u64,
-    bv: u64,
-    q_norm: u64,
-    k_norm: u64,
-    wo: DeviceMatrix,
-    post_attn_norm: u64,
-    ffn_norm: u64,
-    gate: DeviceMatrix,
-    up: DeviceMatrix,
-    down: DeviceMatrix,
-    post_ffn_norm: u64,
+/// Where a model's weights lie on the device: matrices (blocks or f16) and
+/// f32 vectors, as device addresses; an absent vector is `None`.
+type DeviceModel = ModelWeights<DeviceMatrix, u64>;
+
+/// A kernel's pointer argument for an optional vector (null when absent).
+fn or_null(v: Option<u64>) -> u64 {
+    v.unwrap_or(0)
 }
 
 /// Buffers of one forward pass, carved from one allocation; T = max_batch_tokens.
@@ -245,14 +242,10 @@ unsafe impl Send for Graph {}
 pub struct CudaModel {
     spec: ModelSpec,
     mode: WeightsMode,
-    layers: Vec<Layer>,
-    token_embd: DeviceMatrix,
-    output: DeviceMatrix,
-    output_norm: u64,
+    weights: DeviceModel,
     fuse: bool,
     /// Most activation rows a product runs through the mat-vec kernels
-    /// (more go through cuBLAS): MATVEC_ROWS, or what WORKER_ORCD_MATVEC_ROWS
-    /// says (1..=MATVEC_MAX_TOKENS, to measure where cuBLAS wins).
+    /// (more go through cuBLAS): `CudaOptions::matvec_rows`.
     matvec_rows: usize,
     work: Mutex<Workspace>,
     kv: Arc<KvPages>,
@@ -279,41 +272,12 @@ fn invalid(what: &str, reason: String) -> CudaError {
     }
 }
 
-/// Host-side list of f32 vectors, uploaded as one buffer.
-#[derive(Default)]
-struct Vectors {
-    values: Vec<f32>,
-    /// (offset in values, for patching to addresses after upload)
-    offsets: Vec<usize>,
-}
-
-impl Vectors {
-    /// Adds `v`; returns a handle (index + 1; 0 for none).
-    fn add(&mut self, v: Option<&[f32]>) -> u64 {
-        let Some(v) = v else { return 0 };
-        // 256-byte boundaries, like every other buffer.
-        let offset = self.values.len().next_multiple_of(64);
-        self.values.resize(offset, 0.0);
-        self.values.extend_from_slice(v);
-        self.offsets.push(offset);
-        self.offsets.len() as u64
-    }
-
-    fn address(&self, handle: u64, base: u64) -> u64 {
-        if handle == 0 {
-            0
-        } else {
-            base + 4 * self.offsets[handle as usize - 1] as u64
-        }
-    }
-}
-
 impl CudaModel {
     /// Uploads `file`'s weights to a GPU and prepares the forward pass.
     pub fn load(file: Arc<GgufFile>, options: &CudaOptions) -> Result<Self> {
         let start = Instant::now();
-        let spec = ModelSpec::from_gguf(&file)?;
-        let host = ModelWeights::load(&file, &spec)?;
+        let spec = ModelSpec::from_gguf_for_context(&file, options.context)?;
+        let host = HostWeights::load(&file, &spec)?;
         check_shapes(&spec, &host)?;
         let device = CudaDevice::open(&options.device)?;
         let free_before = device.memory()?.free;
@@ -321,29 +285,26 @@ impl CudaModel {
 
         let kv_dim = spec.kv_dim();
         let kv_bytes = KvPages::bytes_for(spec.n_layers, kv_dim, options.kv_pages);
-        let matrices = || {
-            host.layers
-                .iter()
-                .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
-                .chain([&host.token_embd, &host.output])
-        };
         // Only the quantized mode dequantizes layer matrices for prefill GEMMs.
         let scratch_values = match options.weights {
             WeightsMode::Quantized => host
                 .layers
                 .iter()
-                .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+                .flat_map(|l| l.matrices())
                 .map(|m| m.rows * m.cols)
                 .max()
                 .unwrap_or(0),
             WeightsMode::F16 => 0,
         };
+        // f16 mode: one f16 region per matrix (a tied head shares the
+        // embedding's), keyed by tensor and first row.
+        let key = |m: &Matrix| (m.name.clone(), m.first_row);
         let mut f16_layout = Layout::default();
-        let mut f16_offsets = std::collections::HashMap::new();
+        let mut f16_offsets = HashMap::new();
         if options.weights == WeightsMode::F16 {
-            for m in matrices() {
+            for m in host.matrices() {
                 f16_offsets
-                    .entry(m.name.clone())
+                    .entry(key(m))
                     .or_insert_with(|| f16_layout.add(m.rows * m.cols * 2));
             }
         }
@@ -371,7 +332,7 @@ impl CudaModel {
                 rows: m.rows,
                 cols: m.cols,
                 row_bytes: m.row_bytes(),
-                ptr: raw.device_ptr(tensor),
+                ptr: raw.device_ptr(tensor) + (m.first_row * m.row_bytes()) as u64,
             })
         };
 
@@ -379,14 +340,14 @@ impl CudaModel {
         let convert_start = Instant::now();
         let f16_weights = if options.weights == WeightsMode::F16 {
             let buffer = DeviceBuffer::new(&device, f16_layout.bytes(), "the f16 weights")?;
-            let mut done = std::collections::HashSet::new();
-            for m in matrices() {
-                if !done.insert(m.name.clone()) {
+            let mut done = HashSet::new();
+            for m in host.matrices() {
+                if !done.insert(key(m)) {
                     continue;
                 }
                 let src = raw_matrix(m)?;
-                let dst = buffer.ptr() + f16_offsets[&m.name] as u64;
-                // SAFETY: `src` is the whole tensor's blocks in the arena, `dst`
+                let dst = buffer.ptr() + f16_offsets[&key(m)] as u64;
+                // SAFETY: `src` is the matrix's blocks in the arena, `dst`
                 // its rows × cols f16 region of `buffer`; both outlive the
                 // synchronize below.
                 unsafe {
@@ -412,77 +373,31 @@ impl CudaModel {
                     rows: m.rows,
                     cols: m.cols,
                     row_bytes: m.cols * 2,
-                    ptr: buffer.ptr() + f16_offsets[&m.name] as u64,
+                    ptr: buffer.ptr() + f16_offsets[&key(m)] as u64,
                 }),
                 None => raw_matrix(m),
             }
         };
 
-        let mut vectors = Vectors::default();
-        struct Handles {
-            attn_norm: u64,
-            bq: u64,
-            bk: u64,
-            bv: u64,
-            q_norm: u64,
-            k_norm: u64,
-            post_attn_norm: u64,
-            ffn_norm: u64,
-            post_ffn_norm: u64,
-        }
-        let handles: Vec<Handles> = host
-            .layers
-            .iter()
-            .map(|l| Handles {
-                attn_norm: vectors.add(Some(&l.attn_norm)),
-                bq: vectors.add(l.bq.as_deref()),
-                bk: vectors.add(l.bk.as_deref()),
-                bv: vectors.add(l.bv.as_deref()),
-                q_norm: vectors.add(l.q_norm.as_deref()),
-                k_norm: vectors.add(l.k_norm.as_deref()),
-                post_attn_norm: vectors.add(l.post_attn_norm.as_deref()),
-                ffn_norm: vectors.add(Some(&l.ffn_norm)),
-                post_ffn_norm: vectors.add(l.post_ffn_norm.as_deref()),
-            })
-            .collect();
-        let output_norm_handle = vectors.add(Some(&host.output_norm));
+        // Norm, bias and RoPE factor vectors: one buffer, each vector on a
+        // 256-byte boundary like every other buffer.
+        let vector_values: usize = host.vectors().map(|v| v.len().next_multiple_of(64)).sum();
         let vector_buffer =
-            DeviceBuffer::new(&device, vectors.values.len() * 4, "norm and bias vectors")?;
+            DeviceBuffer::new(&device, vector_values * 4, "norm and bias vectors")?;
+        let mut values: Vec<f32> = Vec::with_capacity(vector_values);
+        let base = vector_buffer.ptr();
+        let weights: DeviceModel = host.map(matrix, |v: &Vec<f32>| -> Result<u64> {
+            let at = base + 4 * values.len() as u64;
+            values.extend_from_slice(v);
+            values.resize(values.len().next_multiple_of(64), 0.0);
+            Ok(at)
+        })?;
         // SAFETY: the buffer holds exactly these values; pageable memory is
         // copied out before the call returns.
         unsafe {
-            driver::memcpy_htod_async(
-                vector_buffer.ptr(),
-                &vectors.values,
-                device.stream().cu_stream(),
-            )
+            driver::memcpy_htod_async(vector_buffer.ptr(), &values, device.stream().cu_stream())
         }
         .context(|| "uploading norm and bias vectors".into())?;
-        let base = vector_buffer.ptr();
-        let mut layers = Vec::with_capacity(spec.n_layers);
-        for (l, h) in host.layers.iter().zip(&handles) {
-            layers.push(Layer {
-                attn_norm: vectors.address(h.attn_norm, base),
-                wq: matrix(&l.wq)?,
-                wk: matrix(&l.wk)?,
-                wv: matrix(&l.wv)?,
-                bq: vectors.address(h.bq, base),
-                bk: vectors.address(h.bk, base),
-                bv: vectors.address(h.bv, base),
-                q_norm: vectors.address(h.q_norm, base),
-                k_norm: vectors.address(h.k_norm, base),
-                wo: matrix(&l.wo)?,
-                post_attn_norm: vectors.address(h.post_attn_norm, base),
-                ffn_norm: vectors.address(h.ffn_norm, base),
-                gate: matrix(&l.gate)?,
-                up: matrix(&l.up)?,
-                down: matrix(&l.down)?,
-                post_ffn_norm: vectors.address(h.post_ffn_norm, base),
-            });
-        }
-        let token_embd = matrix(&host.token_embd)?;
-        let output = matrix(&host.output)?;
-        let output_norm = vectors.address(output_norm_handle, base);
         let raw = if f16_weights.is_some() {
             drop(raw);
             None
@@ -528,16 +443,9 @@ impl CudaModel {
         Ok(Self {
             spec,
             mode: options.weights,
-            layers,
-            token_embd,
-            output,
-            output_norm,
+            weights,
             fuse: options.fuse,
-            matvec_rows: std::env::var("WORKER_ORCD_MATVEC_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(MATVEC_ROWS)
-                .clamp(1, MATVEC_MAX_TOKENS),
+            matvec_rows: options.matvec_rows.clamp(1, MATVEC_MAX_TOKENS),
             work: Mutex::new(work),
             kv,
             _vectors: vector_buffer,
@@ -583,7 +491,7 @@ impl CudaModel {
         &self,
         cache: &mut GpuCache,
         tokens: &[u32],
-    ) -> Result<(Vec<f32>, crate::reference::Trace), EngineError> {
+    ) -> Result<(Vec<f32>, engine::cpu::Trace), EngineError> {
         let mut trace = Vec::new();
         let mut batch = [Segment {
             kv: cache,
@@ -597,31 +505,6 @@ impl CudaModel {
         Ok((logits, trace))
     }
 
-    fn check_segment(&self, seg: &Segment<'_, GpuCache>) -> Result<(), EngineError> {
-        let n = seg.tokens.len();
-        if n == 0 {
-            return Err(EngineError::Invalid("no tokens to run".into()));
-        }
-        let start = seg.kv.len();
-        if start + n > seg.kv.capacity() {
-            return Err(EngineError::ContextFull {
-                needed: start + n,
-                capacity: seg.kv.capacity(),
-            });
-        }
-        if let Some(&bad) = seg
-            .tokens
-            .iter()
-            .find(|&&t| t as usize >= self.spec.vocab_size)
-        {
-            return Err(EngineError::Invalid(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.spec.vocab_size
-            )));
-        }
-        Ok(())
-    }
-
     /// The batched forward pass; `greedy` returns token ids instead of logits.
     fn run(
         &self,
@@ -630,7 +513,7 @@ impl CudaModel {
         mut trace: Option<&mut Vec<(String, Vec<f32>)>>,
     ) -> Result<Output, EngineError> {
         for seg in batch.iter() {
-            self.check_segment(seg)?;
+            engine::backend::check_segment(&self.spec, seg.tokens, seg.kv.len(), seg.kv.capacity())?;
         }
         let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let mut work = self
@@ -743,43 +626,18 @@ impl CudaModel {
             seg.kv.commit(seg.tokens.len());
         }
         // Split the rows among the segments.
-        let counts: Vec<usize> = batch
-            .iter()
-            .map(|s| match s.logits {
-                Logits::Last => 1,
-                Logits::All => s.tokens.len(),
-                Logits::None => 0,
-            })
-            .collect();
+        let modes: Vec<Logits> = batch.iter().map(|s| s.logits).collect();
+        let lengths: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
         let vocab = self.spec.vocab_size;
         Ok(match output {
             Output::Logits(mut all) => {
-                let flat = all.pop().unwrap_or_default();
-                let mut at = 0;
-                Output::Logits(
-                    counts
-                        .iter()
-                        .map(|&c| {
-                            let rows = flat[at * vocab..(at + c) * vocab].to_vec();
-                            at += c;
-                            rows
-                        })
-                        .collect(),
-                )
+                let mut flat = all.pop().unwrap_or_default();
+                engine::backend::final_softcap(&self.spec, &mut flat);
+                Output::Logits(split_rows(&flat, vocab, &modes, &lengths))
             }
             Output::Tokens(mut all) => {
                 let flat = all.pop().unwrap_or_default();
-                let mut at = 0;
-                Output::Tokens(
-                    counts
-                        .iter()
-                        .map(|&c| {
-                            let ids = flat[at..at + c].to_vec();
-                            at += c;
-                            ids
-                        })
-                        .collect(),
-                )
+                Output::Tokens(split_rows(&flat, 1, &modes, &lengths))
             }
         })
     }
@@ -966,14 +824,14 @@ impl CudaModel {
         // offsets, and tables covering every position (reserved).
         unsafe {
             k.embed(
-                &self.token_embd,
+                &self.weights.token_embd,
                 tokens,
                 n,
                 spec.embedding_scale.unwrap_or(1.0),
                 work.x,
             )?;
         }
-        for (index, layer) in self.layers.iter().enumerate() {
+        for (index, layer) in self.weights.layers.iter().enumerate() {
             let first = index == 0;
             let qkv = [
                 (&layer.wq, work.q, q_dim),
@@ -1020,17 +878,17 @@ impl CudaModel {
                 record("layer0.k_proj".into(), work.k, kv_dim)?;
                 record("layer0.v_proj".into(), work.v, kv_dim)?;
             }
-            let theta = spec.rope_theta_for(index);
+            let plan = spec.layers[index];
             unsafe {
                 k.qkv_prepare(&QkvPrepare {
                     q: work.q,
                     k: work.k,
                     v: work.v,
-                    bq: layer.bq,
-                    bk: layer.bk,
-                    bv: layer.bv,
-                    q_norm: layer.q_norm,
-                    k_norm: layer.k_norm,
+                    bq: or_null(layer.bq),
+                    bk: or_null(layer.bk),
+                    bv: or_null(layer.bv),
+                    q_norm: or_null(layer.q_norm),
+                    k_norm: or_null(layer.k_norm),
                     eps,
                     positions,
                     table_offsets,
@@ -1041,10 +899,14 @@ impl CudaModel {
                     n_heads: spec.n_heads,
                     n_kv_heads: spec.n_kv_heads,
                     head_dim: spec.head_dim,
-                    rope_dims: spec.rope_dims,
+                    // 0: this layer does not rotate.
+                    rope_dims: if plan.rope { spec.rope_dims } else { 0 },
                     // As the CPU backend computes it, so the angles match bit for bit.
-                    theta_scale: theta.powf(-2.0 / spec.rope_dims as f32),
+                    theta_scale: plan.rope_theta.powf(-2.0 / spec.rope_dims as f32),
                     neox: spec.rope_style == RopeStyle::Neox,
+                    rope_factors: or_null(self.weights.rope_factors),
+                    freq_scale: plan.rope_freq_scale,
+                    attn_factor: spec.rope_attn_factor,
                 })?;
                 k.attention(&Attention {
                     q: work.q,
@@ -1057,12 +919,9 @@ impl CudaModel {
                     n_heads: spec.n_heads,
                     n_kv_heads: spec.n_kv_heads,
                     head_dim: spec.head_dim,
-                    window: if spec.is_sliding(index) {
-                        spec.sliding_window.unwrap_or(0)
-                    } else {
-                        0
-                    },
+                    window: spec.window(index).unwrap_or(0),
                     scale: spec.attention_scale,
+                    softcap: spec.attn_softcap.unwrap_or(0.0),
                     out: work.attn,
                 })?;
             }
@@ -1140,12 +999,12 @@ impl CudaModel {
         w: &DeviceMatrix,
         a: u64,
         n: usize,
-        post_norm: u64,
+        post_norm: Option<u64>,
     ) -> Result<()> {
         let embd = self.spec.n_embd;
-        if post_norm == 0 {
+        let Some(post_norm) = post_norm else {
             return self.matmul(work, w, a, n, work.x, embd, true);
-        }
+        };
         self.matmul(work, w, a, n, work.tmp, embd, false)?;
         // SAFETY: x and tmp hold n × n_embd f32; post_norm n_embd f32.
         unsafe {
@@ -1172,7 +1031,7 @@ impl CudaModel {
             self.kernels.rms_norm(
                 work.x,
                 wanted_at + 4 * first as u64,
-                self.output_norm,
+                self.weights.output_norm,
                 self.spec.rms_eps,
                 embd,
                 rows,
@@ -1182,7 +1041,7 @@ impl CudaModel {
         if rows == 1 {
             self.matmul(
                 work,
-                &self.output,
+                &self.weights.output,
                 work.final_rows,
                 rows,
                 work.logits,
@@ -1195,9 +1054,9 @@ impl CudaModel {
             // SAFETY: final_rows holds LOGIT_ROWS rows of n_embd; act_f16 room for them.
             unsafe {
                 self.kernels
-                    .f32_to_f16(work.final_rows, work.act_f16, rows * self.output.cols)?
+                    .f32_to_f16(work.final_rows, work.act_f16, rows * self.weights.output.cols)?
             };
-            self.matmul_blas(work, &self.output, rows, work.logits, vocab, false)?;
+            self.matmul_blas(work, &self.weights.output, rows, work.logits, vocab, false)?;
         }
         if greedy {
             unsafe {
@@ -1321,19 +1180,14 @@ fn same_layout(a: &DeviceMatrix, b: &DeviceMatrix) -> bool {
     (a.ty, a.cols, a.row_bytes) == (b.ty, b.cols, b.row_bytes)
 }
 
-fn check_shapes(spec: &ModelSpec, host: &ModelWeights) -> Result<()> {
+fn check_shapes(spec: &ModelSpec, host: &HostWeights) -> Result<()> {
     if spec.head_dim > MAX_HEAD_DIM || !spec.head_dim.is_multiple_of(8) {
         return Err(invalid(
             "model",
             format!("head size {} is not supported by the GPU kernels (a multiple of 8, at most {MAX_HEAD_DIM})", spec.head_dim),
         ));
     }
-    let matrices = host
-        .layers
-        .iter()
-        .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
-        .chain([&host.token_embd, &host.output]);
-    for m in matrices {
+    for m in host.matrices() {
         if m.cols % 8 != 0 {
             return Err(invalid(
                 &m.name,

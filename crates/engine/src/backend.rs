@@ -114,3 +114,71 @@ impl Backend for CpuModel {
         rayon::scope(|_| CpuModel::forward_batch(self, &mut segments))
     }
 }
+
+/// What every backend checks of a segment before running it: tokens to
+/// run, room in its cache, ids inside the vocabulary.
+pub fn check_segment(
+    spec: &ModelSpec,
+    tokens: &[u32],
+    cached: usize,
+    capacity: usize,
+) -> Result<(), EngineError> {
+    let n = tokens.len();
+    if n == 0 {
+        return Err(EngineError::Invalid("no tokens to run".into()));
+    }
+    if cached + n > capacity {
+        return Err(EngineError::ContextFull {
+            needed: cached + n,
+            capacity,
+        });
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= spec.vocab_size) {
+        return Err(EngineError::Invalid(format!(
+            "token id {bad} is outside the vocabulary of {}",
+            spec.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// Rows of results a segment of `length` tokens asks for.
+pub fn rows_wanted(logits: Logits, length: usize) -> usize {
+    match logits {
+        Logits::Last => 1,
+        Logits::All => length,
+        Logits::None => 0,
+    }
+}
+
+/// Splits a batch's results (`width` values per wanted row, in batch order)
+/// among its segments, given each one's `Logits` and token count.
+pub fn split_rows<T: Clone>(
+    flat: &[T],
+    width: usize,
+    modes: &[Logits],
+    lengths: &[usize],
+) -> Vec<Vec<T>> {
+    let mut at = 0;
+    modes
+        .iter()
+        .zip(lengths)
+        .map(|(&mode, &length)| {
+            let rows = rows_wanted(mode, length);
+            let part = flat[at * width..(at + rows) * width].to_vec();
+            at += rows;
+            part
+        })
+        .collect()
+}
+
+/// The model's final logit soft-capping (`cap · tanh(logit / cap)`, Gemma 2),
+/// applied where logits leave a backend. It keeps the order, so greedy ids
+/// need none.
+pub fn final_softcap(spec: &ModelSpec, logits: &mut [f32]) {
+    if let Some(cap) = spec.final_softcap {
+        for l in logits.iter_mut() {
+            *l = cap * (*l / cap).tanh();
+        }
+    }
+}

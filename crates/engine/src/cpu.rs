@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::kv::{KvCache, KvPool};
 use crate::spec::{Activation, ModelSpec, RopeStyle};
-use crate::weights::{Matrix, ModelWeights};
+use crate::weights::{HostWeights, Matrix};
 use crate::EngineError;
 
 /// Which positions' logits a forward pass returns.
@@ -34,14 +34,29 @@ pub struct Segment<'a> {
 pub struct CpuModel {
     file: Arc<GgufFile>,
     spec: ModelSpec,
-    weights: ModelWeights,
+    weights: HostWeights,
     activations: Activations,
 }
 
+/// Named intermediate results of a forward pass (`tokens × width` values
+/// each): every step of layer 0, then the residual stream after each layer.
+/// A backend under test records the same names, so that a difference can be
+/// pinned to a layer and an operation.
+pub type Trace = Vec<(String, Vec<f32>)>;
+
 impl CpuModel {
     pub fn load(file: Arc<GgufFile>) -> Result<Self, EngineError> {
-        let spec = ModelSpec::from_gguf(&file)?;
-        let weights = ModelWeights::load(&file, &spec)?;
+        Self::load_for_context(file, None)
+    }
+
+    /// [`Self::load`] for sequences of up to `context` positions (which
+    /// decides Phi-3's RoPE factors).
+    pub fn load_for_context(
+        file: Arc<GgufFile>,
+        context: Option<usize>,
+    ) -> Result<Self, EngineError> {
+        let spec = ModelSpec::from_gguf_for_context(&file, context)?;
+        let weights = HostWeights::load(&file, &spec)?;
         Ok(CpuModel {
             file,
             spec,
@@ -96,13 +111,41 @@ impl CpuModel {
         Ok(self.forward_batch(&mut batch)?.pop().unwrap_or_default())
     }
 
+    /// [`Self::forward`] of one sequence that also records its intermediate
+    /// results ([`Trace`]); returns the last position's logits.
+    pub fn forward_traced(
+        &self,
+        kv: &mut KvCache,
+        tokens: &[u32],
+    ) -> Result<(Vec<f32>, Trace), EngineError> {
+        let mut trace = Trace::new();
+        let mut batch = [Segment {
+            kv,
+            tokens,
+            logits: Logits::Last,
+        }];
+        let logits = self
+            .forward_inner(&mut batch, Some(&mut trace))?
+            .pop()
+            .unwrap_or_default();
+        Ok((logits, trace))
+    }
+
     /// One forward pass over several sequences at once: their tokens share
     /// every matrix product (each weight is read once per step), attention
     /// runs per sequence over its own cache. Returns each segment's logits.
     pub fn forward_batch(&self, batch: &mut [Segment<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.forward_inner(batch, None)
+    }
+
+    fn forward_inner(
+        &self,
+        batch: &mut [Segment<'_>],
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let spec = &self.spec;
         for seg in batch.iter() {
-            self.check_segment(seg)?;
+            crate::backend::check_segment(spec, seg.tokens, seg.kv.len(), seg.kv.capacity())?;
         }
         // Reserve every cache's pages first, so a full pool fails before any work.
         for seg in batch.iter_mut() {
@@ -127,13 +170,28 @@ impl CpuModel {
         let mut x = self.embed(&tokens)?;
         let mut normed = vec![0f32; n * embd];
 
+        let mut record = |name: &dyn Fn() -> String, values: &[f32]| {
+            if let Some(trace) = trace.as_deref_mut() {
+                trace.push((name(), values.to_vec()));
+            }
+        };
         for (layer, lw) in w.layers.iter().enumerate() {
+            let first = layer == 0;
+            let mut record0 = |name: &str, values: &[f32]| {
+                if first {
+                    record(&|| format!("layer0.{name}"), values);
+                }
+            };
             // Attention block.
             rms_norm_rows(&x, &lw.attn_norm, spec.rms_eps, &mut normed);
             let input = MatmulInput::new(&normed, n, embd)?;
             // n × q_dim, n × kv_dim, n × kv_dim in one pass over the pool.
             let [mut q, mut k, mut v] = self.matmul_many(&[&lw.wq, &lw.wk, &lw.wv], &input)?;
             drop(input);
+            record0("attn_norm", &normed);
+            record0("q_proj", &q);
+            record0("k_proj", &k);
+            record0("v_proj", &v);
             if let (Some(bq), Some(bk), Some(bv)) = (&lw.bq, &lw.bk, &lw.bv) {
                 add_bias_rows(&mut q, bq);
                 add_bias_rows(&mut k, bk);
@@ -143,47 +201,33 @@ impl CpuModel {
                 rms_norm_heads(&mut q, qn, spec.rms_eps);
                 rms_norm_heads(&mut k, kn, spec.rms_eps);
             }
-            let theta = spec.rope_theta_for(layer);
-            let window = if spec.is_sliding(layer) {
-                spec.sliding_window
-            } else {
-                None
-            };
+            let window = spec.window(layer);
+            let rope = Rope::of_layer(spec, layer, w.rope_factors.as_deref());
             let (q_dim, kv_dim) = (spec.q_dim(), spec.kv_dim());
             let mut attn = vec![0f32; n * q_dim]; // n × q_dim
             for (seg, r) in batch.iter_mut().zip(&ranges) {
                 let (m, start) = (r.len(), seg.kv.len());
                 let q_seg = &mut q[r.start * q_dim..r.end * q_dim];
                 let k_seg = &mut k[r.start * kv_dim..r.end * kv_dim];
-                rope(
-                    q_seg,
-                    m,
-                    spec.head_dim,
-                    spec.rope_dims,
-                    theta,
-                    spec.rope_style,
-                    start,
-                );
-                rope(
-                    k_seg,
-                    m,
-                    spec.head_dim,
-                    spec.rope_dims,
-                    theta,
-                    spec.rope_style,
-                    start,
-                );
+                if let Some(rope) = &rope {
+                    rope.apply(q_seg, m, start);
+                    rope.apply(k_seg, m, start);
+                }
                 seg.kv
                     .append(layer, k_seg, &v[r.start * kv_dim..r.end * kv_dim]);
                 let (keys, values) = seg.kv.layer(layer);
                 let out = attention(spec, q_seg, keys, values, start, m, window);
                 attn[r.start * q_dim..r.end * q_dim].copy_from_slice(&out);
             }
+            record0("q_rope", &q);
+            record0("k_rope", &k);
+            record0("attn", &attn);
             let mut out = self.matmul(&lw.wo, &attn, n)?; // n × n_embd
             if let Some(post) = &lw.post_attn_norm {
                 rms_norm_in_place(&mut out, post, spec.rms_eps, embd);
             }
             add_in_place(&mut x, &out);
+            record0("x_attn", &x);
 
             // Feed-forward block.
             rms_norm_rows(&x, &lw.ffn_norm, spec.rms_eps, &mut normed);
@@ -191,11 +235,14 @@ impl CpuModel {
             let [mut gate, up] = self.matmul_many(&[&lw.gate, &lw.up], &input)?; // n × n_ff each
             drop(input);
             gated_activation(&mut gate, &up, spec.activation);
+            record0("ffn_norm", &normed);
+            record0("ffn_act", &gate);
             let mut down = self.matmul(&lw.down, &gate, n)?; // n × n_embd
             if let Some(post) = &lw.post_ffn_norm {
                 rms_norm_in_place(&mut down, post, spec.rms_eps, embd);
             }
             add_in_place(&mut x, &down);
+            record(&|| format!("layer{layer}.out"), &x);
         }
         for seg in batch.iter_mut() {
             seg.kv.commit(seg.tokens.len());
@@ -219,49 +266,20 @@ impl CpuModel {
                 out,
             );
         }
-        let vocab = spec.vocab_size;
-        let logits = if wanted.is_empty() {
+        let mut logits = if wanted.is_empty() {
             Vec::new()
         } else {
             self.matmul(&w.output, &final_normed, wanted.len())?
         };
-        let mut per_segment = Vec::with_capacity(batch.len());
-        let mut at = 0;
-        for seg in batch.iter() {
-            let rows = match seg.logits {
-                Logits::Last => 1,
-                Logits::All => seg.tokens.len(),
-                Logits::None => 0,
-            };
-            per_segment.push(logits[at * vocab..(at + rows) * vocab].to_vec());
-            at += rows;
-        }
-        Ok(per_segment)
-    }
-
-    fn check_segment(&self, seg: &Segment<'_>) -> Result<(), EngineError> {
-        let n = seg.tokens.len();
-        if n == 0 {
-            return Err(EngineError::Invalid("no tokens to run".into()));
-        }
-        let start = seg.kv.len();
-        if start + n > seg.kv.capacity() {
-            return Err(EngineError::ContextFull {
-                needed: start + n,
-                capacity: seg.kv.capacity(),
-            });
-        }
-        if let Some(&bad) = seg
-            .tokens
-            .iter()
-            .find(|&&t| t as usize >= self.spec.vocab_size)
-        {
-            return Err(EngineError::Invalid(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.spec.vocab_size
-            )));
-        }
-        Ok(())
+        crate::backend::final_softcap(spec, &mut logits);
+        let modes: Vec<Logits> = batch.iter().map(|s| s.logits).collect();
+        let lengths: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
+        Ok(crate::backend::split_rows(
+            &logits,
+            spec.vocab_size,
+            &modes,
+            &lengths,
+        ))
     }
 
     /// Rows of the token embedding (scaled where the spec says), n × n_embd.
@@ -398,37 +416,65 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// Rotary position embedding of every head of `x` (n rows of whole heads);
-/// row `t` is at position `start + t`.
-fn rope(
-    x: &mut [f32],
-    n: usize,
+/// One layer's rotary position embedding.
+struct Rope<'a> {
     head_dim: usize,
-    rope_dims: usize,
-    theta: f32,
+    dims: usize,
     style: RopeStyle,
-    start: usize,
-) {
-    let row_len = x.len() / n;
-    let half = rope_dims / 2;
-    // θ_i = pos · base^(-2i/d), built by repeated multiplication as llama.cpp does.
-    let theta_scale = theta.powf(-2.0 / rope_dims as f32);
-    let mut cos_sin = vec![(0f32, 0f32); half];
-    for (t, row) in x.chunks_exact_mut(row_len).enumerate() {
-        let mut angle = (start + t) as f32;
-        for cs in cos_sin.iter_mut() {
-            *cs = (angle.cos(), angle.sin());
-            angle *= theta_scale;
-        }
-        for head in row.chunks_exact_mut(head_dim) {
-            for (i, &(c, s)) in cos_sin.iter().enumerate() {
-                let (a, b) = match style {
-                    RopeStyle::Normal => (2 * i, 2 * i + 1),
-                    RopeStyle::Neox => (i, i + half),
-                };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * c - x1 * s;
-                head[b] = x0 * s + x1 * c;
+    /// base^(-2/dims): pair i turns by pos · theta_scale^i.
+    theta_scale: f32,
+    /// Positions are multiplied by this (linear scaling).
+    freq_scale: f32,
+    /// cos and sin are multiplied by this.
+    attn_factor: f32,
+    /// Per-pair divisors of the angle, `[dims / 2]`.
+    factors: Option<&'a [f32]>,
+}
+
+impl<'a> Rope<'a> {
+    /// Layer `layer`'s rotation, `None` where the layer has none.
+    fn of_layer(spec: &ModelSpec, layer: usize, factors: Option<&'a [f32]>) -> Option<Self> {
+        let plan = spec.layers[layer];
+        plan.rope.then(|| Rope {
+            head_dim: spec.head_dim,
+            dims: spec.rope_dims,
+            style: spec.rope_style,
+            theta_scale: plan.rope_theta.powf(-2.0 / spec.rope_dims as f32),
+            freq_scale: plan.rope_freq_scale,
+            attn_factor: spec.rope_attn_factor,
+            factors,
+        })
+    }
+
+    /// Rotates every head of `x` (n rows of whole heads); row `t` is at
+    /// position `start + t`.
+    fn apply(&self, x: &mut [f32], n: usize, start: usize) {
+        let row_len = x.len() / n;
+        let half = self.dims / 2;
+        let mut cos_sin = vec![(0f32, 0f32); half];
+        for (t, row) in x.chunks_exact_mut(row_len).enumerate() {
+            // θ_i = pos · base^(-2i/d), built by repeated multiplication as
+            // llama.cpp does, then divided by the pair's factor and scaled.
+            let mut angle = (start + t) as f32;
+            for (i, cs) in cos_sin.iter_mut().enumerate() {
+                let divisor = self.factors.map_or(1.0, |f| f[i]);
+                let theta = self.freq_scale * (angle / divisor);
+                *cs = (
+                    theta.cos() * self.attn_factor,
+                    theta.sin() * self.attn_factor,
+                );
+                angle *= self.theta_scale;
+            }
+            for head in row.chunks_exact_mut(self.head_dim) {
+                for (i, &(c, s)) in cos_sin.iter().enumerate() {
+                    let (a, b) = match self.style {
+                        RopeStyle::Normal => (2 * i, 2 * i + 1),
+                        RopeStyle::Neox => (i, i + half),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c - x1 * s;
+                    head[b] = x0 * s + x1 * c;
+                }
             }
         }
     }
@@ -461,10 +507,14 @@ fn attention(
         let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
         let mut scores: Vec<f32> = (first..=pos)
             .map(|p| {
-                dot(
+                let score = dot(
                     qh,
                     &keys[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd],
-                ) * spec.attention_scale
+                ) * spec.attention_scale;
+                match spec.attn_softcap {
+                    Some(cap) => cap * (score / cap).tanh(),
+                    None => score,
+                }
             })
             .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);

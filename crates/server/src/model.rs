@@ -105,10 +105,14 @@ pub struct BackendInfo {
     pub device_bytes: Option<u64>,
 }
 
-/// The CPU backend for [`Model::load_with`].
-pub fn cpu_backend(file: Arc<GgufFile>, spec: &ModelSpec) -> Result<(CpuModel, BackendInfo)> {
+/// The CPU backend for [`Model::load_with`], for sequences of up to `context` positions.
+pub fn cpu_backend(
+    file: Arc<GgufFile>,
+    spec: &ModelSpec,
+    context: usize,
+) -> Result<(CpuModel, BackendInfo)> {
     let weight_bytes = file.tensor_bytes_total();
-    let model = CpuModel::load(file)?;
+    let model = CpuModel::load_for_context(file, Some(context))?;
     let info = BackendInfo {
         device: "cpu".into(),
         weight_bytes,
@@ -142,7 +146,9 @@ fn chat_template(meta: &gguf::Metadata, explicit: Option<&str>) -> Result<Option
 impl Model {
     /// Load a GGUF file for the CPU backend and start its scheduler thread.
     pub fn load(path: &Path, options: &ModelOptions) -> Result<Model> {
-        Model::load_with(path, options, |file, spec, _| cpu_backend(file, spec))
+        Model::load_with(path, options, |file, spec, sizing| {
+            cpu_backend(file, spec, sizing.context)
+        })
     }
 
     /// Load a GGUF file with the backend `make` builds (given the open file,

@@ -70,7 +70,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
             .max(streams(args) * stream_context.div_ceil(PAGE_TOKENS));
         let mut options = args
             .gpu
-            .options(pages, args.prompt_tokens.max(streams(args)).max(1));
+            .options(pages, args.prompt_tokens.max(streams(args)).max(1), None);
         let mut model = cuda::CudaModel::load(file.clone(), &options)?;
         let mut loads = vec![load_start.elapsed().as_secs_f64()];
         options.progress = false;

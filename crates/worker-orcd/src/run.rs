@@ -84,12 +84,23 @@ pub struct GpuArgs {
     /// three launches), to measure what fusing gains.
     #[arg(long, env = "WORKER_ORCD_UNFUSED")]
     pub unfused: bool,
+    /// Most activation rows a product runs through the mat-vec kernels
+    /// from the quantized blocks; more go through cuBLAS on f16 (1-8; to
+    /// measure where cuBLAS wins).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=8), env = "WORKER_ORCD_MATVEC_ROWS")]
+    pub matvec_rows: u64,
 }
 
 impl GpuArgs {
     /// Options for loading onto the GPU: `kv_pages` pages of KV cache, forward
-    /// passes of up to `max_batch_tokens` tokens.
-    pub fn options(&self, kv_pages: usize, max_batch_tokens: usize) -> cuda::CudaOptions {
+    /// passes of up to `max_batch_tokens` tokens, sequences of up to `context`
+    /// positions (the training context when `None`).
+    pub fn options(
+        &self,
+        kv_pages: usize,
+        max_batch_tokens: usize,
+        context: Option<usize>,
+    ) -> cuda::CudaOptions {
         cuda::CudaOptions {
             device: cuda::DeviceOptions {
                 index: self.gpu_device,
@@ -101,6 +112,8 @@ impl GpuArgs {
             max_batch_tokens,
             progress: true,
             fuse: !self.unfused,
+            matvec_rows: self.matvec_rows as usize,
+            context,
         }
     }
 }
@@ -257,13 +270,13 @@ pub fn load(args: &ModelArgs, gpu: &GpuArgs) -> Result<Loaded> {
     }
     let (scheduler, thread) = match args.device.as_str() {
         "cuda" => {
-            let options = gpu.options(config.kv_pages, config.step_tokens);
+            let options = gpu.options(config.kv_pages, config.step_tokens, Some(context));
             let model = cuda::CudaModel::load(file, &options)
                 .with_context(|| format!("loading {} onto the GPU", path.display()))?;
             start(model, &tokenizer, config)
         }
         _ => {
-            let model = CpuModel::load(file)
+            let model = CpuModel::load_for_context(file, Some(context))
                 .with_context(|| format!("loading {}", path.display()))?
                 .with_activations(args.activations());
             start(model, &tokenizer, config)

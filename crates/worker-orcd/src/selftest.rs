@@ -43,8 +43,8 @@ pub fn run_selftest(args: &SelftestArgs) -> Result<()> {
         .map(|p| tokenizer.encode(p, true, false))
         .collect();
     let options = SelftestOptions {
-        device: args.gpu.options(0, 0).device,
-        weights: args.gpu.options(0, 0).weights,
+        device: args.gpu.options(0, 0, None).device,
+        weights: args.gpu.options(0, 0, None).weights,
         prompts,
         steps: args.steps,
         fuse: !args.gpu.unfused,

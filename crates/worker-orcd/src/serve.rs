@@ -136,8 +136,8 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
                 let path = run::resolve_model(&model_arg)?;
                 match device.as_str() {
                     "cuda" => load_cuda(&path, &options, &gpu),
-                    _ => Model::load_with(&path, &options, |file, spec, _| {
-                        let (model, info) = server::cpu_backend(file, spec)?;
+                    _ => Model::load_with(&path, &options, |file, spec, sizing| {
+                        let (model, info) = server::cpu_backend(file, spec, sizing.context)?;
                         Ok((model.with_activations(activations), info))
                     }),
                 }
@@ -152,7 +152,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
 /// The model on a GPU: its KV pages and workspace sized as the scheduler will use them.
 fn load_cuda(path: &Path, options: &ModelOptions, gpu: &run::GpuArgs) -> Result<Model> {
     Model::load_with(path, options, |file, _spec, sizing| {
-        let options = gpu.options(sizing.kv_pages, sizing.step_tokens);
+        let options = gpu.options(sizing.kv_pages, sizing.step_tokens, Some(sizing.context));
         let model = cuda::CudaModel::load(file, &options)?;
         let report = model.report();
         let (pages, _) = model.kv_pages();
