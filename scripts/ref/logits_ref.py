@@ -96,6 +96,17 @@ CONFIGS = {
         prompts(CHATML),
     ),
 }
+# One synthetic model per architecture the engine added after qwen2, llama
+# and gemma3, each in llama.cpp's Q4_K_M mix (and its F32 copy).
+for _preset in ("tiny-llama3", "tiny-qwen3", "tiny-phi3", "tiny-gemma2", "tiny-smollm3"):
+    CONFIGS[f"{_preset}-q4_k_m"] = (
+        {"synth": {"preset": _preset, "quant": "Q4_K_M", "seed": 42, "tokenizer_from": SMOLLM2}},
+        prompts(CHATML),
+    )
+
+# llama.cpp's context for every run: it decides Phi-3's RoPE factors (long
+# once the context passes the original one), so the test loads with it too.
+N_CTX = 256
 
 
 def sha256(path):
@@ -126,7 +137,7 @@ def load(path):
     # type_k/type_v 0: F32 KV cache, so the cache adds no rounding of its own.
     return llama_cpp.Llama(
         model_path=str(path),
-        n_ctx=256,
+        n_ctx=N_CTX,
         logits_all=True,
         n_threads=2,
         type_k=0,
@@ -257,6 +268,7 @@ def make_fixture(name, bin_path, work):
         "f32_sha256": sha256(f32_path),
         "vocab": vocab,
         "add_bos": add_bos,
+        "n_ctx": N_CTX,
         "steps": STEPS,
         "n_top": N_TOP,
         "random_ids": random_ids.tolist(),

@@ -38,7 +38,7 @@ pub use error::{CudaError, Result};
 pub use kernels::{DeviceMatrix, Kernels, MatvecOut, MATVEC_MAX_TOKENS};
 pub use kv::{GpuCache, KvPages};
 pub use memory::DeviceBuffer;
-pub use model::{CudaModel, CudaOptions, LoadReport, WeightsMode};
+pub use model::{check_shapes, CudaModel, CudaOptions, LoadReport, WeightsMode};
 pub use toolkit::{cublas, toolkit, Toolkit};
 pub use upload::{upload_weights, DeviceTensor, DeviceWeights, UploadOptions, UploadReport};
 

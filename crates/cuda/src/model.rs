@@ -1180,7 +1180,9 @@ fn same_layout(a: &DeviceMatrix, b: &DeviceMatrix) -> bool {
     (a.ty, a.cols, a.row_bytes) == (b.ty, b.cols, b.row_bytes)
 }
 
-fn check_shapes(spec: &ModelSpec, host: &HostWeights) -> Result<()> {
+/// Whether the GPU kernels can run this model (shapes and weight types);
+/// needs no GPU, so `inspect` can say it for any file.
+pub fn check_shapes(spec: &ModelSpec, host: &HostWeights) -> Result<()> {
     if spec.head_dim > MAX_HEAD_DIM || !spec.head_dim.is_multiple_of(8) {
         return Err(invalid(
             "model",

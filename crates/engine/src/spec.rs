@@ -694,3 +694,69 @@ fn token_embedding_shape(file: &GgufFile) -> Result<(usize, usize), EngineError>
     }
     Ok((t.dims[1] as usize, t.dims[0] as usize))
 }
+
+impl ModelSpec {
+    /// The features of this model the forward pass uses, in words (for
+    /// `inspect` and load reports).
+    pub fn features(&self) -> Vec<String> {
+        let mut out = vec![format!(
+            "{} layers, {} heads ({} key/value) of {}, feed-forward {}, vocabulary {}",
+            self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.n_ff, self.vocab_size
+        )];
+        let mut rope = format!(
+            "RoPE {} over {} of {} dimensions, base {}",
+            match self.rope_style {
+                RopeStyle::Normal => "normal",
+                RopeStyle::Neox => "NeoX",
+            },
+            self.rope_dims,
+            self.head_dim,
+            self.rope_theta
+        );
+        if let Some(f) = &self.rope_factors {
+            rope += &format!(", frequency factors from {f}");
+        }
+        if let Some(scale) = self.layers.iter().map(|l| l.rope_freq_scale).find(|&s| s != 1.0) {
+            rope += &format!(", linear scaling {}", 1.0 / scale);
+        }
+        if self.rope_attn_factor != 1.0 {
+            rope += &format!(", attention factor {}", self.rope_attn_factor);
+        }
+        let unrotated = self.layers.iter().filter(|l| !l.rope).count();
+        if unrotated > 0 {
+            rope += &format!(", {unrotated} layers without RoPE");
+        }
+        out.push(rope);
+        if let Some(w) = self.sliding_window {
+            let sliding = self.layers.iter().filter(|l| l.sliding).count();
+            out.push(format!(
+                "sliding-window attention ({w} positions) on {sliding} of {} layers",
+                self.n_layers
+            ));
+        }
+        for (on, what) in [
+            (self.qkv_bias, "QKV bias"),
+            (self.qk_norm, "QK-norm"),
+            (self.post_norms, "post-norms"),
+            (self.tied_output, "LM head tied to the embedding"),
+        ] {
+            if on {
+                out.push(what.to_string());
+            }
+        }
+        out.push(
+            match self.activation {
+                Activation::Silu => "SwiGLU",
+                Activation::GeluTanh => "GeGLU (tanh)",
+            }
+            .to_string(),
+        );
+        if let Some(cap) = self.attn_softcap {
+            out.push(format!("attention soft-cap {cap}"));
+        }
+        if let Some(cap) = self.final_softcap {
+            out.push(format!("final logit soft-cap {cap}"));
+        }
+        out
+    }
+}

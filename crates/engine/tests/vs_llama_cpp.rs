@@ -67,6 +67,38 @@ fn tiny_qwen2_q4_k_m() {
     check("tiny-qwen2-q4_k_m");
 }
 
+/// Llama 3's RoPE frequency factors (`rope_freqs.weight`), all three bands.
+#[test]
+fn tiny_llama3_q4_k_m() {
+    check("tiny-llama3-q4_k_m");
+}
+
+/// QK-norm without QKV bias, an untied head, 96-value heads.
+#[test]
+fn tiny_qwen3_q4_k_m() {
+    check("tiny-qwen3-q4_k_m");
+}
+
+/// Fused QKV and gate+up tensors, partial rotary, LongRoPE long factors and
+/// the attention factor.
+#[test]
+fn tiny_phi3_q4_k_m() {
+    check("tiny-phi3-q4_k_m");
+}
+
+/// Attention and final logit soft-capping, every other layer sliding (a
+/// 24-token window, shorter than the test sequences), post-norms.
+#[test]
+fn tiny_gemma2_q4_k_m() {
+    check("tiny-gemma2-q4_k_m");
+}
+
+/// Every fourth layer without RoPE.
+#[test]
+fn tiny_smollm3_q4_k_m() {
+    check("tiny-smollm3-q4_k_m");
+}
+
 /// One llama.cpp reference (the model file, or its F32 dequantization) at one step.
 struct RefStep<'a> {
     argmax: usize,
@@ -122,7 +154,11 @@ fn check(config: &str) {
     let bin = read(&dir.join("logits.bin"));
 
     let (_tempdir, model_path) = model_file(&header);
-    let model = CpuModel::load(Arc::new(GgufFile::open(&model_path).unwrap())).unwrap();
+    // llama.cpp's context (older fixtures: 256), which picks Phi-3's RoPE factors.
+    let n_ctx = header["n_ctx"].as_u64().unwrap_or(256) as usize;
+    let model =
+        CpuModel::load_for_context(Arc::new(GgufFile::open(&model_path).unwrap()), Some(n_ctx))
+            .unwrap();
     let vocab = model.spec().vocab_size;
     assert_eq!(
         vocab,

@@ -165,6 +165,65 @@ impl<'a> Report<'a> {
     }
 }
 
+/// Whether worker-orcd can run a file, on each backend, and with which
+/// features; or the exact thing it lacks.
+pub struct Support {
+    /// The model's features, when its spec and weights load.
+    pub features: Result<Vec<String>, String>,
+    /// Why the GPU kernels cannot run it (`None`: they can).
+    pub gpu: Option<String>,
+}
+
+impl Support {
+    pub fn new(file: &GgufFile) -> Self {
+        let loaded = engine::spec::ModelSpec::from_gguf(file).and_then(|spec| {
+            let host = engine::weights::HostWeights::load(file, &spec)?;
+            Ok((spec, host))
+        });
+        match loaded {
+            Ok((spec, host)) => Support {
+                gpu: cuda::check_shapes(&spec, &host).err().map(|e| e.to_string()),
+                features: Ok(spec.features()),
+            },
+            Err(e) => Support {
+                features: Err(e.to_string()),
+                gpu: None,
+            },
+        }
+    }
+
+    pub fn print(&self, out: &mut impl Write) -> io::Result<()> {
+        match &self.features {
+            Ok(features) => {
+                writeln!(out, "
+worker-orcd runs this model on the CPU: yes")?;
+                match &self.gpu {
+                    None => writeln!(out, "worker-orcd runs this model on the GPU: yes")?,
+                    Some(why) => writeln!(out, "worker-orcd runs this model on the GPU: no: {why}")?,
+                }
+                for f in features {
+                    writeln!(out, "  {f}")?;
+                }
+                Ok(())
+            }
+            Err(why) => writeln!(out, "
+worker-orcd cannot run this model: {why}"),
+        }
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        match &self.features {
+            Ok(features) => json!({
+                "cpu": true,
+                "gpu": self.gpu.is_none(),
+                "gpu_missing": self.gpu,
+                "features": features,
+            }),
+            Err(why) => json!({"cpu": false, "gpu": false, "missing": why}),
+        }
+    }
+}
+
 /// What `inspect --check` found in one tensor.
 pub struct TensorCheck {
     pub name: String,

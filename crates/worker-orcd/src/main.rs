@@ -157,6 +157,7 @@ fn main() -> Result<()> {
         } => {
             let gguf = open(&file)?;
             let report = inspect::Report::new(&gguf);
+            let support = inspect::Support::new(&gguf);
             let checks = check.then(|| inspect::check_tensors(&gguf));
             let sound = checks
                 .as_ref()
@@ -164,13 +165,17 @@ fn main() -> Result<()> {
             let mut out = std::io::stdout().lock();
             let written = if json {
                 let mut value = report.to_json();
+                value["support"] = support.to_json();
                 if let Some(checks) = &checks {
                     value["check"] = inspect::checks_json(checks);
                 }
                 let text = serde_json::to_string_pretty(&value)?;
                 writeln!(out, "{text}")
             } else {
-                report.print(&mut out, full).and_then(|()| match &checks {
+                report
+                    .print(&mut out, full)
+                    .and_then(|()| support.print(&mut out))
+                    .and_then(|()| match &checks {
                     Some(checks) => inspect::print_checks(&mut out, checks).map(|_| ()),
                     None => Ok(()),
                 })
