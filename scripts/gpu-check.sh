@@ -10,12 +10,18 @@
 #   tokenizer.gguf  a small GGUF whose tokenizer the synthetic models copy, e.g.
 #                     worker-orcd synth --preset tiny-qwen2 --quant Q4_0 \
 #                       --tokenizer-from SmolLM2-135M-Instruct.Q4_1.gguf -o tokenizer.gguf
+#   llama.cpp.tar.xz  optional: llama.cpp's source (ggml, src, include, common,
+#                   tools, vendor, cmake); with it the script builds llama-bench
+#                   (CMake, nvcc) and benchmarks it on the same files
 #   kernels/        optional: a kernel cache for the GPU's architecture, copied to
 #                   ~/.cache/worker-orcd/kernels so that NVRTC need not run here
 #                   (cargo test -p cuda --test nvrtc -- --ignored fill_hopper_kernel_cache
 #                    with WORKER_ORCD_KERNEL_CACHE_OUT=DIR/kernels)
 #
 #   scripts/gpu-check.sh DIR
+#
+# GPU_CHECK_PARTS picks the steps (default: all of tests selftest archs
+# generate bench).
 #
 # Steps: every test executable with --include-ignored, one test at a time
 # (the GPU tests are #[ignore]d for machines without a GPU); synthetic models
@@ -25,6 +31,10 @@
 # backend); `worker-orcd generate --device cuda` (greedy text equal to the
 # CPU's, and a sampled run); `worker-orcd bench --device cuda` (quant, quant --unfused, f16) on
 # Qwen2.5-0.5B Q4_K_M in both modes. Real model files in $WORKER_ORCD_MODELS, if any, are self-tested too.
+# "archs": `selftest` in both weight modes on a small synthetic model of
+# every architecture (the ones the CPU tests compare with llama.cpp, plus
+# Mistral's sliding window) and on the Llama 3.2 1B and Qwen3 0.6B shapes,
+# and `bench` on those two shapes, beside llama-bench when its source came.
 # Logs go to $GPU_CHECK_LOGS (default: a new temporary folder), models to
 # $GPU_CHECK_MODELS (default: a new temporary folder; existing files are
 # reused). The last lines are a short table.
@@ -37,6 +47,8 @@ models="${GPU_CHECK_MODELS:-$(mktemp -d)}"
 mkdir -p "$logs" "$models/unit" "$models/more"
 bin="$dir/worker-orcd"
 failed=0
+parts=" ${GPU_CHECK_PARTS:-tests selftest archs generate bench} "
+part() { [[ "$parts" == *" $1 "* ]]; }
 
 gpu=""
 if command -v nvidia-smi >/dev/null; then
@@ -70,16 +82,25 @@ if [[ -x "$bin" ]]; then
     synth qwen2.5-0.5b Q8_0 "$models/more/qwen2.5-0.5b-q8_0.gguf"
     synth qwen2.5-0.5b F16 "$models/more/qwen2.5-0.5b-f16.gguf"
     echo "synthetic models in $models ($(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s)"
-    selftest_models=("$models/more/qwen2.5-0.5b-f16.gguf" "$models/more/qwen2.5-0.5b-q8_0.gguf"
-        "$models/unit/qwen2.5-0.5b-q4_k_m.gguf" "$models/unit/smollm2-135m-q4_1.gguf"
-        "$models/unit/gemma3-270m-q4_k_m.gguf")
-    for real in "${WORKER_ORCD_MODELS:-/nonexistent}"/*.gguf; do
-        [[ -f "$real" ]] && selftest_models+=("$real")
-    done
+    if part selftest; then
+        selftest_models=("$models/more/qwen2.5-0.5b-f16.gguf" "$models/more/qwen2.5-0.5b-q8_0.gguf"
+            "$models/unit/qwen2.5-0.5b-q4_k_m.gguf" "$models/unit/smollm2-135m-q4_1.gguf"
+            "$models/unit/gemma3-270m-q4_k_m.gguf")
+        for real in "${WORKER_ORCD_MODELS:-/nonexistent}"/*.gguf; do
+            [[ -f "$real" ]] && selftest_models+=("$real")
+        done
+    fi
+    if part archs; then
+        for preset in tiny-llama3 tiny-qwen3 tiny-phi3 tiny-gemma2 tiny-mistral tiny-smollm3 llama3.2-1b qwen3-0.6b; do
+            synth "$preset" Q4_K_M "$models/more/$preset-q4_k_m.gguf"
+            selftest_models+=("$models/more/$preset-q4_k_m.gguf")
+        done
+    fi
 fi
 
 rows=()
 for exe in "$dir"/tests/*; do
+    part tests || break
     [[ -f "$exe" && -x "$exe" ]] || continue
     name="$(basename "$exe")"
     start="$EPOCHREALTIME"
@@ -118,6 +139,7 @@ done
 # a sampled run must simply work.
 generates=()
 gen_model="$models/unit/qwen2.5-0.5b-q4_k_m.gguf"
+part generate || gen_model=/nonexistent
 if [[ -x "$bin" && -f "$gen_model" ]]; then
     gen() { # name, then generate's arguments
         local name="$1"
@@ -148,6 +170,7 @@ fi
 
 benches=()
 bench_model="$models/unit/qwen2.5-0.5b-q4_k_m.gguf"
+part bench || bench_model=/nonexistent
 if [[ -x "$bin" && -f "$bench_model" ]]; then
     # quant (as served), quant with the decode kernels unfused (what fusing
     # gains), f16 (the seed's mode).
@@ -202,6 +225,70 @@ EOF
     fi
 fi
 
+# The new architectures' real shapes: worker-orcd's bench and, when the
+# source came, llama-bench (tg128, pp512) and llama-batched-bench (64
+# sequences of 128+128) on the same file, flash attention on, every layer
+# on the GPU.
+arch_benches=()
+if part archs && [[ -x "$bin" ]]; then
+    llama_bench=""
+    if [[ -f "$dir/llama.cpp.tar.xz" ]]; then
+        build="$logs/llama.cpp"
+        mkdir -p "$build" && tar -xJf "$dir/llama.cpp.tar.xz" -C "$build"
+        if (cd "$build/llama.cpp" && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+                -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
+                -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release \
+                && cmake --build build -j "$(nproc)" --target llama-bench llama-batched-bench) \
+                >"$logs/llama-build.log" 2>&1; then
+            llama_bench="$build/llama.cpp/build/bin/llama-bench"
+        else
+            echo "== llama.cpp did not build; end of its log:"
+            tail -20 "$logs/llama-build.log"
+        fi
+    fi
+    for preset in llama3.2-1b qwen3-0.6b; do
+        model="$models/more/$preset-q4_k_m.gguf"
+        [[ -f "$model" ]] || continue
+        log="$logs/bench-$preset.log"
+        if timeout 300 "$bin" bench --device cuda -m "$model" --json >"$log" 2>"$log.err"; then
+            ours="$(python3 - "$log" <<'EOF'
+import json, sys
+b = json.load(open(sys.argv[1]))
+print(f"tg128 {b['decode_tokens_per_second']:.0f}  pp512 {b['prefill_tokens_per_second']:.0f}  "
+      f"{b['streams']} streams {b['streams_generated_tokens_per_second']:.0f} tok/s")
+EOF
+)"
+        else
+            ours="FAILED: $(tail -1 "$log.err")"
+            failed=1
+        fi
+        theirs="not built"
+        if [[ -n "$llama_bench" ]]; then
+            "$llama_bench" -m "$model" -ngl 99 -fa 1 -p 512 -n 128 -o json \
+                >"$logs/llama-bench-$preset.json" 2>"$logs/llama-bench-$preset.err"
+            "${llama_bench%/*}/llama-batched-bench" -m "$model" -ngl 99 -fa on -c 20480 \
+                -npp 128 -ntg 128 -npl 64 >"$logs/llama-batched-$preset.log" 2>&1
+            theirs="$(python3 - "$logs/llama-bench-$preset.json" "$logs/llama-batched-$preset.log" <<'EOF'
+import json, re, sys
+try:
+    runs = json.load(open(sys.argv[1]))
+    tg = next(r["avg_ts"] for r in runs if r["n_gen"] > 0)
+    pp = next(r["avg_ts"] for r in runs if r["n_prompt"] > 0)
+    out = f"tg128 {tg:.0f}  pp512 {pp:.0f}"
+except Exception as e:
+    out = f"llama-bench failed ({e})"
+rows = [l for l in open(sys.argv[2]) if re.match(r"^\|\s+128 \|", l)]
+if rows:
+    cells = [c.strip() for c in rows[-1].strip().strip("|").split("|")]
+    out += f"  64 streams: S_TG {float(cells[-3]):.0f}, S {float(cells[-1]):.0f} tok/s (batched-bench)"
+print(out)
+EOF
+)"
+        fi
+        arch_benches+=("$preset Q4_K_M: worker-orcd $ours | llama.cpp $theirs")
+    done
+fi
+
 echo
 echo "gpu-check on ${gpu:-an unknown GPU} (logs in $logs)"
 printf '%s\n' "${rows[@]}"
@@ -217,6 +304,10 @@ fi
 if ((${#benches[@]})); then
     echo "bench --device cuda, $(basename "$bench_model"):"
     printf '  %s\n' "${benches[@]}"
+fi
+if ((${#arch_benches[@]})); then
+    echo "bench --device cuda beside llama.cpp (same card, same file):"
+    printf '  %s\n' "${arch_benches[@]}"
 fi
 if [[ -n "${comparison:-}" ]]; then
     echo "against llama.cpp on the same card (its figures from the speed issue) and the targets:"

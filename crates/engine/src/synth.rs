@@ -134,7 +134,7 @@ const LLAMA3_VOCAB: Option<u64> = Some(128_256);
 const QWEN_VOCAB: Option<u64> = Some(151_936);
 
 impl Preset {
-    pub const ALL: [Preset; 20] = [
+    pub const ALL: [Preset; 21] = [
         Preset {
             name: "qwen2.5-0.5b",
             n_layers: 24,
@@ -361,6 +361,14 @@ impl Preset {
             // Shorter than the test sequences, so that half the layers slide.
             sliding_window: Some(24),
             ..GEMMA2
+        },
+        Preset {
+            name: "tiny-mistral",
+            n_layers: 3,
+            n_kv_heads: 2,
+            // Mistral's window on every layer, shorter than the test sequences.
+            sliding_window: Some(24),
+            ..LLAMA
         },
         Preset {
             name: "tiny-smollm3",
