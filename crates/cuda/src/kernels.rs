@@ -233,7 +233,8 @@ impl Kernels {
         let matvec = device.load_module(&MATVEC)?;
         let formats = TYPES
             .iter()
-            .map(|(_, stem)| {
+            .map(|&ty| {
+                let stem = crate::dequantize::stem(ty);
                 let gated = |act: &str, tokens: usize| {
                     function(
                         &matvec,
@@ -290,7 +291,7 @@ impl Kernels {
     fn format(&self, ty: GgmlType) -> Result<&FormatKernels> {
         TYPES
             .iter()
-            .position(|(t, _)| *t == ty)
+            .position(|&t| t == ty)
             .map(|i| &self.formats[i])
             .ok_or(CudaError::UnsupportedType(ty))
     }

@@ -1199,7 +1199,7 @@ pub fn check_shapes(spec: &ModelSpec, host: &HostWeights) -> Result<()> {
                 ),
             ));
         }
-        if !crate::dequantize::TYPES.iter().any(|(t, _)| *t == m.ty) {
+        if !crate::dequantize::TYPES.contains(&m.ty) {
             return Err(CudaError::UnsupportedType(m.ty));
         }
     }

@@ -145,7 +145,7 @@ fn dequantize_random_blocks_bit_exact() {
     let stream = device.stream();
     let mut rng = ChaCha8Rng::seed_from_u64(0x6b65726e656c73);
     let mut summary = Vec::new();
-    for &(ty, _) in DEQUANTIZE_TYPES.iter() {
+    for &ty in DEQUANTIZE_TYPES.iter() {
         // Random bytes: every bit pattern of quants and scales, subnormal,
         // infinite and NaN scales included. Float types get a length that is
         // not a multiple of 8 (the kernels' tail).

@@ -139,3 +139,70 @@ fn fill_hopper_kernel_cache() {
         cache.dir().display()
     );
 }
+
+/// The CUDA block structs (kernels/common.cuh) lay out every field where
+/// the CPU's `#[repr(C)]` structs do. NVRTC has no `offsetof`, so the check
+/// is built from what C++17 can evaluate at compile time: the struct's size,
+/// each field's size (from Rust's `offset_of!` differences; the fields are
+/// byte arrays, so there is no padding), and their order, through a
+/// `constexpr` instance initialized in Rust's field order whose fields must
+/// each hold their own marker.
+#[test]
+fn cuda_block_structs_match_the_cpu_layouts() {
+    require_nvrtc();
+    macro_rules! layout {
+        ($cuda:literal, $rust:ty, [$($field:ident),+]) => {{
+            let fields: Vec<(&str, usize)> =
+                vec![$((stringify!($field), std::mem::offset_of!($rust, $field))),+];
+            let size = std::mem::size_of::<$rust>();
+            let mut lines = vec![format!(
+                "static_assert(sizeof({}) == {}, \"{} size\");",
+                $cuda, size, $cuda
+            )];
+            let markers: Vec<String> = (1..=fields.len()).map(|m| format!("{{{m}}}")).collect();
+            lines.push(format!(
+                "constexpr {} {}_ordered{{{}}};",
+                $cuda,
+                $cuda,
+                markers.join(", ")
+            ));
+            for (i, (field, offset)) in fields.iter().enumerate() {
+                let end = fields.get(i + 1).map_or(size, |f| f.1);
+                // bsums is a 2-D array; every other field a 1-D one.
+                let first = if *field == "bsums" { "[0][0]" } else { "[0]" };
+                lines.push(format!(
+                    "static_assert(sizeof({cuda}::{field}) == {bytes}, \"{cuda}.{field} size\");\n\
+                     static_assert({cuda}_ordered.{field}{first} == {marker}, \"{cuda}.{field} is field {marker} (at byte {offset})\");",
+                    cuda = $cuda,
+                    bytes = end - offset,
+                    marker = i + 1,
+                ));
+            }
+            lines
+        }};
+    }
+    let checks = [
+        layout!("block_q4_0", quant::BlockQ4_0, [d, qs]),
+        layout!("block_q4_1", quant::BlockQ4_1, [d, m, qs]),
+        layout!("block_q5_0", quant::BlockQ5_0, [d, qh, qs]),
+        layout!("block_q5_1", quant::BlockQ5_1, [d, m, qh, qs]),
+        layout!("block_q8_0", quant::BlockQ8_0, [d, qs]),
+        layout!("block_q8_1", quant::BlockQ8_1, [d, s, qs]),
+        layout!("block_q2_k", quant::BlockQ2K, [scales, qs, d, dmin]),
+        layout!("block_q3_k", quant::BlockQ3K, [hmask, qs, scales, d]),
+        layout!("block_q4_k", quant::BlockQ4K, [d, dmin, scales, qs]),
+        layout!("block_q5_k", quant::BlockQ5K, [d, dmin, scales, qh, qs]),
+        layout!("block_q6_k", quant::BlockQ6K, [ql, qh, scales, d]),
+        layout!("block_q8_k", quant::BlockQ8K, [d, qs, bsums]),
+    ];
+    let source = format!(
+        "#include \"common.cuh\"\n{}\nextern \"C\" __global__ void layouts_checked() {{}}\n",
+        checks.concat().join("\n")
+    );
+    let module = cuda::KernelModule {
+        name: "block_layouts",
+        source: Box::leak(source.into_boxed_str()),
+        options: &[],
+    };
+    compile(&module, TEST_ARCHES[0]).unwrap_or_else(|e| panic!("{e}"));
+}
