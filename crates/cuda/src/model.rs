@@ -382,8 +382,7 @@ impl CudaModel {
         // Norm, bias and RoPE factor vectors: one buffer, each vector on a
         // 256-byte boundary like every other buffer.
         let vector_values: usize = host.vectors().map(|v| v.len().next_multiple_of(64)).sum();
-        let vector_buffer =
-            DeviceBuffer::new(&device, vector_values * 4, "norm and bias vectors")?;
+        let vector_buffer = DeviceBuffer::new(&device, vector_values * 4, "norm and bias vectors")?;
         let mut values: Vec<f32> = Vec::with_capacity(vector_values);
         let base = vector_buffer.ptr();
         let weights: DeviceModel = host.map(matrix, |v: &Vec<f32>| -> Result<u64> {
@@ -513,7 +512,12 @@ impl CudaModel {
         mut trace: Option<&mut Vec<(String, Vec<f32>)>>,
     ) -> Result<Output, EngineError> {
         for seg in batch.iter() {
-            engine::backend::check_segment(&self.spec, seg.tokens, seg.kv.len(), seg.kv.capacity())?;
+            engine::backend::check_segment(
+                &self.spec,
+                seg.tokens,
+                seg.kv.len(),
+                seg.kv.capacity(),
+            )?;
         }
         let n: usize = batch.iter().map(|s| s.tokens.len()).sum();
         let mut work = self
@@ -1053,8 +1057,11 @@ impl CudaModel {
             // once through cuBLAS rather than by the few-row matvec.
             // SAFETY: final_rows holds LOGIT_ROWS rows of n_embd; act_f16 room for them.
             unsafe {
-                self.kernels
-                    .f32_to_f16(work.final_rows, work.act_f16, rows * self.weights.output.cols)?
+                self.kernels.f32_to_f16(
+                    work.final_rows,
+                    work.act_f16,
+                    rows * self.weights.output.cols,
+                )?
             };
             self.matmul_blas(work, &self.weights.output, rows, work.logits, vocab, false)?;
         }

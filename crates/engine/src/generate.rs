@@ -1,44 +1,13 @@
-//! What a generation request asks for and how it ended, and a blocking
-//! helper that runs one request through the scheduler.
+//! A blocking helper that runs one request through the scheduler.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use crate::sampler::SamplingParams;
-use crate::scheduler::{Event, Finish, Job, SchedulerHandle};
+use crate::request::{Event, Finish, Job};
+pub use crate::request::{GenerateParams, StopReason};
+use crate::scheduler::SchedulerHandle;
 use crate::EngineError;
-
-#[derive(Clone, Debug)]
-pub struct GenerateParams {
-    pub max_tokens: usize,
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-}
-
-/// Why generation ended (the worker API's `stop_reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// `max_tokens` were generated, or the context is full.
-    MaxTokens,
-    /// The model produced an end-of-generation token.
-    Eos,
-    /// A stop string appeared in the text.
-    StopSequence,
-    /// The caller asked to stop.
-    Cancelled,
-}
-
-impl StopReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StopReason::MaxTokens => "MAX_TOKENS",
-            StopReason::Eos => "EOS",
-            StopReason::StopSequence => "STOP_SEQUENCE",
-            StopReason::Cancelled => "CANCELLED",
-        }
-    }
-}
 
 /// Run one job through the scheduler and wait for it, calling `on_text`
 /// on this thread with each piece of text as it becomes final; returning

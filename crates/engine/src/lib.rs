@@ -7,6 +7,7 @@ pub mod convert;
 pub mod cpu;
 pub mod generate;
 pub mod kv;
+pub mod request;
 pub mod sampler;
 pub mod scheduler;
 pub mod spec;

@@ -10,7 +10,7 @@
 //! pool when the sequence's cache is dropped.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,54 +20,11 @@ use tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::backend::{Backend, Cache, Segment};
 use crate::cpu::Logits;
-use crate::generate::{GenerateParams, StopReason};
 use crate::kv::KvPool;
+use crate::request::StopReason;
+pub use crate::request::{Event, Finish, Job, Sink};
 use crate::sampler::Sampler;
 use crate::stop::StopMatcher;
-
-/// What a job hears about itself, in order: any number of `Token`s, then
-/// exactly one `End` or `Error`.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Event {
-    /// Prefill is done; `prompt_tokens` were run.
-    Started {
-        prompt_tokens: usize,
-    },
-    /// Generated token number `index` (from 0) and the text that became
-    /// final with it (possibly empty: half a UTF-8 character, or text held
-    /// back while it might still be a stop string).
-    Token {
-        index: usize,
-        id: u32,
-        text: String,
-    },
-    End(Finish),
-    Error {
-        message: String,
-    },
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Finish {
-    pub stop_reason: StopReason,
-    pub prompt_tokens: usize,
-    pub tokens_out: usize,
-    /// Time from submission to the first generated token.
-    pub time_to_first_token: Option<Duration>,
-    /// Time spent generating after the first token.
-    pub decode_time: Duration,
-    pub text: String,
-}
-
-/// Receives a job's events; returning `false` (the client is gone) cancels the job.
-pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
-
-pub struct Job {
-    pub prompt: Vec<u32>,
-    pub params: GenerateParams,
-    pub cancel: Arc<AtomicBool>,
-    pub sink: Sink,
-}
 
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {

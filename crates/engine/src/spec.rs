@@ -127,7 +127,10 @@ impl Arch {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        ARCHITECTURES.iter().find(|t| t.name == name).map(|t| t.arch)
+        ARCHITECTURES
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.arch)
     }
 
     /// The names of every architecture, for messages.
@@ -322,7 +325,9 @@ impl ModelSpec {
                 "{n_heads} attention heads cannot be shared by {n_kv_heads} key/value heads"
             )));
         }
-        let head_dim = keys.opt("attention.key_length")?.unwrap_or(n_embd / n_heads);
+        let head_dim = keys
+            .opt("attention.key_length")?
+            .unwrap_or(n_embd / n_heads);
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(EngineError::Invalid(format!(
                 "model metadata: the head size {head_dim} (attention.key_length, or embedding_length / head_count) must be even and non-zero"
@@ -427,7 +432,9 @@ impl ModelSpec {
         let layers = (0..n_layers)
             .map(|i| LayerPlan {
                 sliding: sliding[i],
-                rope: traits.no_rope_period.is_none_or(|p| !(i + 1).is_multiple_of(p)),
+                rope: traits
+                    .no_rope_period
+                    .is_none_or(|p| !(i + 1).is_multiple_of(p)),
                 rope_theta: match rope_theta_local {
                     Some(local) if sliding[i] => local,
                     _ => rope_theta,
@@ -716,7 +723,12 @@ impl ModelSpec {
         if let Some(f) = &self.rope_factors {
             rope += &format!(", frequency factors from {f}");
         }
-        if let Some(scale) = self.layers.iter().map(|l| l.rope_freq_scale).find(|&s| s != 1.0) {
+        if let Some(scale) = self
+            .layers
+            .iter()
+            .map(|l| l.rope_freq_scale)
+            .find(|&s| s != 1.0)
+        {
             rope += &format!(", linear scaling {}", 1.0 / scale);
         }
         if self.rope_attn_factor != 1.0 {

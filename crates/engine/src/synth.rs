@@ -27,7 +27,9 @@ pub enum RopeScaling {
     /// Phi-3.5 / Phi-4-mini LongRoPE: short and long factor tensors (here
     /// smooth made-up curves of the real ranges), the original context that
     /// chooses between them, and the attention factor.
-    LongRope { original_context: u64 },
+    LongRope {
+        original_context: u64,
+    },
 }
 
 /// The shape of a model: everything that decides tensor shapes and the
@@ -405,8 +407,14 @@ impl Preset {
                 out.push(("rope_freqs.weight".into(), vec![self.rope_dims() / 2]))
             }
             RopeScaling::LongRope { .. } => {
-                out.push(("rope_factors_long.weight".into(), vec![self.rope_dims() / 2]));
-                out.push(("rope_factors_short.weight".into(), vec![self.rope_dims() / 2]));
+                out.push((
+                    "rope_factors_long.weight".into(),
+                    vec![self.rope_dims() / 2],
+                ));
+                out.push((
+                    "rope_factors_short.weight".into(),
+                    vec![self.rope_dims() / 2],
+                ));
             }
         }
         for i in 0..self.n_layers {
@@ -476,7 +484,9 @@ impl Preset {
         if self.arch == Arch::Llama || self.rope_dims.is_some() {
             m.set(key("rope.dimension_count"), u32v(self.rope_dims()));
         }
-        if self.n_embd != self.n_heads * self.head_dim || matches!(self.arch, Arch::Gemma2 | Arch::Gemma3) {
+        if self.n_embd != self.n_heads * self.head_dim
+            || matches!(self.arch, Arch::Gemma2 | Arch::Gemma3)
+        {
             m.set(key("attention.key_length"), u32v(self.head_dim));
             m.set(key("attention.value_length"), u32v(self.head_dim));
         }
@@ -492,7 +502,10 @@ impl Preset {
             // from the ratio of the contexts.
             let scale = self.context_length as f64 / original_context as f64;
             let attn_factor = (1.0 + scale.ln() / (original_context as f64).ln()).sqrt();
-            m.set(key("rope.scaling.attn_factor"), Value::F32(attn_factor as f32));
+            m.set(
+                key("rope.scaling.attn_factor"),
+                Value::F32(attn_factor as f32),
+            );
             m.set(
                 key("rope.scaling.original_context_length"),
                 u32v(original_context),
@@ -518,7 +531,9 @@ impl Preset {
                 Some(
                     (0..half)
                         .map(|i| {
-                            let freq = self.rope_theta.powf(-2.0 * i as f32 / self.rope_dims() as f32);
+                            let freq = self
+                                .rope_theta
+                                .powf(-2.0 * i as f32 / self.rope_dims() as f32);
                             let wavelen = 2.0 * std::f32::consts::PI / freq;
                             if wavelen < high_wavelen {
                                 1.0

@@ -68,9 +68,9 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         let stream_context = args.stream_prompt + args.gen_tokens + 1;
         let pages = (2 * context.div_ceil(PAGE_TOKENS))
             .max(streams(args) * stream_context.div_ceil(PAGE_TOKENS));
-        let mut options = args
-            .gpu
-            .options(pages, args.prompt_tokens.max(streams(args)).max(1), None);
+        let mut options =
+            args.gpu
+                .options(pages, args.prompt_tokens.max(streams(args)).max(1), None);
         let mut model = cuda::CudaModel::load(file.clone(), &options)?;
         let mut loads = vec![load_start.elapsed().as_secs_f64()];
         options.progress = false;

@@ -182,7 +182,9 @@ impl Support {
         });
         match loaded {
             Ok((spec, host)) => Support {
-                gpu: cuda::check_shapes(&spec, &host).err().map(|e| e.to_string()),
+                gpu: cuda::check_shapes(&spec, &host)
+                    .err()
+                    .map(|e| e.to_string()),
                 features: Ok(spec.features()),
             },
             Err(e) => Support {
@@ -195,19 +197,27 @@ impl Support {
     pub fn print(&self, out: &mut impl Write) -> io::Result<()> {
         match &self.features {
             Ok(features) => {
-                writeln!(out, "
-worker-orcd runs this model on the CPU: yes")?;
+                writeln!(
+                    out,
+                    "
+worker-orcd runs this model on the CPU: yes"
+                )?;
                 match &self.gpu {
                     None => writeln!(out, "worker-orcd runs this model on the GPU: yes")?,
-                    Some(why) => writeln!(out, "worker-orcd runs this model on the GPU: no: {why}")?,
+                    Some(why) => {
+                        writeln!(out, "worker-orcd runs this model on the GPU: no: {why}")?
+                    }
                 }
                 for f in features {
                     writeln!(out, "  {f}")?;
                 }
                 Ok(())
             }
-            Err(why) => writeln!(out, "
-worker-orcd cannot run this model: {why}"),
+            Err(why) => writeln!(
+                out,
+                "
+worker-orcd cannot run this model: {why}"
+            ),
         }
     }
 

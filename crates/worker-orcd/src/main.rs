@@ -176,9 +176,9 @@ fn main() -> Result<()> {
                     .print(&mut out, full)
                     .and_then(|()| support.print(&mut out))
                     .and_then(|()| match &checks {
-                    Some(checks) => inspect::print_checks(&mut out, checks).map(|_| ()),
-                    None => Ok(()),
-                })
+                        Some(checks) => inspect::print_checks(&mut out, checks).map(|_| ()),
+                        None => Ok(()),
+                    })
             };
             match written {
                 // A closed pipe (`inspect … | head`) is not an error.
