@@ -160,7 +160,9 @@ pub fn selftest(
     log: &mut dyn FnMut(&str),
 ) -> Result<Summary> {
     let mut summary = Summary::default();
-    let cpu = CpuModel::load(file.clone())?;
+    // Both backends for sequences of CONTEXT positions (Phi-3 files with a
+    // shorter original context take their long RoPE factors).
+    let cpu = CpuModel::load_for_context(file.clone(), Some(CONTEXT))?;
     let spec = cpu.spec().clone();
     let gpu = CudaModel::load(
         file.clone(),
@@ -171,6 +173,7 @@ pub fn selftest(
             max_batch_tokens: 512,
             progress: false,
             fuse: options.fuse,
+            context: Some(CONTEXT),
             ..CudaOptions::default()
         },
     )?;
