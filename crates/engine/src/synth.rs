@@ -362,6 +362,9 @@ impl Preset {
             head_dim: 96,
             // Shorter than the test sequences, so that half the layers slide.
             sliding_window: Some(24),
+            // An attention cap low enough to bend this model's scores (they
+            // stay far below Gemma 2's 50); the final cap is Gemma 2's.
+            softcaps: Some((2.0, 30.0)),
             ..GEMMA2
         },
         Preset {
@@ -463,10 +466,11 @@ impl Preset {
         let u32v = |v: u64| Value::U32(v as u32);
         m.set("general.architecture", Value::String(arch.into()));
         m.set("general.type", Value::String("model".into()));
-        m.set(
-            "general.name",
-            Value::String(format!("synthetic {}", self.name)),
-        );
+        // "phi3" or "phi-3" in the name makes llama.cpp (and our tokenizer,
+        // which follows it) give Phi-3's special tokens their attributes and
+        // look up `</s>`, which the tokenizers synth copies may lack.
+        let name = self.name.replace("phi3", "phi 3").replace("phi4", "phi 4");
+        m.set("general.name", Value::String(format!("synthetic {name}")));
         m.set(key("context_length"), u32v(self.context_length));
         m.set(key("embedding_length"), u32v(self.n_embd));
         m.set(key("block_count"), u32v(self.n_layers));
