@@ -21,7 +21,7 @@
 #   scripts/gpu-check.sh DIR
 #
 # GPU_CHECK_PARTS picks the steps (default: all of tests selftest archs
-# generate bench).
+# archbench generate bench).
 #
 # Steps: every test executable with --include-ignored, one test at a time
 # (the GPU tests are #[ignore]d for machines without a GPU); synthetic models
@@ -33,8 +33,9 @@
 # Qwen2.5-0.5B Q4_K_M in both modes. Real model files in $WORKER_ORCD_MODELS, if any, are self-tested too.
 # "archs": `selftest` in both weight modes on a small synthetic model of
 # every architecture (the ones the CPU tests compare with llama.cpp, plus
-# Mistral's sliding window) and on the Llama 3.2 1B and Qwen3 0.6B shapes,
-# and `bench` on those two shapes, beside llama-bench when its source came.
+# Mistral's sliding window) and on the Llama 3.2 1B and Qwen3 0.6B shapes;
+# "archbench": `bench` on those two shapes, beside llama-bench when its
+# source came.
 # Logs go to $GPU_CHECK_LOGS (default: a new temporary folder), models to
 # $GPU_CHECK_MODELS (default: a new temporary folder; existing files are
 # reused). The last lines are a short table.
@@ -47,7 +48,7 @@ models="${GPU_CHECK_MODELS:-$(mktemp -d)}"
 mkdir -p "$logs" "$models/unit" "$models/more"
 bin="$dir/worker-orcd"
 failed=0
-parts=" ${GPU_CHECK_PARTS:-tests selftest archs generate bench} "
+parts=" ${GPU_CHECK_PARTS:-tests selftest archs archbench generate bench} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 
 gpu=""
@@ -90,12 +91,12 @@ if [[ -x "$bin" ]]; then
             [[ -f "$real" ]] && selftest_models+=("$real")
         done
     fi
-    if part archs; then
-        for preset in tiny-llama3 tiny-qwen3 tiny-phi3 tiny-gemma2 tiny-mistral tiny-smollm3 llama3.2-1b qwen3-0.6b; do
+    for preset in tiny-llama3 tiny-qwen3 tiny-phi3 tiny-gemma2 tiny-mistral tiny-smollm3 llama3.2-1b qwen3-0.6b; do
+        if part archs || { part archbench && [[ $preset == *-*b ]]; }; then
             synth "$preset" Q4_K_M "$models/more/$preset-q4_k_m.gguf"
-            selftest_models+=("$models/more/$preset-q4_k_m.gguf")
-        done
-    fi
+        fi
+        part archs && selftest_models+=("$models/more/$preset-q4_k_m.gguf")
+    done
 fi
 
 rows=()
@@ -230,7 +231,7 @@ fi
 # sequences of 128+128) on the same file, flash attention on, every layer
 # on the GPU.
 arch_benches=()
-if part archs && [[ -x "$bin" ]]; then
+if part archbench && [[ -x "$bin" ]]; then
     llama_bench=""
     if [[ -f "$dir/llama.cpp.tar.xz" ]]; then
         build="$logs/llama.cpp"
