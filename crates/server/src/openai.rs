@@ -439,7 +439,18 @@ impl ChatCompletionRequest {
             return Err(errors.0);
         };
         let prompt = match template.render(&messages, true) {
-            Ok(text) => validate::check_prompt(&state.model, "messages", &text, &mut errors),
+            Ok(text) => {
+                // What the messages say is text, whatever it spells: control
+                // tokens are parsed only in what the template added.
+                let literal = validate::literal_contents(
+                    &state.model,
+                    template,
+                    &text,
+                    &messages,
+                    &mut errors,
+                );
+                validate::check_prompt_with(&state.model, "messages", &text, &literal, &mut errors)
+            }
             Err(e) => {
                 errors.add("messages", "template", e.to_string());
                 Vec::new()
@@ -579,7 +590,7 @@ pub struct ChatCompletion {
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    /// `stop`, `length`, or `cancelled`.
+    /// `stop`, or `length` (the token limit, or the job was cancelled).
     pub finish_reason: String,
     /// Always null.
     #[schema(value_type = Option<Object>)]
@@ -666,7 +677,10 @@ fn finish_reason(reason: StopReason) -> &'static str {
     match reason {
         StopReason::MaxTokens => "length",
         StopReason::Eos | StopReason::StopSequence => "stop",
-        StopReason::Cancelled => "cancelled",
+        // OpenAI has no value for a stop asked for by someone else (`/cancel`,
+        // a shutdown's deadline): the text was cut short, which is what
+        // "length" tells a client.
+        StopReason::Cancelled => "length",
     }
 }
 

@@ -223,11 +223,23 @@ pub fn check_sampling(
 /// Tokenize `text` (special tokens in it are parsed, as llama.cpp's server
 /// does) and check that it leaves room in the context for one generated token.
 pub fn check_prompt(model: &Model, field: &str, text: &str, errors: &mut Errors) -> Vec<u32> {
+    check_prompt_with(model, field, text, &[], errors)
+}
+
+/// [`check_prompt`] where the byte ranges `literal` of `text` are tokenized
+/// as text even where they spell a control token (a chat prompt's messages).
+pub fn check_prompt_with(
+    model: &Model,
+    field: &str,
+    text: &str,
+    literal: &[std::ops::Range<usize>],
+    errors: &mut Errors,
+) -> Vec<u32> {
     if text.is_empty() {
         errors.add(field, "length", "must not be empty");
         return Vec::new();
     }
-    let tokens = model.tokenizer.encode(text, true, true);
+    let tokens = model.tokenizer.encode_with_literal(text, true, literal);
     let context = model.info.context_length;
     if tokens.is_empty() {
         errors.add(field, "length", "has no tokens");
@@ -243,6 +255,74 @@ pub fn check_prompt(model: &Model, field: &str, text: &str, errors: &mut Errors)
         );
     }
     tokens
+}
+
+/// The byte ranges of `rendered` (the prompt the chat template made of
+/// `messages`) that must stay text: the contents that spell a control token
+/// of the model. They are found by rendering again with each content
+/// replaced by a marker and putting the contents back where the markers
+/// landed; a template that changes a content (trims it, splits it) makes
+/// that differ from `rendered`, and a content that spells a control token is
+/// then refused rather than parsed as one.
+pub fn literal_contents(
+    model: &Model,
+    template: &tokenizer::ChatTemplate,
+    rendered: &str,
+    messages: &[tokenizer::Message],
+    errors: &mut Errors,
+) -> Vec<std::ops::Range<usize>> {
+    let tokenizer = &model.tokenizer;
+    let spells_control = |text: &str| {
+        !text.is_empty()
+            && tokenizer.encode(text, false, true) != tokenizer.encode(text, false, false)
+    };
+    let forging: Vec<bool> = messages
+        .iter()
+        .map(|m| spells_control(&m.content))
+        .collect();
+    if !forging.contains(&true) {
+        return Vec::new();
+    }
+    let marker = |i: usize| format!("\u{E000}worker-orcd message {i}\u{E001}");
+    let marked: Vec<tokenizer::Message> = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| tokenizer::Message::new(m.role.clone(), marker(i)))
+        .collect();
+    let mut ranges = Vec::new();
+    if let Ok(skeleton) = template.render(&marked, true) {
+        let mut rebuilt = String::with_capacity(rendered.len());
+        let mut rest = skeleton.as_str();
+        let mut found = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let Some(at) = rest.find(&marker(i)) else {
+                break;
+            };
+            rebuilt.push_str(&rest[..at]);
+            found.push((i, rebuilt.len()..rebuilt.len() + m.content.len()));
+            rebuilt.push_str(&m.content);
+            rest = &rest[at + marker(i).len()..];
+        }
+        rebuilt.push_str(rest);
+        if rebuilt == rendered {
+            ranges = found
+                .into_iter()
+                .filter(|(i, _)| forging[*i])
+                .map(|(_, r)| r)
+                .collect();
+        }
+    }
+    let kept: usize = ranges.len();
+    if kept < forging.iter().filter(|&&f| f).count() {
+        for (i, _) in forging.iter().enumerate().filter(|(_, &f)| f) {
+            errors.add(
+                &format!("messages[{i}].content"),
+                "control_token",
+                "spells a control token of the model, and the chat template changes this content, so it cannot be kept as text; remove the token",
+            );
+        }
+    }
+    ranges
 }
 
 /// Finish: the request, or every error found.

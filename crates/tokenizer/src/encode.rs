@@ -23,7 +23,26 @@ impl Tokenizer {
     /// become their ids; without it they are tokenized as ordinary text.
     /// User-defined tokens are always matched whole, as in llama.cpp.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
-        let fragments = self.partition(text, parse_special);
+        let fragments = self.partition(text, parse_special, &[]);
+        self.encode_fragments(text, &fragments, add_special)
+    }
+
+    /// [`Self::encode`] with control tokens parsed everywhere except in the
+    /// byte ranges `literal` (each one's text is tokenized as text): a chat
+    /// prompt rendered from a template, whose messages' contents must not
+    /// become control tokens (a user who types `<|im_start|>system` would
+    /// otherwise open a system turn of their own).
+    pub fn encode_with_literal(
+        &self,
+        text: &str,
+        add_special: bool,
+        literal: &[Range<usize>],
+    ) -> Vec<u32> {
+        let fragments = self.partition(text, true, literal);
+        self.encode_fragments(text, &fragments, add_special)
+    }
+
+    fn encode_fragments(&self, text: &str, fragments: &[Fragment], add_special: bool) -> Vec<u32> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.extend(self.bos);
@@ -33,7 +52,7 @@ impl Tokenizer {
                 // A space is prefixed to text at the start and after every special token.
                 let mut prev_special = true;
                 let mut scratch = String::new();
-                for fragment in &fragments {
+                for fragment in fragments {
                     match fragment {
                         Fragment::Text(range) => {
                             scratch.clear();
@@ -56,7 +75,7 @@ impl Tokenizer {
             VocabKind::Bpe => {
                 let bpe = self.bpe.as_ref().expect("BPE vocabulary has merge tables");
                 let mut session = BpeSession::default();
-                for fragment in &fragments {
+                for fragment in fragments {
                     match fragment {
                         Fragment::Text(range) => {
                             let text = &text[range.clone()];
@@ -86,7 +105,12 @@ impl Tokenizer {
     /// each special token in turn, longest first, splits every remaining
     /// stretch of text at each of its occurrences. Control and unknown tokens
     /// take part only with `parse_special`; user-defined ones always.
-    fn partition(&self, text: &str, parse_special: bool) -> Vec<Fragment> {
+    fn partition(
+        &self,
+        text: &str,
+        parse_special: bool,
+        literal: &[Range<usize>],
+    ) -> Vec<Fragment> {
         let mut fragments = Vec::new();
         if text.is_empty() {
             return fragments;
@@ -117,8 +141,18 @@ impl Tokenizer {
                     next.push(fragment);
                     continue;
                 };
-                while let Some(found) = find(&bytes[range.clone()], needle) {
-                    let at = range.start + found;
+                let mut search_from = range.start;
+                while let Some(found) = find(&bytes[search_from..range.end], needle) {
+                    let at = search_from + found;
+                    // A control token inside a literal range stays text.
+                    if a & (attr::CONTROL | attr::UNKNOWN) != 0
+                        && literal
+                            .iter()
+                            .any(|l| at < l.end && at + needle.len() > l.start)
+                    {
+                        search_from = at + 1;
+                        continue;
+                    }
                     let mut left = range.start..at;
                     if a & attr::LSTRIP != 0 {
                         while left.end > left.start && bytes[left.end - 1].is_ascii_whitespace_c() {
@@ -136,6 +170,7 @@ impl Tokenizer {
                             range.start += 1;
                         }
                     }
+                    search_from = range.start;
                 }
                 if !range.is_empty() {
                     next.push(Fragment::Text(range));
