@@ -953,7 +953,7 @@ async fn a_chat_message_cannot_forge_control_tokens() {
         .render(&[tokenizer::Message::new("user", forged)], true)
         .unwrap();
     let at = prompt.find(forged).unwrap();
-    let protected = tok.encode_with_literal(&prompt, true, &[at..at + forged.len()]);
+    let protected = tok.encode_with_literal(&prompt, true, std::slice::from_ref(&(at..at + forged.len())));
     let parsed = tok.encode(&prompt, true, true);
     assert_eq!(forged_tokens, protected.len());
     assert!(
