@@ -1,5 +1,6 @@
-//! Turning logits into the next token: repetition penalty, top-k, top-p,
-//! min-p, temperature and a seeded draw, in llama.cpp's order.
+//! Turning logits into the next token: logit bias, repetition, presence
+//! and frequency penalties, top-k, top-p, min-p, temperature and a seeded
+//! draw, in llama.cpp's order.
 
 use std::collections::VecDeque;
 
@@ -21,6 +22,12 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// How many recent tokens the penalty looks at.
     pub penalty_last_n: usize,
+    /// OpenAI's: subtracted once from the logit of every token generated so far.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens before anything else (-100 bans one).
+    pub logit_bias: Vec<(u32, f32)>,
     pub seed: u64,
 }
 
@@ -33,6 +40,9 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repetition_penalty: 1.0,
             penalty_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 0,
         }
     }
@@ -64,7 +74,22 @@ impl SamplingParams {
         if self.repetition_penalty <= 0.0 {
             return Err("repetition_penalty must be > 0".into());
         }
+        finite("presence_penalty", self.presence_penalty)?;
+        finite("frequency_penalty", self.frequency_penalty)?;
+        if self.logit_bias.iter().any(|(_, b)| b.is_nan()) {
+            return Err("logit_bias values must be numbers".into());
+        }
         Ok(())
+    }
+
+    /// Whether the next token is simply the largest logit (a backend may
+    /// pick it without handing the logits over).
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.logit_bias.is_empty()
     }
 }
 
@@ -73,6 +98,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
     recent: VecDeque<u32>,
+    /// How often each token was generated (presence and frequency penalties).
+    generated: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -82,6 +109,7 @@ impl Sampler {
             params,
             rng,
             recent: VecDeque::new(),
+            generated: std::collections::HashMap::new(),
         }
     }
 
@@ -89,7 +117,15 @@ impl Sampler {
         &self.params
     }
 
-    /// Record a token of the sequence (prompt or generated) for the penalty window.
+    /// Record a generated token: for the penalty window, and for the
+    /// presence and frequency penalties.
+    pub fn accept_generated(&mut self, token: u32) {
+        *self.generated.entry(token).or_default() += 1;
+        self.accept(token);
+    }
+
+    /// Record a token of the prompt (or a generated one, through
+    /// [`Self::accept_generated`]) for the repetition penalty's window.
     pub fn accept(&mut self, token: u32) {
         if self.params.penalty_last_n == 0 {
             return;
@@ -103,6 +139,11 @@ impl Sampler {
     /// Pick the next token from `logits` (modified in place by the penalty).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         let p = &self.params;
+        for &(token, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l += bias;
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut seen = std::collections::HashSet::with_capacity(self.recent.len());
             for &t in &self.recent {
@@ -114,6 +155,14 @@ impl Sampler {
                             *l * p.repetition_penalty
                         };
                     }
+                }
+            }
+        }
+        // Then OpenAI's penalties, after the repetition penalty as in llama.cpp.
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&token, &count) in &self.generated {
+                if let Some(l) = logits.get_mut(token as usize) {
+                    *l -= count as f32 * p.frequency_penalty + p.presence_penalty;
                 }
             }
         }
@@ -323,5 +372,48 @@ mod tests {
         .unwrap_err()
         .contains("repetition_penalty"));
         assert!(params(0.7).validate().is_ok());
+    }
+
+    #[test]
+    fn logit_bias_bans_and_promotes() {
+        let logits = [1.0, 5.0, 2.0, 4.5];
+        let mut banned = Sampler::new(SamplingParams {
+            logit_bias: vec![(1, -100.0)],
+            ..params(0.0)
+        });
+        assert_eq!(banned.sample(&mut logits.clone()), 3);
+        let mut promoted = Sampler::new(SamplingParams {
+            logit_bias: vec![(0, 4.5)],
+            ..params(0.0)
+        });
+        assert_eq!(promoted.sample(&mut logits.clone()), 0);
+        // Sampled, a banned token never comes.
+        let mut sampled = Sampler::new(SamplingParams {
+            logit_bias: vec![(1, -100.0), (3, -100.0)],
+            ..params(1.0)
+        });
+        for _ in 0..200 {
+            let t = sampled.sample(&mut logits.clone());
+            assert!(t == 0 || t == 2, "{t}");
+        }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_follow_openai() {
+        // mu[j] - c[j] * frequency - (c[j] > 0) * presence, over generated tokens only.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..params(0.0)
+        });
+        s.accept(1); // a prompt token: not penalized
+        s.accept_generated(2);
+        s.accept_generated(2);
+        s.accept_generated(3);
+        let mut logits = vec![0.0, 1.0, 2.0, 3.0];
+        s.sample(&mut logits);
+        assert_eq!(logits, [0.0, 1.0, 2.0 - 2.0 * 0.25 - 0.5, 3.0 - 0.25 - 0.5]);
+        assert!(!s.params().is_plain_greedy());
+        assert!(params(0.0).is_plain_greedy());
     }
 }

@@ -341,7 +341,7 @@ impl<B: Backend> Loop<B> {
             let seq = &self.running[i];
             let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
             let p = &seq.job.params.sampling;
-            !wants_token || (p.temperature <= 0.0 && p.repetition_penalty == 1.0)
+            !wants_token || p.is_plain_greedy()
         });
         let result = {
             let mut segments: Vec<Segment<'_, B::Cache>> = Vec::with_capacity(plan.len());
@@ -454,7 +454,7 @@ impl<B: Backend> Loop<B> {
         if tokenizer.is_eog(token) {
             return Some(StopReason::Eos);
         }
-        seq.sampler.accept(token);
+        seq.sampler.accept_generated(token);
         let index = seq.generated;
         seq.generated += 1;
         let piece = seq.decoder.push(tokenizer, token).unwrap_or_default();

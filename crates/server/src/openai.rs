@@ -132,17 +132,25 @@ macro_rules! with_common_fields {
             #[schema(value_type = Option<i64>, minimum = 1, maximum = 1)]
             #[serde(default, deserialize_with = "crate::de::option_u32")]
             pub n: Option<u32>,
-            /// Only 0 (use `repetition_penalty`).
-            #[schema(minimum = 0.0, maximum = 0.0)]
+            /// In [-2, 2]: subtracted once from the logit of every token generated so far [0].
+            #[schema(minimum = -2.0, maximum = 2.0)]
             pub presence_penalty: Option<f64>,
-            /// Only 0 (use `repetition_penalty`).
-            #[schema(minimum = 0.0, maximum = 0.0)]
+            /// In [-2, 2]: subtracted from a token's logit per time it was generated [0].
+            #[schema(minimum = -2.0, maximum = 2.0)]
             pub frequency_penalty: Option<f64>,
-            /// Only empty.
-            #[schema(schema_with = empty_object_schema)]
+            /// Token id → bias in [-100, 100], added to the token's logit (-100 bans it).
             pub logit_bias: Option<HashMap<String, f64>>,
             /// Accepted and ignored.
             pub user: Option<String>,
+            /// Accepted and ignored.
+            #[schema(value_type = Option<Object>)]
+            pub metadata: Option<serde_json::Value>,
+            /// Accepted and ignored (nothing is stored).
+            pub store: Option<bool>,
+            /// Accepted and ignored (no tools yet).
+            pub parallel_tool_calls: Option<bool>,
+            /// Accepted and ignored.
+            pub service_tier: Option<String>,
         }
 
         impl $name {
@@ -183,14 +191,6 @@ fn only_null() -> Object {
     ObjectBuilder::new().schema_type(Type::Null).build()
 }
 
-/// `{}` or null: the only `logit_bias` accepted.
-fn empty_object_schema() -> Object {
-    ObjectBuilder::new()
-        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
-        .max_properties(Some(0))
-        .build()
-}
-
 /// The fields both generation routes share, as given.
 struct CommonFields {
     temperature: Option<f64>,
@@ -210,24 +210,14 @@ struct CommonFields {
 
 impl CommonFields {
     /// Check the fields the worker cannot honour; build the sampling fields.
-    fn check(self, max_tokens: Option<u32>, errors: &mut Errors) -> (SamplingFields, StreamMode) {
+    fn check(
+        self,
+        max_tokens: Option<u32>,
+        vocab_size: usize,
+        errors: &mut Errors,
+    ) -> (SamplingFields, StreamMode) {
         if self.n.is_some_and(|n| n != 1) {
             errors.add("n", "range", "only n = 1 is supported");
-        }
-        for (field, value) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if value.is_some_and(|v| v != 0.0) {
-                errors.add(
-                    field,
-                    "unsupported",
-                    "only 0 is supported; use repetition_penalty",
-                );
-            }
-        }
-        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-            errors.add("logit_bias", "unsupported", "logit_bias is not supported");
         }
         let stream = StreamMode {
             stream: self.stream.unwrap_or(false),
@@ -243,8 +233,12 @@ impl CommonFields {
             top_k: self.top_k,
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias,
             seed: self.seed,
             stop: self.stop.map(Stop::into_vec).unwrap_or_default(),
+            vocab_size,
         };
         (fields, stream)
     }
@@ -397,7 +391,9 @@ impl ChatCompletionRequest {
             .max_completion_tokens
             .or(self.max_tokens)
             .filter(|&n| n > 0);
-        let (fields, stream) = self.take_common().check(max_tokens, &mut errors);
+        let (fields, stream) =
+            self.take_common()
+                .check(max_tokens, state.model.info.vocab_size, &mut errors);
         let params = validate::check_sampling(&fields, &OPENAI_DEFAULTS, &mut errors);
         if self.messages.is_empty() {
             errors.add("messages", "min_items", "at least one message is needed");
@@ -535,7 +531,9 @@ impl CompletionRequest {
         if self.logprobs.is_some_and(|n| n > 0) {
             errors.add("logprobs", "unsupported", "logprobs are not supported");
         }
-        let (fields, stream) = self.take_common().check(self.max_tokens, &mut errors);
+        let (fields, stream) =
+            self.take_common()
+                .check(self.max_tokens, state.model.info.vocab_size, &mut errors);
         let params = validate::check_sampling(&fields, &COMPLETIONS_DEFAULTS, &mut errors);
         let text = match self.prompt {
             PromptInput::Text(text) => text,

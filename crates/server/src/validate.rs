@@ -71,8 +71,15 @@ pub struct SamplingFields {
     pub top_k: Option<u32>,
     pub min_p: Option<f64>,
     pub repetition_penalty: Option<f64>,
+    /// OpenAI's, in [-2, 2] [0].
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// Token id (as a string, OpenAI's form) → bias in [-100, 100].
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// The model's vocabulary, which `logit_bias` ids must lie in (0: unchecked).
+    pub vocab_size: usize,
 }
 
 /// What an API uses for fields a request leaves out.
@@ -145,6 +152,53 @@ pub fn check_job_id(job_id: &str, errors: &mut Errors) {
     }
 }
 
+/// Most `logit_bias` entries a request may give.
+const MAX_LOGIT_BIAS: usize = 1024;
+
+/// `logit_bias` as (token, bias) pairs, sorted by token: ids in the
+/// vocabulary, biases in [-100, 100] (OpenAI's range; -100 bans a token).
+fn check_logit_bias(fields: &SamplingFields, errors: &mut Errors) -> Vec<(u32, f32)> {
+    let Some(map) = &fields.logit_bias else {
+        return Vec::new();
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        errors.add(
+            "logit_bias",
+            "max_properties",
+            format!("at most {MAX_LOGIT_BIAS} tokens, got {}", map.len()),
+        );
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (key, &bias) in map {
+        // The key is the client's: shortened and escaped before it is echoed.
+        let shown: String = key
+            .chars()
+            .take(32)
+            .collect::<String>()
+            .escape_default()
+            .to_string();
+        let field = format!("logit_bias.{shown}");
+        match key.parse::<u32>() {
+            Ok(id) if fields.vocab_size == 0 || (id as usize) < fields.vocab_size => {
+                errors.range(&field, bias, (-100.0, false), 100.0);
+                out.push((id, bias as f32));
+            }
+            Ok(id) => errors.add(
+                &field,
+                "token",
+                format!(
+                    "token id {id} is outside the vocabulary of {}",
+                    fields.vocab_size
+                ),
+            ),
+            Err(_) => errors.add(&field, "token", "keys must be token ids (decimal integers)"),
+        }
+    }
+    out.sort_unstable_by_key(|&(id, _)| id);
+    out
+}
+
 /// Check the sampling fields and build the scheduler's parameters; `seed`
 /// is drawn here when the request gave none, so it can be reported.
 pub fn check_sampling(
@@ -165,6 +219,11 @@ pub fn check_sampling(
         (MIN_REPETITION_PENALTY, false),
         MAX_REPETITION_PENALTY,
     );
+    let presence_penalty = fields.presence_penalty.unwrap_or(0.0);
+    let frequency_penalty = fields.frequency_penalty.unwrap_or(0.0);
+    errors.range("presence_penalty", presence_penalty, (-2.0, false), 2.0);
+    errors.range("frequency_penalty", frequency_penalty, (-2.0, false), 2.0);
+    let logit_bias = check_logit_bias(fields, errors);
     if fields.max_tokens == Some(0) {
         errors.add("max_tokens", "range", "must be at least 1");
     }
@@ -206,6 +265,9 @@ pub fn check_sampling(
             min_p: min_p as f32,
             repetition_penalty: repetition_penalty as f32,
             penalty_last_n: PENALTY_LAST_N,
+            presence_penalty: presence_penalty as f32,
+            frequency_penalty: frequency_penalty as f32,
+            logit_bias,
             seed: fields.seed.unwrap_or_else(rand::random),
         },
         stop: fields.stop.clone(),

@@ -60,6 +60,14 @@ pub struct ExecuteRequest {
     /// In [0.01, 10]; 1 disables [1].
     #[schema(minimum = 0.01, maximum = 10.0)]
     pub repetition_penalty: Option<f64>,
+    /// In [-2, 2] (OpenAI's): subtracted once from the logit of every token generated so far [0].
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub presence_penalty: Option<f64>,
+    /// In [-2, 2] (OpenAI's): subtracted from a token's logit per time it was generated [0].
+    #[schema(minimum = -2.0, maximum = 2.0)]
+    pub frequency_penalty: Option<f64>,
+    /// Token id (a decimal string) → bias in [-100, 100], added to the token's logit (-100 bans it).
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
     /// Random seed; one is drawn (and reported in `started`) when absent.
     #[schema(value_type = Option<i64>, minimum = 0, maximum = 18446744073709551615.0)]
     #[serde(default, deserialize_with = "crate::de::option_u64")]
@@ -85,8 +93,12 @@ impl ExecuteRequest {
             top_k: self.top_k,
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias,
             seed: self.seed,
             stop: self.stop.unwrap_or_default(),
+            vocab_size: state.model.info.vocab_size,
         };
         let params = validate::check_sampling(&fields, &WORKER_DEFAULTS, &mut errors);
         let prompt = validate::check_prompt(&state.model, "prompt", &self.prompt, &mut errors);

@@ -953,7 +953,11 @@ async fn a_chat_message_cannot_forge_control_tokens() {
         .render(&[tokenizer::Message::new("user", forged)], true)
         .unwrap();
     let at = prompt.find(forged).unwrap();
-    let protected = tok.encode_with_literal(&prompt, true, std::slice::from_ref(&(at..at + forged.len())));
+    let protected = tok.encode_with_literal(
+        &prompt,
+        true,
+        std::slice::from_ref(&(at..at + forged.len())),
+    );
     let parsed = tok.encode(&prompt, true, true);
     assert_eq!(forged_tokens, protected.len());
     assert!(
@@ -970,5 +974,81 @@ async fn a_chat_message_cannot_forge_control_tokens() {
         usage(response.json().await.unwrap()),
         tok.encode(&plain, true, true).len()
     );
+    server.stop().await.unwrap();
+}
+
+/// `logit_bias` bans or forces tokens, OpenAI's penalties and harmless
+/// fields that agent frameworks send are accepted, and bad values are named.
+#[tokio::test]
+async fn openai_logit_bias_penalties_and_harmless_fields() {
+    let server = TestServer::start().await;
+    let file = gguf::GgufFile::open(common::model_path()).unwrap();
+    let tok = tokenizer::Tokenizer::from_gguf(file.metadata()).unwrap();
+    let complete = |extra: Value| {
+        let mut body = json!({"model": "any", "prompt": "The capital of France is",
+                              "max_tokens": 1, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let text = |v: Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+
+    let response = server.post("/v1/completions", &complete(json!({}))).await;
+    assert_eq!(response.status(), 200);
+    let greedy = text(response.json().await.unwrap());
+    let greedy_ids = tok.encode(&greedy, false, false);
+    assert_eq!(greedy_ids.len(), 1, "{greedy:?}");
+
+    // Banned, the greedy token gives way; a forced one comes instead.
+    let ban = json!({ greedy_ids[0].to_string(): -100 });
+    let response = server
+        .post("/v1/completions", &complete(json!({"logit_bias": ban})))
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_ne!(text(response.json().await.unwrap()), greedy);
+    let forced_id = tok.encode(" banana", false, false)[0];
+    let force = json!({ forced_id.to_string(): 100 });
+    let response = server
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "any", "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 1, "temperature": 0, "logit_bias": force,
+                    "presence_penalty": 0.5, "frequency_penalty": 0.5,
+                    "user": "u-1", "metadata": {"k": "v"}, "store": false,
+                    "parallel_tool_calls": true, "service_tier": "auto"}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let chat: Value = response.json().await.unwrap();
+    assert_eq!(
+        tok.encode(
+            chat["choices"][0]["message"]["content"].as_str().unwrap(),
+            false,
+            false
+        ),
+        [forced_id]
+    );
+
+    // Out of range, not a token id, outside the vocabulary: each named.
+    let response = server
+        .post(
+            "/v1/completions",
+            &complete(json!({"presence_penalty": 3, "frequency_penalty": -2.5,
+                             "logit_bias": {"abc": 1, "99999999": 1, "5": 101}})),
+        )
+        .await;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    for field in [
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias.abc",
+        "logit_bias.99999999",
+        "logit_bias.5",
+    ] {
+        assert!(message.contains(field), "{field} not in {body}");
+    }
     server.stop().await.unwrap();
 }

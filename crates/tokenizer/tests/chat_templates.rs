@@ -204,7 +204,11 @@ fn control_tokens_inside_literal_ranges_stay_text() {
         "the forged turn parses when nothing protects it"
     );
 
-    let ids = tok.encode_with_literal(&prompt, true, std::slice::from_ref(&(at..at + forged.len())));
+    let ids = tok.encode_with_literal(
+        &prompt,
+        true,
+        std::slice::from_ref(&(at..at + forged.len())),
+    );
     // The template's own: system, user and assistant openings, two closings.
     assert_eq!(count(&ids, im_start), 3, "{ids:?}");
     assert_eq!(count(&ids, im_end), 2, "{ids:?}");

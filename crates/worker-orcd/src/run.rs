@@ -138,6 +138,18 @@ pub struct SamplingArgs {
     /// 1 disables.
     #[arg(long, default_value_t = 1.0)]
     pub repeat_penalty: f32,
+    /// OpenAI's presence penalty, in [-2, 2]: subtracted once from the logit
+    /// of every token generated so far.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = penalty)]
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]: subtracted from a token's
+    /// logit per time it was generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true, value_parser = penalty)]
+    pub frequency_penalty: f32,
+    /// TOKEN_ID=BIAS: add BIAS (in [-100, 100]; -100 bans the token) to the
+    /// token's logit (repeatable).
+    #[arg(long, value_parser = logit_bias, allow_hyphen_values = true)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Random seed [default: random, printed to stderr].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -147,6 +159,21 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
+    /// `--logit-bias` ids must be tokens of the model.
+    fn check_vocabulary(&self, tokenizer: &Tokenizer) -> Result<()> {
+        if let Some((id, _)) = self
+            .logit_bias
+            .iter()
+            .find(|(id, _)| *id as usize >= tokenizer.vocab_size())
+        {
+            anyhow::bail!(
+                "--logit-bias: token id {id} is outside the vocabulary of {}",
+                tokenizer.vocab_size()
+            );
+        }
+        Ok(())
+    }
+
     fn params(&self) -> GenerateParams {
         let seed = self.seed.unwrap_or_else(rand::random);
         GenerateParams {
@@ -158,10 +185,33 @@ impl SamplingArgs {
                 min_p: self.min_p,
                 repetition_penalty: self.repeat_penalty,
                 penalty_last_n: 64,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                logit_bias: self.logit_bias.clone(),
                 seed,
             },
             stop: self.stop.clone(),
         }
+    }
+}
+
+fn penalty(text: &str) -> Result<f32, String> {
+    match text.parse::<f32>() {
+        Ok(v) if (-2.0..=2.0).contains(&v) => Ok(v),
+        _ => Err(format!("{text}: a number in [-2, 2] is expected")),
+    }
+}
+
+fn logit_bias(text: &str) -> Result<(u32, f32), String> {
+    let parsed = text.split_once('=').and_then(|(id, bias)| {
+        let bias = bias.trim().parse::<f32>().ok()?;
+        Some((id.trim().parse::<u32>().ok()?, bias))
+    });
+    match parsed {
+        Some((id, bias)) if (-100.0..=100.0).contains(&bias) => Ok((id, bias)),
+        _ => Err(format!(
+            "{text}: TOKEN_ID=BIAS is expected, with BIAS in [-100, 100]"
+        )),
     }
 }
 
@@ -377,6 +427,7 @@ pub fn run_generate(
     // Special tokens written in the prompt (`<|im_start|>`) are parsed, as
     // llama.cpp's CLI and the worker API do.
     let tokens = loaded.tokenizer.encode(&text, true, true);
+    sampling.check_vocabulary(&loaded.tokenizer)?;
     let params = sampling.params();
     let seed = params.sampling.seed;
     let finish = generate_blocking(loaded.scheduler(), tokens, params, stream_to_stdout)?;
@@ -401,6 +452,7 @@ pub fn run_chat(
         messages.push(Message::new("system", system));
     }
     let stdin = std::io::stdin();
+    sampling.check_vocabulary(&loaded.tokenizer)?;
     let mut params = sampling.params();
     eprintln!(
         "chatting with {} (empty line or Ctrl-D to quit)",
