@@ -52,6 +52,8 @@ pub enum SubmitError {
 /// Counters the scheduler keeps up to date, readable from any thread.
 #[derive(Debug, Default)]
 pub struct SchedulerStats {
+    /// Jobs submitted and not yet running: those a free slot will take at
+    /// the next step, and those queued behind full slots.
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
     pub steps: AtomicUsize,
@@ -68,13 +70,16 @@ pub struct SchedulerHandle {
 
 impl SchedulerHandle {
     /// Queue a job; refused at once when `max_queued` jobs are already
-    /// waiting to start (in the channel or in the scheduler's waiting list).
+    /// queued behind full slots. A job a free slot can take does not count:
+    /// it starts at the scheduler's next step (the slot is free now even if
+    /// the scheduler is busy with a step).
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         let most = self.config.max_queued.max(1);
+        let free = self.free_slots();
         self.stats
             .queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                (q < most).then_some(q + 1)
+                (q < most + free).then_some(q + 1)
             })
             .map_err(|_| SubmitError::QueueFull(most))?;
         self.tx.try_send(job).map_err(|e| {
@@ -88,6 +93,25 @@ impl SchedulerHandle {
 
     pub fn stats(&self) -> &SchedulerStats {
         &self.stats
+    }
+
+    /// Sequences running now.
+    pub fn running(&self) -> usize {
+        self.stats.running.load(Ordering::Acquire)
+    }
+
+    /// Slots no sequence holds.
+    pub fn free_slots(&self) -> usize {
+        self.config.max_running.saturating_sub(self.running())
+    }
+
+    /// Jobs queued behind full slots (what `--max-queue` limits): those
+    /// submitted and not running, less the ones free slots will take.
+    pub fn queued(&self) -> usize {
+        self.stats
+            .queued
+            .load(Ordering::Acquire)
+            .saturating_sub(self.free_slots())
     }
 
     pub fn pool(&self) -> &KvPool {
@@ -106,7 +130,8 @@ pub fn spawn<B: Backend>(
     tokenizer: Arc<Tokenizer>,
     config: SchedulerConfig,
 ) -> (SchedulerHandle, JoinHandle<()>) {
-    let (tx, rx) = mpsc::sync_channel(config.max_queued.max(1));
+    // Room for a full queue plus a job for every slot.
+    let (tx, rx) = mpsc::sync_channel(config.max_queued.max(1) + config.max_running);
     let stats = Arc::new(SchedulerStats::default());
     let pool = KvPool::new(config.kv_pages);
     let handle = SchedulerHandle {

@@ -130,6 +130,14 @@ fn smollm_scheduler(
     max_running: usize,
     max_queued: usize,
 ) -> (scheduler::SchedulerHandle, std::thread::JoinHandle<()>) {
+    smollm_scheduler_with_pages(max_running, max_queued, 8)
+}
+
+fn smollm_scheduler_with_pages(
+    max_running: usize,
+    max_queued: usize,
+    kv_pages: usize,
+) -> (scheduler::SchedulerHandle, std::thread::JoinHandle<()>) {
     let file = Arc::new(GgufFile::open(smollm_path()).unwrap());
     let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata()).unwrap());
     let model = Arc::new(CpuModel::load(file).unwrap());
@@ -141,7 +149,7 @@ fn smollm_scheduler(
             max_running,
             max_queued,
             step_tokens: 64,
-            kv_pages: 8,
+            kv_pages,
         },
     )
 }
@@ -231,6 +239,49 @@ fn a_full_queue_refuses_at_once_and_frees_as_jobs_start() {
         .submit(job(&Arc::new(AtomicBool::new(true)), tx_d))
         .unwrap();
     cancel_b.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// Jobs that free slots will take do not count against the queue, even
+/// when they arrive all at once, before the scheduler admits any: with 4
+/// slots and a queue of 2, six jobs are taken and the seventh is refused;
+/// `queued()` counts only the two behind full slots.
+#[test]
+fn jobs_for_free_slots_do_not_count_against_the_queue() {
+    // Pages for four 64-position sequences.
+    let (handle, _thread) = smollm_scheduler_with_pages(4, 2, 16);
+    let params = GenerateParams {
+        max_tokens: 40,
+        sampling: Default::default(),
+        stop: vec![],
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut receivers = Vec::new();
+    for i in 0..7 {
+        let (tx, rx) = mpsc::channel();
+        let submitted = handle.submit(Job {
+            prompt: vec![1, 504, 3458],
+            params: params.clone(),
+            cancel: cancel.clone(),
+            sink: Box::new(move |e| tx.send(e).is_ok()),
+        });
+        if i < 6 {
+            assert!(submitted.is_ok(), "job {i}: {:?}", submitted.err());
+            receivers.push(rx);
+        } else {
+            assert!(
+                matches!(submitted, Err(scheduler::SubmitError::QueueFull(2))),
+                "a seventh job: {:?}",
+                submitted.err()
+            );
+        }
+    }
+    // Four start; two stay queued, and that is what is reported.
+    for rx in &receivers[..4] {
+        assert!(matches!(rx.recv().unwrap(), Event::Started { .. }));
+    }
+    assert_eq!(handle.running(), 4);
+    assert_eq!(handle.queued(), 2);
+    cancel.store(true, std::sync::atomic::Ordering::Release);
 }
 
 /// A tiny-llama with metadata key `key` set to `value`.

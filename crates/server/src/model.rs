@@ -3,7 +3,6 @@
 //! computed at load so that answering them never touches the model.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -242,12 +241,13 @@ impl Model {
 
     /// Sequences decoding now.
     pub fn running(&self) -> usize {
-        self.scheduler.stats().running.load(Ordering::Acquire)
+        self.scheduler.running()
     }
 
-    /// Jobs waiting for a slot.
+    /// Jobs queued behind full slots (those a free slot takes at the next
+    /// step are not counted; `--max-queue` limits this number).
     pub fn queued(&self) -> usize {
-        self.scheduler.stats().queued.load(Ordering::Acquire)
+        self.scheduler.queued()
     }
 
     /// Bytes of KV cache held now.

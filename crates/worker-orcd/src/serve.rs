@@ -32,7 +32,8 @@ pub struct ServeArgs {
     /// Sequences decoding at once.
     #[arg(long, default_value_t = 8, env = "WORKER_ORCD_MAX_CONCURRENT")]
     pub max_concurrent: usize,
-    /// Jobs waiting for a slot beyond those; more get 503 with Retry-After.
+    /// Jobs waiting behind full slots (one a free slot can take is not
+    /// counted); more get 503 with Retry-After.
     #[arg(long, default_value_t = 64, env = "WORKER_ORCD_MAX_QUEUE")]
     pub max_queue: usize,
     /// Require `Authorization: Bearer KEY` on /execute, /cancel and /v1/*
