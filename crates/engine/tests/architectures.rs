@@ -93,8 +93,23 @@ fn each_architecture_takes_its_features_from_its_row_and_its_tensors() {
 
     let gemma2 = spec("tiny-gemma2");
     assert!(gemma2.post_norms && !gemma2.qk_norm);
+    // The preset's caps (its attention cap is lowered to bend its scores)...
     assert_eq!(
         (gemma2.attn_softcap, gemma2.final_softcap),
+        (Some(2.0), Some(30.0))
+    );
+    // ...and Gemma 2's own, 50 and 30, where the file gives none (as llama.cpp).
+    let uncapped = preset_file(
+        "tiny-gemma2",
+        |m| {
+            m.remove("gemma2.attn_logit_softcapping");
+            m.remove("gemma2.final_logit_softcapping");
+        },
+        &[],
+    );
+    let defaults = ModelSpec::from_gguf(&uncapped).unwrap();
+    assert_eq!(
+        (defaults.attn_softcap, defaults.final_softcap),
         (Some(50.0), Some(30.0))
     );
     assert_eq!(gemma2.embedding_scale, Some((256f32).sqrt()));
