@@ -340,6 +340,54 @@ pub fn load(args: &ModelArgs, gpu: &GpuArgs) -> Result<Loaded> {
     })
 }
 
+/// Tokens a chat turn keeps free for the reply when old turns must go.
+const CHAT_REPLY_ROOM: usize = 64;
+
+/// The prompt of `messages`, dropping the oldest turns (after a leading
+/// system message) while it leaves less than [`CHAT_REPLY_ROOM`] tokens
+/// of `context` for the reply, and saying so on stderr. `None` when the
+/// last message alone does not fit.
+fn fit_history(
+    messages: &mut Vec<Message>,
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    context: usize,
+) -> Result<Option<Vec<u32>>> {
+    let room = CHAT_REPLY_ROOM.min(context / 2);
+    let first_turn = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+    let fits = |messages: &[Message]| -> Result<Option<Vec<u32>>> {
+        let tokens = tokenizer.encode(&template.render(messages, true)?, true, true);
+        Ok((tokens.len() + room <= context).then_some(tokens))
+    };
+    // The system message and the new one must fit on their own; otherwise
+    // the history stays as it is.
+    let mut alone: Vec<Message> = messages[..first_turn].to_vec();
+    alone.extend(messages.last().cloned());
+    if fits(&alone)?.is_none() {
+        return Ok(None);
+    }
+    let mut dropped = 0;
+    loop {
+        if let Some(tokens) = fits(messages)? {
+            if dropped > 0 {
+                eprintln!(
+                    "(the conversation passed the context of {context} tokens: the oldest {dropped} message{} were dropped)",
+                    if dropped == 1 { "" } else { "s" }
+                );
+            }
+            return Ok(Some(tokens));
+        }
+        // Keep the system message and the new user message; drop the oldest other one.
+        messages.remove(first_turn);
+        dropped += 1;
+        // A turn starts with the user (templates may insist on alternation).
+        while messages.len() > first_turn + 1 && messages[first_turn].role != "user" {
+            messages.remove(first_turn);
+            dropped += 1;
+        }
+    }
+}
+
 /// Size the CPU thread pool (all cores when not given).
 pub fn set_threads(threads: Option<usize>) -> Result<()> {
     if let Some(threads) = threads {
@@ -454,6 +502,7 @@ pub fn run_chat(
     let stdin = std::io::stdin();
     sampling.check_vocabulary(&loaded.tokenizer)?;
     let mut params = sampling.params();
+    let context = loaded.scheduler().config().context;
     eprintln!(
         "chatting with {} (empty line or Ctrl-D to quit)",
         model_args
@@ -469,10 +518,23 @@ pub fn run_chat(
             break;
         }
         messages.push(Message::new("user", line.trim_end()));
-        let text = template.render(&messages, true)?;
-        let tokens = loaded.tokenizer.encode(&text, true, true);
+        let Some(tokens) = fit_history(&mut messages, template, &loaded.tokenizer, context)? else {
+            eprintln!(
+                "this message alone does not fit the context of {context} tokens; it was dropped"
+            );
+            messages.pop();
+            continue;
+        };
         let finish =
-            generate_blocking(loaded.scheduler(), tokens, params.clone(), stream_to_stdout)?;
+            match generate_blocking(loaded.scheduler(), tokens, params.clone(), stream_to_stdout) {
+                Ok(finish) => finish,
+                Err(e) => {
+                    end_line();
+                    eprintln!("error: {e}");
+                    messages.pop();
+                    continue;
+                }
+            };
         end_line();
         report(&finish, params.sampling.seed);
         messages.push(Message::new("assistant", finish.text.trim()));

@@ -369,3 +369,39 @@ fn inspect_check_names_a_tensor_with_non_finite_values() {
     );
     assert!(text.contains("1 with problems"), "{text}");
 }
+
+/// A chat longer than the context drops its oldest turns (keeping the
+/// system message) and says so, instead of ending; a message that alone
+/// does not fit is dropped with a notice, and the chat goes on.
+#[test]
+fn chat_drops_the_oldest_turns_when_the_history_passes_the_context() {
+    let model = smollm_path();
+    let long_line = "Tell me about the sea and the sky and the mountains. ".repeat(3);
+    let too_long = "word ".repeat(400);
+    let input = format!("{long_line}\n{long_line}\n{too_long}\n{long_line}\n");
+    let output = run(
+        &[
+            "chat",
+            "-m",
+            model.to_str().unwrap(),
+            "--ctx-size",
+            "192",
+            "-n",
+            "24",
+            "--temperature",
+            "0",
+            "--system",
+            "Be brief.",
+        ],
+        Some(&input),
+    );
+    let err = stderr(&output);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("were dropped"), "{err}");
+    assert!(
+        err.contains("this message alone does not fit the context of 192 tokens"),
+        "{err}"
+    );
+    // Every message that fits was answered: three replies.
+    assert_eq!(err.matches("[prompt: ").count(), 3, "{err}");
+}
