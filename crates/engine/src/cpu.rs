@@ -326,11 +326,7 @@ impl CpuModel {
             .collect();
         quant::matmul_many(&mut products, input, self.activations).map_err(|e| {
             EngineError::Tensor {
-                name: ws
-                    .iter()
-                    .map(|w| w.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" / "),
+                name: ws.iter().map(|w| w.label()).collect::<Vec<_>>().join(" / "),
                 reason: e.to_string(),
             }
         })?;
@@ -350,7 +346,7 @@ impl CpuModel {
             self.activations,
         )
         .map_err(|e| EngineError::Tensor {
-            name: w.name.clone(),
+            name: w.label(),
             reason: e.to_string(),
         })?;
         Ok(y)
