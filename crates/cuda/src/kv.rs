@@ -5,15 +5,17 @@
 //! All pages live in one allocation, `[layer][keys|values][page][position in
 //! page][kv_dim]`, so a page index addresses the same slot in every layer. A
 //! sequence's [`GpuCache`] holds its block table on the host (uploaded with
-//! each step's metadata) and takes pages as it grows: from the scheduler's
-//! [`KvPool`] budget (through a CPU cache that stores nothing, so that the
-//! pool's counts stay true) and from the device's free list. Dropping the
-//! cache gives both back.
+//! each step's metadata) and takes pages as it grows, from the device's free
+//! list and from the scheduler's [`KvPool`] budget. A fork for the prefix
+//! cache shares whole pages (each page counts its holders); a page goes back
+//! to both when its last holder lets go. A cache never writes into a page
+//! another holds: it appends past its own positions, and truncating to the
+//! middle of a shared page keeps only the whole pages before it.
 
 use std::sync::{Arc, Mutex};
 
 use engine::backend::Cache;
-use engine::kv::{KvCache, KvPool, PAGE_TOKENS};
+use engine::kv::{KvPool, PAGE_TOKENS};
 use engine::EngineError;
 
 use crate::device::CudaDevice;
@@ -25,7 +27,29 @@ pub struct KvPages {
     buffer: DeviceBuffer,
     n_pages: usize,
     kv_dim: usize,
-    free: Mutex<Vec<u32>>,
+    state: Mutex<PageState>,
+}
+
+struct PageState {
+    free: Vec<u32>,
+    /// Caches holding each page.
+    holders: Vec<u32>,
+}
+
+impl PageState {
+    /// Let go of `pages`; returns how many became free.
+    fn release(&mut self, pages: impl IntoIterator<Item = u32>) -> usize {
+        let mut freed = 0;
+        for page in pages {
+            let holders = &mut self.holders[page as usize];
+            *holders -= 1;
+            if *holders == 0 {
+                self.free.push(page);
+                freed += 1;
+            }
+        }
+        freed
+    }
 }
 
 impl KvPages {
@@ -45,8 +69,11 @@ impl KvPages {
             buffer: DeviceBuffer::new(device, bytes, "the KV cache")?,
             n_pages,
             kv_dim,
-            // Handed out from the end: low page numbers first.
-            free: Mutex::new((0..n_pages as u32).rev().collect()),
+            state: Mutex::new(PageState {
+                // Handed out from the end: low page numbers first.
+                free: (0..n_pages as u32).rev().collect(),
+                holders: vec![0; n_pages],
+            }),
         })
     }
 
@@ -55,7 +82,13 @@ impl KvPages {
     }
 
     pub fn free_pages(&self) -> usize {
-        self.free.lock().expect("KV free list").len()
+        self.state().free.len()
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PageState> {
+        // The state is consistent between statements, so a panic elsewhere
+        // while it was held leaves nothing half-done.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn bytes(&self) -> usize {
@@ -86,7 +119,7 @@ pub struct GpuCache {
     capacity: usize,
     tokens: Vec<u32>,
     /// The scheduler's page budget, when there is one.
-    budget: Option<KvCache>,
+    pool: Option<KvPool>,
 }
 
 impl GpuCache {
@@ -97,7 +130,29 @@ impl GpuCache {
             len: 0,
             capacity,
             tokens: Vec::new(),
-            budget: pool.map(|pool| KvCache::new_in(pool, 0, 0, capacity)),
+            pool: pool.cloned(),
+        }
+    }
+
+    /// A cache holding the whole pages of `from`'s first `n` positions,
+    /// shared with it (nothing is copied).
+    pub fn fork(from: &GpuCache, n: usize, pool: Option<&KvPool>, capacity: usize) -> Self {
+        let whole = n.min(from.len).min(capacity) / PAGE_TOKENS;
+        let table = from.table[..whole].to_vec();
+        {
+            let mut state = from.pages.state();
+            for &page in &table {
+                state.holders[page as usize] += 1;
+            }
+        }
+        let len = whole * PAGE_TOKENS;
+        Self {
+            pages: from.pages.clone(),
+            table,
+            len,
+            capacity,
+            tokens: from.tokens[..len.min(from.tokens.len())].to_vec(),
+            pool: pool.cloned(),
         }
     }
 
@@ -112,14 +167,19 @@ impl GpuCache {
         debug_assert!(self.len <= self.table.len() * PAGE_TOKENS);
     }
 
-    /// Forget positions from `len` on (their pages stay with the cache).
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
-        self.tokens.truncate(self.len);
-    }
-
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+
+    /// Let go of the table's pages from entry `keep` on.
+    fn release_from(&mut self, keep: usize) {
+        if keep >= self.table.len() {
+            return;
+        }
+        let freed = self.pages.state().release(self.table.drain(keep..));
+        if let Some(pool) = &self.pool {
+            pool.give_back(freed);
+        }
     }
 }
 
@@ -138,23 +198,55 @@ impl Cache for GpuCache {
             return Ok(());
         }
         let extra = needed - self.table.len();
-        let mut free = self.pages.free.lock().expect("KV free list");
-        if free.len() < extra {
+        let mut state = self.pages.state();
+        if state.free.len() < extra {
             return Err(EngineError::KvPoolExhausted {
                 needed: extra,
-                free: free.len(),
+                free: state.free.len(),
             });
         }
-        if let Some(budget) = &mut self.budget {
-            budget.reserve(positions)?;
+        if let Some(pool) = &self.pool {
+            if !pool.take(extra) {
+                return Err(EngineError::KvPoolExhausted {
+                    needed: extra,
+                    free: pool.free_pages(),
+                });
+            }
         }
-        let at = free.len() - extra;
-        self.table.extend(free.drain(at..).rev());
+        let at = state.free.len() - extra;
+        let taken: Vec<u32> = state.free.drain(at..).rev().collect();
+        for &page in &taken {
+            state.holders[page as usize] = 1;
+        }
+        self.table.extend(taken);
         Ok(())
     }
 
     fn record_tokens(&mut self, tokens: &[u32]) {
         self.tokens.extend_from_slice(tokens);
+    }
+
+    fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    fn truncate(&mut self, len: usize) -> usize {
+        let mut keep = len.min(self.len);
+        if keep % PAGE_TOKENS != 0 {
+            let page = self.table[keep / PAGE_TOKENS];
+            if self.pages.state().holders[page as usize] > 1 {
+                // The next write would land in a page another cache reads.
+                keep -= keep % PAGE_TOKENS;
+            }
+        }
+        self.release_from(keep.div_ceil(PAGE_TOKENS));
+        self.len = keep;
+        self.tokens.truncate(keep);
+        keep
+    }
+
+    fn pages(&self) -> usize {
+        self.table.len()
     }
 }
 
@@ -162,8 +254,6 @@ impl Drop for GpuCache {
     fn drop(&mut self) {
         // Pages go back once no queued work can still write them: the
         // model's forward pass synchronizes before it returns.
-        if let Ok(mut free) = self.pages.free.lock() {
-            free.extend(self.table.drain(..));
-        }
+        self.release_from(0);
     }
 }

@@ -24,6 +24,14 @@ pub trait Cache: Send {
     fn reserve(&mut self, positions: usize) -> Result<(), EngineError>;
     /// Record the tokens of the positions just stored.
     fn record_tokens(&mut self, tokens: &[u32]);
+    /// The tokens recorded for the stored positions.
+    fn tokens(&self) -> &[u32];
+    /// Keep at most the first `len` positions and give back the pages past
+    /// them; returns the positions kept, which may be fewer than asked where
+    /// the cache cannot write into a page it shares with another.
+    fn truncate(&mut self, len: usize) -> usize;
+    /// Pages held (a page shared with other caches included).
+    fn pages(&self) -> usize;
 }
 
 /// One sequence's part of a batched forward pass.
@@ -42,6 +50,17 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A cache for `context` positions whose pages are drawn from `pool`.
     fn new_cache_in(&self, pool: &KvPool, context: usize) -> Self::Cache;
+
+    /// A cache like [`Backend::new_cache_in`]'s that already holds the
+    /// first `n` positions of `from` (keys, values and tokens), or fewer
+    /// where the backend shares whole pages only: read its `len()`.
+    fn fork_cache(
+        &self,
+        from: &Self::Cache,
+        n: usize,
+        pool: &KvPool,
+        context: usize,
+    ) -> Result<Self::Cache, EngineError>;
 
     /// Runs every segment's tokens, appends their keys and values to their
     /// caches, and returns each segment's logits as its `logits` asks
@@ -82,6 +101,18 @@ impl Cache for KvCache {
     fn record_tokens(&mut self, tokens: &[u32]) {
         KvCache::record_tokens(self, tokens)
     }
+
+    fn tokens(&self) -> &[u32] {
+        KvCache::tokens(self)
+    }
+
+    fn truncate(&mut self, len: usize) -> usize {
+        KvCache::truncate(self, len)
+    }
+
+    fn pages(&self) -> usize {
+        KvCache::pages(self)
+    }
 }
 
 impl Backend for CpuModel {
@@ -93,6 +124,19 @@ impl Backend for CpuModel {
 
     fn new_cache_in(&self, pool: &KvPool, context: usize) -> KvCache {
         CpuModel::new_cache_in(self, pool, context)
+    }
+
+    fn fork_cache(
+        &self,
+        from: &KvCache,
+        n: usize,
+        pool: &KvPool,
+        context: usize,
+    ) -> Result<KvCache, EngineError> {
+        // Positions are contiguous per sequence here, so a fork is a copy
+        // (a memory copy of the keys and values, far cheaper than running
+        // the tokens again).
+        from.copy_prefix(n, Some(pool), context)
     }
 
     fn forward_logits(

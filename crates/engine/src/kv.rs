@@ -53,7 +53,8 @@ impl KvPool {
         self.total_pages() - self.used_pages()
     }
 
-    fn take(&self, pages: usize) -> bool {
+    /// Take `pages` from the budget; `false` (and nothing taken) when fewer are free.
+    pub fn take(&self, pages: usize) -> bool {
         self.inner
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
@@ -63,7 +64,8 @@ impl KvPool {
             .is_ok()
     }
 
-    fn give_back(&self, pages: usize) {
+    /// Return `pages` taken earlier.
+    pub fn give_back(&self, pages: usize) {
         self.inner.used.fetch_sub(pages, Ordering::AcqRel);
     }
 }
@@ -156,18 +158,52 @@ impl KvCache {
         Ok(())
     }
 
-    /// Forget positions from `len` on (e.g. to re-run a prompt's tail).
-    pub fn truncate(&mut self, len: usize) {
+    /// Keep the first `len` positions (at most those stored) and give back
+    /// the pages past them; returns the positions kept.
+    pub fn truncate(&mut self, len: usize) -> usize {
         let len = len.min(self.len);
+        let pages = len.div_ceil(PAGE_TOKENS);
         for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
             layer.truncate(len * self.kv_dim);
+            layer.shrink_to(pages * PAGE_TOKENS * self.kv_dim);
         }
         self.tokens.truncate(len);
         self.len = len;
+        if pages < self.pages {
+            if let Some(pool) = &self.pool {
+                pool.give_back(self.pages - pages);
+            }
+            self.pages = pages;
+        }
+        len
     }
 
     pub fn clear(&mut self) {
         self.truncate(0);
+    }
+
+    /// A new cache (pages from `pool`, for at most `capacity` positions)
+    /// holding a copy of this one's first `n` positions and their tokens.
+    pub fn copy_prefix(
+        &self,
+        n: usize,
+        pool: Option<&KvPool>,
+        capacity: usize,
+    ) -> Result<KvCache, EngineError> {
+        let n = n.min(self.len).min(capacity);
+        let mut copy = KvCache::new(self.keys.len(), self.kv_dim, capacity);
+        copy.pool = pool.cloned();
+        copy.reserve(n)?;
+        let floats = n * self.kv_dim;
+        for (to, from) in copy.keys.iter_mut().zip(&self.keys) {
+            to.extend_from_slice(&from[..floats]);
+        }
+        for (to, from) in copy.values.iter_mut().zip(&self.values) {
+            to.extend_from_slice(&from[..floats]);
+        }
+        copy.tokens = self.tokens[..n.min(self.tokens.len())].to_vec();
+        copy.len = n;
+        Ok(copy)
     }
 
     /// Append `n` positions of keys and values for `layer` (`n × kv_dim` each).
@@ -265,6 +301,46 @@ mod tests {
         assert_eq!(pool.free_pages(), 0);
         drop(a);
         assert_eq!(pool.used_pages(), 1);
+        drop(b);
+        assert_eq!(pool.used_pages(), 0);
+    }
+
+    #[test]
+    fn a_copied_prefix_holds_the_same_positions_and_truncating_gives_pages_back() {
+        let pool = KvPool::new(8);
+        let kv_dim = 4;
+        let mut a = KvCache::new_in(&pool, 2, kv_dim, 1000);
+        let n = PAGE_TOKENS * 2 + 3;
+        a.reserve(n + PAGE_TOKENS * 2).unwrap();
+        for layer in 0..2 {
+            let keys: Vec<f32> = (0..n * kv_dim).map(|i| (i + layer * 1000) as f32).collect();
+            let values: Vec<f32> = keys.iter().map(|k| -k).collect();
+            a.append(layer, &keys, &values);
+        }
+        a.commit(n);
+        a.record_tokens(&(0..n as u32).collect::<Vec<_>>());
+        assert_eq!(pool.used_pages(), 5);
+
+        let b = a.copy_prefix(PAGE_TOKENS + 1, Some(&pool), 1000).unwrap();
+        assert_eq!(
+            (b.len(), b.pages(), pool.used_pages()),
+            (PAGE_TOKENS + 1, 2, 7)
+        );
+        for layer in 0..2 {
+            let floats = (PAGE_TOKENS + 1) * kv_dim;
+            assert_eq!(b.layer(layer).0, &a.layer(layer).0[..floats]);
+            assert_eq!(b.layer(layer).1, &a.layer(layer).1[..floats]);
+        }
+        assert_eq!(b.tokens(), &a.tokens()[..PAGE_TOKENS + 1]);
+        // Two more pages than the pool has left: refused, nothing taken.
+        assert!(a.copy_prefix(n, Some(&pool), 1000).is_err());
+        assert_eq!(pool.used_pages(), 7);
+
+        // Truncating keeps the positions asked for and frees the pages past them.
+        assert_eq!(a.truncate(PAGE_TOKENS + 2), PAGE_TOKENS + 2);
+        assert_eq!((a.pages(), pool.used_pages()), (2, 4));
+        assert_eq!(a.truncate(n), PAGE_TOKENS + 2, "truncating never grows");
+        drop(a);
         drop(b);
         assert_eq!(pool.used_pages(), 0);
     }

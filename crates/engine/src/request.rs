@@ -65,6 +65,8 @@ pub enum Event {
 pub struct Finish {
     pub stop_reason: StopReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the prefix cache (not run again).
+    pub cached_tokens: usize,
     pub tokens_out: usize,
     /// Time from submission to the first generated token.
     pub time_to_first_token: Option<Duration>,

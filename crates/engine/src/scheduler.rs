@@ -2,15 +2,24 @@
 //!
 //! Requests arrive on a channel, each with a sink for its events and a cancel
 //! flag. Each step runs one forward pass over the next token of every
-//! decoding sequence plus prompt chunks of sequences still prefilling, within
-//! a token budget, so a long prompt never stalls the others. A sequence's KV
-//! pages are reserved from the shared pool when it is admitted (prompt plus
-//! its token limit), so a request that was admitted never fails for lack of
-//! room; those that do not fit yet wait in the queue. Pages return to the
-//! pool when the sequence's cache is dropped.
+//! decoding sequence plus prompt chunks of sequences still prefilling. While
+//! sequences decode, the chunks are sized so that a step takes at most about
+//! [`PACE`] times a decode-only step (timed as the scheduler runs), so a long
+//! prompt never stalls the streams already running, and a cancel takes
+//! effect at the next chunk. A sequence's KV pages are reserved from the
+//! shared pool when it is admitted (prompt plus its token limit), so a
+//! request that was admitted never fails for lack of room; those that do not
+//! fit yet wait in the queue.
+//!
+//! Prefix cache: a finished sequence's cache is kept (its unused pages given
+//! back), and a new prompt that starts with the tokens of a kept or running
+//! cache starts from them: it takes a kept cache over when its prompt extends
+//! all of it (the next turn of a chat), or forks the shared prefix (a copy on
+//! the CPU, shared pages on the GPU). Kept caches are evicted oldest first
+//! when an admission needs their pages.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -38,7 +47,19 @@ pub struct SchedulerConfig {
     pub step_tokens: usize,
     /// KV pages shared by all sequences.
     pub kv_pages: usize,
+    /// Keep finished sequences' caches and start new prompts from the
+    /// prefix they share with one.
+    pub prefix_cache: bool,
 }
+
+/// While sequences decode, a step with prompt chunks aims to take at most
+/// this many times a decode-only step (so a stream's inter-token time stays
+/// under twice its usual while a long prompt is read).
+pub const PACE: f64 = 1.5;
+
+/// Finished caches kept at most (each admission compares its prompt with
+/// every one).
+const MAX_KEPT: usize = 256;
 
 /// Why a job was not accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,6 +78,14 @@ pub struct SchedulerStats {
     pub queued: AtomicUsize,
     pub running: AtomicUsize,
     pub steps: AtomicUsize,
+    /// Prompt tokens run through the model.
+    pub prefill_tokens: AtomicU64,
+    /// Prompt tokens taken from the prefix cache instead.
+    pub prefix_hit_tokens: AtomicU64,
+    /// Finished sequences' caches kept for reuse, and the pages they hold
+    /// (a page two of them share counts for each).
+    pub kept_caches: AtomicUsize,
+    pub kept_pages: AtomicUsize,
 }
 
 /// The way in: cheap to clone, usable from any thread.
@@ -152,6 +181,8 @@ pub fn spawn<B: Backend>(
                 rx,
                 waiting: VecDeque::new(),
                 running: Vec::new(),
+                kept: Vec::new(),
+                pace: Pace::default(),
             }
             .run()
         })
@@ -177,8 +208,10 @@ struct Sequence<C> {
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
-    /// Prompt tokens already run.
+    /// Prompt tokens already in the cache (run, or from the prefix cache).
     prefilled: usize,
+    /// Prompt tokens that came from the prefix cache.
+    cached: usize,
     /// The sampled token to feed next.
     next: Option<u32>,
     generated: usize,
@@ -197,6 +230,59 @@ struct Loop<B: Backend> {
     rx: Receiver<Job>,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence<B::Cache>>,
+    /// Finished sequences' caches, least recently used first.
+    kept: Vec<B::Cache>,
+    pace: Pace,
+}
+
+/// Running averages of step times, to size prompt chunks.
+#[derive(Default)]
+struct Pace {
+    /// Seconds of a step with decode tokens only.
+    decode_step: Option<f64>,
+    /// Seconds each prompt token adds to a step.
+    per_prompt_token: Option<f64>,
+}
+
+impl Pace {
+    const WEIGHT: f64 = 0.25;
+
+    fn blend(average: &mut Option<f64>, sample: f64) {
+        *average = Some(match *average {
+            Some(a) => a + Self::WEIGHT * (sample - a),
+            None => sample,
+        });
+    }
+
+    /// Prompt tokens a step with decoding sequences may carry.
+    fn prompt_budget(&self, most: usize) -> usize {
+        match (self.decode_step, self.per_prompt_token) {
+            (Some(decode), Some(per_token)) if per_token > 0.0 => {
+                (((PACE - 1.0) * decode / per_token) as usize).clamp(1, most)
+            }
+            // Not timed yet: a small chunk, whose time teaches the rest.
+            _ => most.min(16),
+        }
+    }
+
+    fn record(&mut self, seconds: f64, decode_tokens: usize, prompt_tokens: usize) {
+        if prompt_tokens == 0 {
+            Self::blend(&mut self.decode_step, seconds);
+        } else {
+            let decode = if decode_tokens > 0 {
+                self.decode_step.unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            let per_token = (seconds - decode).max(0.0) / prompt_tokens as f64;
+            Self::blend(&mut self.per_prompt_token, per_token);
+        }
+    }
+}
+
+/// Tokens `a` and `b` share from the start.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 impl<B: Backend> Loop<B> {
@@ -252,6 +338,7 @@ impl<B: Backend> Loop<B> {
                 let finish = Finish {
                     stop_reason: StopReason::Cancelled,
                     prompt_tokens: w.job.prompt.len(),
+                    cached_tokens: 0,
                     tokens_out: 0,
                     time_to_first_token: None,
                     decode_time: Duration::ZERO,
@@ -298,15 +385,21 @@ impl<B: Backend> Loop<B> {
                 .params
                 .max_tokens
                 .min(self.config.context - prompt_len);
-            let mut kv = self.model.new_cache_in(&self.pool, self.config.context);
             // Positions fed: the prompt and every generated token but the last.
-            if kv
-                .reserve(prompt_len + max_tokens.saturating_sub(1).max(1))
-                .is_err()
-            {
-                // Not enough room yet; it waits for running sequences to finish.
-                return;
+            let positions = prompt_len + max_tokens.saturating_sub(1).max(1);
+            let prompt = front.job.prompt.clone();
+            let mut kv = self.reuse(&prompt);
+            while kv.reserve(positions).is_err() {
+                if !self.evict_oldest() {
+                    // Not enough room yet; it waits for running sequences
+                    // to finish. A cache taken over stays kept meanwhile.
+                    if kv.len() > 0 && self.config.prefix_cache {
+                        self.keep(kv);
+                    }
+                    return;
+                }
             }
+            let cached = kv.len();
             let w = self.waiting.pop_front().expect("front exists");
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
             if let Err(message) = w.job.params.sampling.validate() {
@@ -324,7 +417,8 @@ impl<B: Backend> Loop<B> {
                 sampler,
                 decoder: StreamDecoder::new(false),
                 stops,
-                prefilled: 0,
+                prefilled: cached,
+                cached,
                 next: None,
                 generated: 0,
                 text: String::new(),
@@ -334,16 +428,111 @@ impl<B: Backend> Loop<B> {
                 job: w.job,
             });
             self.stats
+                .prefix_hit_tokens
+                .fetch_add(cached as u64, Ordering::Relaxed);
+            self.stats
                 .running
                 .store(self.running.len(), Ordering::Release);
         }
+    }
+
+    /// A cache for a new sequence with `prompt`, holding the longest prefix
+    /// of it that a kept or running cache holds (at most all but its last
+    /// token, which must run to give logits).
+    fn reuse(&mut self, prompt: &[u32]) -> B::Cache {
+        let fresh = |model: &B, pool: &KvPool, context| model.new_cache_in(pool, context);
+        if !self.config.prefix_cache {
+            return fresh(&self.model, &self.pool, self.config.context);
+        }
+        let limit = prompt.len().saturating_sub(1);
+        let shared = |kv: &B::Cache| {
+            common_prefix(&kv.tokens()[..kv.len().min(kv.tokens().len())], prompt).min(limit)
+        };
+        let best_kept = self
+            .kept
+            .iter()
+            .enumerate()
+            .map(|(i, kv)| (shared(kv), i))
+            .max();
+        let best_running = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(i, seq)| (shared(&seq.kv), i))
+            .max();
+        let (kept_len, kept_at) = best_kept.unwrap_or((0, 0));
+        let (running_len, running_at) = best_running.unwrap_or((0, 0));
+        if kept_len == 0 && running_len == 0 {
+            return fresh(&self.model, &self.pool, self.config.context);
+        }
+        if kept_len >= running_len {
+            if kept_len == self.kept[kept_at].len() {
+                // The prompt extends all of it (a chat's next turn): take it over.
+                let kv = self.kept.remove(kept_at);
+                self.count_kept();
+                return kv;
+            }
+            let kv = self.kept.remove(kept_at);
+            let fork = self
+                .model
+                .fork_cache(&kv, kept_len, &self.pool, self.config.context);
+            // Most recently used now.
+            self.kept.push(kv);
+            self.count_kept();
+            fork.unwrap_or_else(|_| fresh(&self.model, &self.pool, self.config.context))
+        } else {
+            self.model
+                .fork_cache(
+                    &self.running[running_at].kv,
+                    running_len,
+                    &self.pool,
+                    self.config.context,
+                )
+                .unwrap_or_else(|_| fresh(&self.model, &self.pool, self.config.context))
+        }
+    }
+
+    /// Keep a finished sequence's cache for reuse, its unused pages given back.
+    fn keep(&mut self, mut kv: B::Cache) {
+        let len = kv.len();
+        if kv.truncate(len) == 0 {
+            return;
+        }
+        self.kept.push(kv);
+        if self.kept.len() > MAX_KEPT {
+            self.kept.remove(0);
+        }
+        self.count_kept();
+    }
+
+    /// Drop the least recently used kept cache; `false` when none is left.
+    fn evict_oldest(&mut self) -> bool {
+        if self.kept.is_empty() {
+            return false;
+        }
+        self.kept.remove(0);
+        self.count_kept();
+        true
+    }
+
+    fn count_kept(&self) {
+        let pages = self.kept.iter().map(Cache::pages).sum();
+        self.stats.kept_pages.store(pages, Ordering::Release);
+        self.stats
+            .kept_caches
+            .store(self.kept.len(), Ordering::Release);
     }
 
     /// One forward pass over every running sequence, then sampling.
     fn step(&mut self) {
         // Decode tokens first (one per decoding sequence), then prompt chunks in the remaining budget.
         let decoding = self.running.iter().filter(|s| s.next.is_some()).count();
-        let mut budget = self.config.step_tokens.saturating_sub(decoding).max(1);
+        let room = self.config.step_tokens.saturating_sub(decoding).max(1);
+        let mut budget = if decoding == 0 {
+            room
+        } else {
+            self.pace.prompt_budget(room)
+        };
         let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (sequence, start, end) of tokens to feed
         let mut next_tokens: Vec<[u32; 1]> = vec![[0]; self.running.len()];
         for (i, seq) in self.running.iter().enumerate() {
@@ -359,6 +548,12 @@ impl<B: Backend> Loop<B> {
         if plan.is_empty() {
             return;
         }
+        let prompt_tokens: usize = plan
+            .iter()
+            .filter(|&&(i, ..)| self.running[i].next.is_none())
+            .map(|&(_, start, end)| end - start)
+            .sum();
+        let started = Instant::now();
         // Greedy sequences need only the best token: when every sequence
         // that gets one this step is greedy, the backend picks it (on the
         // GPU, without moving the logits).
@@ -404,6 +599,13 @@ impl<B: Backend> Loop<B> {
             }
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .prefill_tokens
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        if result.is_ok() {
+            self.pace
+                .record(started.elapsed().as_secs_f64(), decoding, prompt_tokens);
+        }
         let outputs = match result {
             Ok(outputs) => outputs,
             Err(e) => {
@@ -503,7 +705,7 @@ impl<B: Backend> Loop<B> {
         None
     }
 
-    fn finish(&self, mut seq: Sequence<B::Cache>, reason: StopReason) {
+    fn finish(&mut self, mut seq: Sequence<B::Cache>, reason: StopReason) {
         if matches!(reason, StopReason::MaxTokens | StopReason::Eos) {
             // Text still held back (a partial character or a partial stop string) is final now.
             let rest = seq.stops.push(&seq.decoder.flush());
@@ -525,15 +727,21 @@ impl<B: Backend> Loop<B> {
         let finish = Finish {
             stop_reason: reason,
             prompt_tokens: seq.job.prompt.len(),
+            cached_tokens: seq.cached,
             tokens_out: seq.generated,
             time_to_first_token: seq.first_token.map(|t| t - seq.submitted),
             decode_time: seq.first_token.map(|t| t.elapsed()).unwrap_or_default(),
             text: std::mem::take(&mut seq.text),
         };
-        // The KV pages go back to the pool before the client hears the end, so a
-        // client that submits again at once finds them free.
+        // The KV pages go back to the pool (or the cache is kept, its pages
+        // free to evict) before the client hears the end, so a client that
+        // submits again at once finds room.
         let Sequence { mut job, kv, .. } = seq;
-        drop(kv);
+        if self.config.prefix_cache {
+            self.keep(kv);
+        } else {
+            drop(kv);
+        }
         (job.sink)(Event::End(finish));
     }
 }

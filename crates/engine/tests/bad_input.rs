@@ -150,6 +150,7 @@ fn smollm_scheduler_with_pages(
             max_queued,
             step_tokens: 64,
             kv_pages,
+            prefix_cache: true,
         },
     )
 }
@@ -168,10 +169,16 @@ fn prompt_longer_than_the_context_is_an_error_and_the_scheduler_goes_on() {
         "{err}"
     );
 
-    // The scheduler still serves a prompt that fits, and its pages come back.
+    // The scheduler still serves a prompt that fits, and its pages come
+    // back (or stay with its cache, kept for a prompt sharing its prefix).
     let finish = generate_blocking(&handle, vec![1, 504, 3458], params.clone(), |_| true).unwrap();
     assert_eq!(finish.tokens_out, 4);
-    assert_eq!(handle.pool().used_pages(), 0);
+    let kept = handle
+        .stats()
+        .kept_pages
+        .load(std::sync::atomic::Ordering::Acquire);
+    assert_eq!(handle.pool().used_pages(), kept);
+    assert_eq!(kept, 1);
 
     // Bad sampling settings are an error event naming the field.
     let (tx, rx) = mpsc::channel();

@@ -175,6 +175,7 @@ impl JobLog {
                     job_id,
                     stop_reason = finish.stop_reason.as_str(),
                     prompt_tokens = finish.prompt_tokens,
+                    cached_tokens = finish.cached_tokens,
                     tokens_out = finish.tokens_out,
                     decode_ms = finish.decode_time.as_millis() as u64,
                     "job finished"
@@ -217,6 +218,9 @@ fn record(metrics: &Metrics, api: &str, event: &Event, last_token: &mut Option<I
                 .with_label_values(&[api, finish.stop_reason.as_str()])
                 .inc();
             metrics.prompt_tokens.inc_by(finish.prompt_tokens as u64);
+            metrics
+                .prefix_cache_hit_tokens
+                .inc_by(finish.cached_tokens as u64);
             if let Some(ttft) = finish.time_to_first_token {
                 metrics.time_to_first_token.observe(ttft.as_secs_f64());
             }

@@ -3,6 +3,7 @@
 //! sink, so a slow client does not skew them); gauges are read from the
 //! scheduler when `/metrics` is scraped.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prometheus::{
@@ -19,6 +20,8 @@ pub struct Metrics {
     /// Jobs finished, by API (`worker`, `openai`) and how they ended (`MAX_TOKENS`, …, `ERROR`).
     pub jobs: IntCounterVec,
     pub prompt_tokens: IntCounter,
+    /// Prompt tokens of finished jobs that came from the prefix cache.
+    pub prefix_cache_hit_tokens: IntCounter,
     pub generated_tokens: IntCounter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
@@ -27,6 +30,8 @@ pub struct Metrics {
     kv_pages_used: IntGauge,
     kv_pages_total: IntGauge,
     kv_used_ratio: Gauge,
+    prefix_cache_pages: IntGauge,
+    prefix_cache_sequences: IntGauge,
     max_concurrent: IntGauge,
     ready: IntGauge,
     uptime: Gauge,
@@ -54,6 +59,21 @@ impl Metrics {
         let prompt_tokens = IntCounter::new(
             "worker_orcd_prompt_tokens_total",
             "Prompt tokens of finished jobs",
+        )
+        .expect("valid metric");
+        let prefix_cache_hit_tokens = IntCounter::new(
+            "worker_orcd_prefix_cache_hit_tokens_total",
+            "Prompt tokens of finished jobs taken from the prefix cache instead of being run",
+        )
+        .expect("valid metric");
+        let prefix_cache_pages = IntGauge::new(
+            "worker_orcd_prefix_cache_pages",
+            "KV pages held by finished sequences' caches kept for prefix reuse (evicted when needed)",
+        )
+        .expect("valid metric");
+        let prefix_cache_sequences = IntGauge::new(
+            "worker_orcd_prefix_cache_sequences",
+            "Finished sequences' caches kept for prefix reuse",
         )
         .expect("valid metric");
         let generated_tokens =
@@ -85,7 +105,7 @@ impl Metrics {
             IntGauge::new("worker_orcd_running_jobs", "Jobs decoding now").expect("valid metric");
         let kv_pages_used = IntGauge::new(
             "worker_orcd_kv_pages_used",
-            "KV-cache pages held by sequences",
+            "KV-cache pages held by running sequences (kept prefix caches not counted)",
         )
         .expect("valid metric");
         let kv_pages_total =
@@ -93,7 +113,7 @@ impl Metrics {
                 .expect("valid metric");
         let kv_used_ratio = Gauge::new(
             "worker_orcd_kv_used_ratio",
-            "Fraction of the KV-cache pool held by sequences (0 to 1)",
+            "Fraction of the KV-cache pool held by running sequences (0 to 1)",
         )
         .expect("valid metric");
         let max_concurrent = IntGauge::new(
@@ -115,6 +135,9 @@ impl Metrics {
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(jobs.clone()),
             Box::new(prompt_tokens.clone()),
+            Box::new(prefix_cache_hit_tokens.clone()),
+            Box::new(prefix_cache_pages.clone()),
+            Box::new(prefix_cache_sequences.clone()),
             Box::new(generated_tokens.clone()),
             Box::new(time_to_first_token.clone()),
             Box::new(inter_token_latency.clone()),
@@ -136,6 +159,7 @@ impl Metrics {
             http_requests,
             jobs,
             prompt_tokens,
+            prefix_cache_hit_tokens,
             generated_tokens,
             time_to_first_token,
             inter_token_latency,
@@ -144,6 +168,8 @@ impl Metrics {
             kv_pages_used,
             kv_pages_total,
             kv_used_ratio,
+            prefix_cache_pages,
+            prefix_cache_sequences,
             max_concurrent,
             ready,
             uptime,
@@ -155,10 +181,14 @@ impl Metrics {
         self.queue_depth.set(model.queued() as i64);
         self.running.set(model.running() as i64);
         let pool = model.scheduler.pool();
-        self.kv_pages_used.set(pool.used_pages() as i64);
+        self.kv_pages_used.set(model.kv_pages_in_use() as i64);
         self.kv_pages_total.set(pool.total_pages() as i64);
+        let stats = model.scheduler.stats();
+        self.prefix_cache_pages.set(model.kv_pages_cached() as i64);
+        self.prefix_cache_sequences
+            .set(stats.kept_caches.load(Ordering::Acquire) as i64);
         self.kv_used_ratio
-            .set(pool.used_pages() as f64 / pool.total_pages().max(1) as f64);
+            .set(model.kv_pages_in_use() as f64 / pool.total_pages().max(1) as f64);
         self.max_concurrent.set(model.info.max_concurrent as i64);
         self.ready.set(i64::from(ready));
         self.uptime.set(uptime.as_secs_f64());

@@ -25,8 +25,10 @@ pub struct ModelOptions {
     pub max_concurrent: usize,
     /// Jobs waiting beyond those before new ones get 503.
     pub max_queue: usize,
-    /// Tokens per forward pass (decode tokens plus prefill chunks).
+    /// Most tokens per forward pass (decode tokens plus prefill chunks).
     pub step_tokens: usize,
+    /// Keep finished sequences' caches for prompts sharing their prefix.
+    pub prefix_cache: bool,
     /// Allow a `ctx_size` past the model's training context.
     pub ctx_beyond_training: bool,
     /// A chat template's source to use instead of the file's (`--chat-template`).
@@ -40,6 +42,7 @@ impl Default for ModelOptions {
             max_concurrent: 8,
             max_queue: 64,
             step_tokens: 512,
+            prefix_cache: true,
             ctx_beyond_training: false,
             chat_template: None,
         }
@@ -229,6 +232,7 @@ impl Model {
                 max_queued: options.max_queue,
                 step_tokens: options.step_tokens,
                 kv_pages: sizing.kv_pages,
+                prefix_cache: options.prefix_cache,
             },
         );
         Ok(Model {
@@ -250,8 +254,28 @@ impl Model {
         self.scheduler.queued()
     }
 
-    /// Bytes of KV cache held now.
+    /// Bytes of KV cache held now (kept prefix caches included).
     pub fn kv_bytes_used(&self) -> u64 {
         self.scheduler.pool().used_pages() as u64 * self.info.kv_page_bytes
+    }
+
+    /// KV pages held by finished sequences' caches kept for prefix reuse:
+    /// taken back whenever a new sequence needs them.
+    pub fn kv_pages_cached(&self) -> usize {
+        self.scheduler
+            .stats()
+            .kept_pages
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// KV pages held by running sequences: those in use less the kept
+    /// caches' (exact on the CPU; on the GPU, where caches share pages, a
+    /// page shared by several kept caches counts once per cache, so this
+    /// may read low).
+    pub fn kv_pages_in_use(&self) -> usize {
+        self.scheduler
+            .pool()
+            .used_pages()
+            .saturating_sub(self.kv_pages_cached())
     }
 }

@@ -561,6 +561,13 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 impl Usage {
@@ -569,6 +576,9 @@ impl Usage {
             prompt_tokens: finish.prompt_tokens,
             completion_tokens: finish.tokens_out,
             total_tokens: finish.prompt_tokens + finish.tokens_out,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: finish.cached_tokens,
+            },
         }
     }
 }

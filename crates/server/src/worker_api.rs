@@ -142,6 +142,8 @@ pub struct MetricsEvent {
 #[derive(Serialize, ToSchema)]
 pub struct EndEvent {
     pub tokens_out: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache (not run again).
+    pub cached_tokens: usize,
     /// Time spent generating after the first token.
     pub decode_time_ms: f64,
     /// `MAX_TOKENS`, `EOS`, `STOP_SEQUENCE` or `CANCELLED`.
@@ -238,6 +240,7 @@ fn execute_events(
                     });
                     yield sse("end", &EndEvent {
                         tokens_out: finish.tokens_out,
+                        cached_tokens: finish.cached_tokens,
                         decode_time_ms: decode_s * 1e3,
                         stop_reason: finish.stop_reason.as_str().to_string(),
                     });
@@ -348,7 +351,11 @@ pub struct Slots {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct KvPages {
+    /// Pages held by running sequences.
     pub used: usize,
+    /// Pages held by finished sequences' caches kept for prefix reuse
+    /// (free for new sequences: taken back as they need them).
+    pub cached: usize,
     pub total: usize,
 }
 
@@ -398,7 +405,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
             queued: state.model.queued(),
         },
         kv_pages: KvPages {
-            used: pool.used_pages(),
+            used: state.model.kv_pages_in_use(),
+            cached: state.model.kv_pages_cached(),
             total: pool.total_pages(),
         },
     });

@@ -1052,3 +1052,78 @@ async fn openai_logit_bias_penalties_and_harmless_fields() {
     }
     server.stop().await.unwrap();
 }
+
+/// A second chat sharing the first's system prompt reports the prompt
+/// tokens it took from the prefix cache (OpenAI's
+/// `usage.prompt_tokens_details.cached_tokens`, `/execute`'s `end`, the
+/// metrics), and answers as it does cold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prefix_is_reported_as_cached_tokens() {
+    let system = "You are a helpful assistant who answers questions about the weather, \
+                  the seasons and the climate of places around the world in one sentence.";
+    let chat = |question: &str| {
+        json!({"model": "any", "max_tokens": 6, "temperature": 0, "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": question}]})
+    };
+    let cold_server = TestServer::start_with(
+        ModelOptions {
+            prefix_cache: false,
+            ..common::options()
+        },
+        ServerConfig::default(),
+    )
+    .await;
+    let cold: Value = cold_server
+        .post("/v1/chat/completions", &chat("Is it cold in Oslo in May?"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    cold_server.stop().await.unwrap();
+
+    let server = TestServer::start().await;
+    let first: Value = server
+        .post("/v1/chat/completions", &chat("Does it rain much in Lima?"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let second: Value = server
+        .post("/v1/chat/completions", &chat("Is it cold in Oslo in May?"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached > 20 && cached < prompt, "{second}");
+    assert_eq!(
+        second["choices"][0]["message"]["content"],
+        cold["choices"][0]["message"]["content"]
+    );
+
+    // The same prompt on /execute: all but its last token are cached.
+    let text = "Tell me about the tides.";
+    let body = |id: &str| json!({"job_id": id, "prompt": text, "max_tokens": 3, "temperature": 0});
+    execute(&server, &body("tides-1")).await;
+    let (_, end) = check_execute_stream(&execute(&server, &body("tides-2")).await);
+    let file = gguf::GgufFile::open(common::model_path()).unwrap();
+    let tok = tokenizer::Tokenizer::from_gguf(file.metadata()).unwrap();
+    let prompt_tokens = tok.encode(text, true, false).len() as u64;
+    assert_eq!(end["cached_tokens"], prompt_tokens - 1, "{end}");
+
+    let health = server.wait_idle(Duration::from_secs(5)).await;
+    assert!(health["kv_pages"]["cached"].as_u64().unwrap() > 0, "{health}");
+    let metrics = common::prometheus::parse(&server.metrics().await);
+    let value = |name: &str| metrics.iter().find(|s| s.name == name).unwrap().value;
+    assert_eq!(
+        value("worker_orcd_prefix_cache_hit_tokens_total"),
+        (cached + prompt_tokens - 1) as f64
+    );
+    assert!(value("worker_orcd_prefix_cache_pages") > 0.0);
+}

@@ -44,6 +44,15 @@ pub struct ModelArgs {
     /// (activations quantized to 8 bits per block as llama.cpp does; faster).
     #[arg(long, default_value = "f32", value_parser = ["f32", "q8"], env = "WORKER_ORCD_CPU_ACTIVATIONS")]
     pub cpu_activations: String,
+    /// Most tokens one forward pass runs (decode tokens plus prompt chunks).
+    /// While sequences decode, prompt chunks are smaller: sized from the
+    /// measured step times so that streams keep their pace.
+    #[arg(long, default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536), env = "WORKER_ORCD_STEP_TOKENS")]
+    pub step_tokens: usize,
+    /// Do not keep finished sequences' KV caches for prompts that start
+    /// with the same tokens (the prefix cache is on by default).
+    #[arg(long, env = "WORKER_ORCD_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
 }
 
 impl ModelArgs {
@@ -308,8 +317,9 @@ pub fn load(args: &ModelArgs, gpu: &GpuArgs) -> Result<Loaded> {
         context,
         max_running: 1,
         max_queued: 1,
-        step_tokens: 512,
+        step_tokens: args.step_tokens,
         kv_pages: context.div_ceil(PAGE_TOKENS),
+        prefix_cache: !args.no_prefix_cache,
     };
     fn start<B: Backend>(
         model: B,

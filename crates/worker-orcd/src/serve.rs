@@ -126,6 +126,8 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
             chat_template: args.model.chat_template_source()?,
             max_concurrent: args.max_concurrent,
             max_queue: args.max_queue,
+            step_tokens: args.model.step_tokens,
+            prefix_cache: !args.model.no_prefix_cache,
             ..ModelOptions::default()
         };
         let device = args.model.device.clone();

@@ -526,6 +526,16 @@ impl Backend for CudaModel {
         GpuCache::new(self.kv.clone(), Some(pool), context)
     }
 
+    fn fork_cache(
+        &self,
+        from: &GpuCache,
+        n: usize,
+        pool: &KvPool,
+        context: usize,
+    ) -> Result<GpuCache, EngineError> {
+        Ok(GpuCache::fork(from, n, Some(pool), context))
+    }
+
     fn forward_logits(
         &self,
         batch: &mut [Segment<'_, GpuCache>],
