@@ -10,7 +10,7 @@
 #   tokenizer.gguf  a small GGUF whose tokenizer the synthetic models copy, e.g.
 #                     worker-orcd synth --preset tiny-qwen2 --quant Q4_0 \
 #                       --tokenizer-from SmolLM2-135M-Instruct.Q4_1.gguf -o tokenizer.gguf
-#   llama.cpp.tar.xz  optional: llama.cpp's source (ggml, src, include, common,
+#   llama.cpp.tar.xz  optional: llama.cpp's source (ggml, src, include, common, app,
 #                   tools, vendor, cmake); with it the script builds llama-bench
 #                   (CMake, nvcc) and benchmarks it on the same files
 #   kernels/        optional: a kernel cache for the GPU's architecture, copied to
@@ -21,7 +21,7 @@
 #   scripts/gpu-check.sh DIR
 #
 # GPU_CHECK_PARTS picks the steps (default: all of tests selftest archs
-# archbench generate bench).
+# archbench generate bench serving).
 #
 # Steps: every test executable with --include-ignored, one test at a time
 # (the GPU tests are #[ignore]d for machines without a GPU); synthetic models
@@ -36,6 +36,10 @@
 # Mistral's sliding window) and on the Llama 3.2 1B and Qwen3 0.6B shapes;
 # "archbench": `bench` on those two shapes, beside llama-bench when its
 # source came.
+# "serving": `bench --serving` on Qwen2.5-0.5B Q4_K_M (the scheduler: time
+# to first token with a 2,000-token prefix cached against cold, streams'
+# inter-token p99 while a 4,000-token prompt is read, a cancelled long
+# prompt, a 10-turn chat, 64 streams with the prefix cache on and off).
 # Logs go to $GPU_CHECK_LOGS (default: a new temporary folder), models to
 # $GPU_CHECK_MODELS (default: a new temporary folder; existing files are
 # reused). The last lines are a short table.
@@ -48,7 +52,7 @@ models="${GPU_CHECK_MODELS:-$(mktemp -d)}"
 mkdir -p "$logs" "$models/unit" "$models/more"
 bin="$dir/worker-orcd"
 failed=0
-parts=" ${GPU_CHECK_PARTS:-tests selftest archs archbench generate bench} "
+parts=" ${GPU_CHECK_PARTS:-tests selftest archs archbench generate bench serving} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 
 gpu=""
@@ -226,6 +230,19 @@ EOF
     fi
 fi
 
+# The scheduler under traffic (prefix cache, prompt chunks).
+serving=()
+serving_model="$models/unit/qwen2.5-0.5b-q4_k_m.gguf"
+if part serving && [[ -x "$bin" && -f "$serving_model" ]]; then
+    log="$logs/bench-serving.log"
+    if timeout 400 "$bin" bench --serving --device cuda -m "$serving_model" >"$log" 2>"$log.err"; then
+        mapfile -t serving < <(grep -E '^(ttft|pacing|cancel|chat|throughput) ' "$log")
+    else
+        failed=1
+        serving=("FAILED: $(tail -1 "$log.err")")
+    fi
+fi
+
 # The new architectures' real shapes: worker-orcd's bench and, when the
 # source came, llama-bench (tg128, pp512) and llama-batched-bench (64
 # sequences of 128+128) on the same file, flash attention on, every layer
@@ -237,7 +254,7 @@ if part archbench && [[ -x "$bin" ]]; then
         build="$logs/llama.cpp"
         mkdir -p "$build" && tar -xJf "$dir/llama.cpp.tar.xz" -C "$build"
         if (cd "$build/llama.cpp" && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-                -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
+                -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF \
                 -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release \
                 && cmake --build build -j "$(nproc)" --target llama-bench llama-batched-bench) \
                 >"$logs/llama-build.log" 2>&1; then
@@ -309,6 +326,15 @@ fi
 if ((${#arch_benches[@]})); then
     echo "bench --device cuda beside llama.cpp (same card, same file):"
     printf '  %s\n' "${arch_benches[@]}"
+fi
+if ((${#serving[@]})); then
+    echo "bench --serving --device cuda, $(basename "$serving_model"):"
+    printf '  %s\n' "${serving[@]}"
+fi
+prefix_lines="$(grep -h '^  prefix cache: ' "$logs"/selftest-*.log 2>/dev/null | sort | uniq -c | sed 's/^ */  /')"
+if [[ -n "$prefix_lines" ]]; then
+    echo "selftest prefix-cache check (count of runs per line):"
+    echo "$prefix_lines"
 fi
 if [[ -n "${comparison:-}" ]]; then
     echo "against llama.cpp on the same card (its figures from the speed issue) and the targets:"

@@ -232,7 +232,7 @@ impl Cache for GpuCache {
 
     fn truncate(&mut self, len: usize) -> usize {
         let mut keep = len.min(self.len);
-        if keep % PAGE_TOKENS != 0 {
+        if !keep.is_multiple_of(PAGE_TOKENS) {
             let page = self.table[keep / PAGE_TOKENS];
             if self.pages.state().holders[page as usize] > 1 {
                 // The next write would land in a page another cache reads.

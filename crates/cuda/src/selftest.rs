@@ -139,6 +139,28 @@ fn greedy_gpu(gpu: &CudaModel, prompts: &[&Vec<u32>], steps: usize) -> Result<Ve
     Ok(generated)
 }
 
+/// `steps` greedy tokens after running `tokens` on top of what `cache` holds.
+fn greedy_after(
+    gpu: &CudaModel,
+    cache: &mut GpuCache,
+    tokens: &[u32],
+    steps: usize,
+) -> Result<Vec<u32>> {
+    let mut next = tokens.to_vec();
+    let mut generated = Vec::new();
+    for _ in 0..steps {
+        let mut batch = [Segment {
+            kv: &mut *cache,
+            tokens: &next,
+            logits: Logits::Last,
+        }];
+        let id = gpu.forward_greedy(&mut batch)?[0][0];
+        generated.push(id);
+        next = vec![id];
+    }
+    Ok(generated)
+}
+
 /// The largest logit minus the second largest.
 pub fn top_margin(logits: &[f32]) -> f32 {
     let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
@@ -380,5 +402,51 @@ pub fn selftest(
             if argmax(&gpu_long) == argmax(&cpu_long) { "agrees" } else { "differs" }
         ));
     }
+
+    // 5. The prefix cache: a sequence forked from another's pages decodes
+    // what it decodes cold, and neither disturbs the other.
+    let shared: Vec<u32> = prompts.iter().flatten().copied().cycle().take(40).collect();
+    let with = |tail: &[u32]| [shared.as_slice(), tail].concat();
+    let (a, b) = (with(&prompts[0]), with(&prompts[prompts.len() - 1]));
+    let cold_a = greedy_after(&gpu, &mut gpu.new_cache(CONTEXT), &a, options.steps)?;
+    let cold_b = greedy_after(&gpu, &mut gpu.new_cache(CONTEXT), &b, options.steps)?;
+    let mut cache_a = gpu.new_cache(CONTEXT);
+    let head_a = greedy_after(&gpu, &mut cache_a, &a, options.steps / 2)?;
+    let free = gpu.kv_pages().1;
+    let mut cache_b = GpuCache::fork(&cache_a, shared.len(), None, CONTEXT);
+    let reused = engine::backend::Cache::len(&cache_b);
+    let shares = gpu.kv_pages().1 == free
+        && reused == shared.len() / engine::kv::PAGE_TOKENS * engine::kv::PAGE_TOKENS;
+    let warm_b = greedy_after(&gpu, &mut cache_b, &b[reused..], options.steps)?;
+    // A resumes after B wrote its own pages.
+    let last_a = *head_a.last().unwrap_or(&a[a.len() - 1]);
+    let tail_a = greedy_after(
+        &gpu,
+        &mut cache_a,
+        &[last_a],
+        options.steps - options.steps / 2,
+    )?;
+    let resumed_a: Vec<u32> = head_a.iter().chain(&tail_a).copied().collect();
+    log(&format!(
+        "prefix cache: a fork reusing {reused} of {} shared positions (pages shared: {shares}) decodes {} of {} greedy tokens as cold; its source, resumed after it, {} of {}",
+        shared.len(),
+        common_prefix(&warm_b, &cold_b),
+        cold_b.len(),
+        common_prefix(&resumed_a, &cold_a),
+        cold_a.len()
+    ));
+    if warm_b != cold_b || resumed_a != cold_a || !shares {
+        summary.failures.push(format!(
+            "prefix cache: greedy output with a cache hit differs from the cold run (fork {}/{}, source {}/{}, pages shared: {shares})",
+            common_prefix(&warm_b, &cold_b),
+            cold_b.len(),
+            common_prefix(&resumed_a, &cold_a),
+            cold_a.len()
+        ));
+    }
     Ok(summary)
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }

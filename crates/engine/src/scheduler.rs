@@ -3,10 +3,10 @@
 //! Requests arrive on a channel, each with a sink for its events and a cancel
 //! flag. Each step runs one forward pass over the next token of every
 //! decoding sequence plus prompt chunks of sequences still prefilling. While
-//! sequences decode, the chunks are sized so that a step takes at most about
-//! [`PACE`] times a decode-only step (timed as the scheduler runs), so a long
-//! prompt never stalls the streams already running, and a cancel takes
-//! effect at the next chunk. A sequence's KV pages are reserved from the
+//! sequences decode, the chunks are sized by trial so that a step takes at
+//! most about [`PACE`] times a decode-only step (timed as the scheduler
+//! runs), so a long prompt never stalls the streams already running, and a
+//! cancel takes effect at the next chunk. A sequence's KV pages are reserved from the
 //! shared pool when it is admitted (prompt plus its token limit), so a
 //! request that was admitted never fails for lack of room; those that do not
 //! fit yet wait in the queue.
@@ -235,47 +235,54 @@ struct Loop<B: Backend> {
     pace: Pace,
 }
 
-/// Running averages of step times, to size prompt chunks.
-#[derive(Default)]
+/// Sizes prompt chunks while sequences decode. The cost of a step is not
+/// linear in its tokens (the CPU's products work in tiles of tokens, the
+/// GPU switches from mat-vec kernels to GEMMs past a few rows), so the chunk
+/// is found by trial: it grows while steps stay within [`PACE`] times a
+/// decode-only step and shrinks when one does not.
 struct Pace {
-    /// Seconds of a step with decode tokens only.
+    /// Seconds of a step with decode tokens only (a running average).
     decode_step: Option<f64>,
-    /// Seconds each prompt token adds to a step.
-    per_prompt_token: Option<f64>,
+    /// Prompt tokens the next step with decoding sequences may carry.
+    chunk: usize,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Pace {
+            decode_step: None,
+            chunk: 4,
+        }
+    }
 }
 
 impl Pace {
     const WEIGHT: f64 = 0.25;
 
-    fn blend(average: &mut Option<f64>, sample: f64) {
-        *average = Some(match *average {
-            Some(a) => a + Self::WEIGHT * (sample - a),
-            None => sample,
-        });
-    }
-
     /// Prompt tokens a step with decoding sequences may carry.
     fn prompt_budget(&self, most: usize) -> usize {
-        match (self.decode_step, self.per_prompt_token) {
-            (Some(decode), Some(per_token)) if per_token > 0.0 => {
-                (((PACE - 1.0) * decode / per_token) as usize).clamp(1, most)
-            }
-            // Not timed yet: a small chunk, whose time teaches the rest.
-            _ => most.min(16),
-        }
+        self.chunk.clamp(1, most)
     }
 
     fn record(&mut self, seconds: f64, decode_tokens: usize, prompt_tokens: usize) {
+        if decode_tokens == 0 {
+            return;
+        }
         if prompt_tokens == 0 {
-            Self::blend(&mut self.decode_step, seconds);
-        } else {
-            let decode = if decode_tokens > 0 {
-                self.decode_step.unwrap_or(0.0)
-            } else {
-                0.0
-            };
-            let per_token = (seconds - decode).max(0.0) / prompt_tokens as f64;
-            Self::blend(&mut self.per_prompt_token, per_token);
+            self.decode_step = Some(match self.decode_step {
+                Some(a) => a + Self::WEIGHT * (seconds - a),
+                None => seconds,
+            });
+            return;
+        }
+        let Some(decode) = self.decode_step else {
+            return;
+        };
+        if seconds > PACE * decode {
+            self.chunk = (self.chunk * 2 / 3).max(1);
+        } else if prompt_tokens >= self.chunk {
+            // The chunk was the limit and the step kept its pace: try more.
+            self.chunk += (self.chunk / 4).max(1);
         }
     }
 }

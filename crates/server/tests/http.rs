@@ -1118,7 +1118,10 @@ async fn a_shared_prefix_is_reported_as_cached_tokens() {
     assert_eq!(end["cached_tokens"], prompt_tokens - 1, "{end}");
 
     let health = server.wait_idle(Duration::from_secs(5)).await;
-    assert!(health["kv_pages"]["cached"].as_u64().unwrap() > 0, "{health}");
+    assert!(
+        health["kv_pages"]["cached"].as_u64().unwrap() > 0,
+        "{health}"
+    );
     let metrics = common::prometheus::parse(&server.metrics().await);
     let value = |name: &str| metrics.iter().find(|s| s.name == name).unwrap().value;
     assert_eq!(

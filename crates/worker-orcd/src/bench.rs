@@ -44,6 +44,8 @@ pub struct BenchArgs {
     pub loads: usize,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub serving: crate::bench_serving::ServingArgs,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -59,6 +61,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub fn run_bench(args: &BenchArgs) -> Result<()> {
     let path = crate::run::resolve_model(&args.model.model)?;
     crate::run::set_threads(args.model.threads)?;
+    if args.serving.serving {
+        return run_serving(args, &path);
+    }
     let context = args.prompt_tokens + args.gen_tokens + 1;
     let load_start = Instant::now();
     let file =
@@ -171,6 +176,59 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
                 args.repeats
             );
         }
+    }
+    Ok(())
+}
+
+/// `bench --serving`: the model behind the scheduler, on either backend.
+fn run_serving(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
+    use crate::bench_serving::{context, kv_pages, Serving};
+    let file =
+        Arc::new(GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?);
+    let tokenizer = Arc::new(tokenizer::Tokenizer::from_gguf(file.metadata())?);
+    let template = tokenizer::ChatTemplate::load(file.metadata(), None).ok();
+    let context = context(&args.serving);
+    let gpu = args.model.device == "cuda";
+    println!("model      {}", path.display());
+    let figures = if gpu {
+        let options = args.gpu.options(
+            kv_pages(&args.serving, true),
+            args.model.step_tokens,
+            Some(context),
+        );
+        let model = cuda::CudaModel::load(file, &options)?;
+        println!(
+            "device     cuda, {}, {} weights",
+            model.device().name(),
+            args.gpu.weights
+        );
+        Serving {
+            model: Arc::new(model),
+            tokenizer,
+            template,
+            gpu,
+            step_tokens: args.model.step_tokens,
+        }
+        .run(&args.serving, args.repeats)?
+    } else {
+        let model = CpuModel::load_for_context(file, Some(context))?
+            .with_activations(args.model.activations());
+        println!(
+            "device     cpu, {} threads, {} activations",
+            rayon::current_num_threads(),
+            args.model.cpu_activations
+        );
+        Serving {
+            model: Arc::new(model),
+            tokenizer,
+            template,
+            gpu,
+            step_tokens: args.model.step_tokens,
+        }
+        .run(&args.serving, args.repeats)?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&figures)?);
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! output only; the work is done by the library crates.
 
 mod bench;
+mod bench_serving;
 mod inspect;
 mod run;
 mod selftest;

@@ -128,7 +128,6 @@ pub fn run_serve(args: &ServeArgs) -> Result<()> {
             max_queue: args.max_queue,
             step_tokens: args.model.step_tokens,
             prefix_cache: !args.model.no_prefix_cache,
-            ..ModelOptions::default()
         };
         let device = args.model.device.clone();
         let gpu = args.gpu.clone();
