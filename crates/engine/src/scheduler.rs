@@ -30,8 +30,8 @@ use tokenizer::{StreamDecoder, Tokenizer};
 use crate::backend::{Backend, Cache, Segment};
 use crate::cpu::Logits;
 use crate::kv::KvPool;
-use crate::request::StopReason;
 pub use crate::request::{Event, Finish, Job, Sink};
+use crate::request::{StopReason, TokenLogprob, MAX_TOP_LOGPROBS};
 use crate::sampler::Sampler;
 use crate::stop::StopMatcher;
 
@@ -567,8 +567,8 @@ impl<B: Backend> Loop<B> {
         let greedy = plan.iter().all(|&(i, _, end)| {
             let seq = &self.running[i];
             let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
-            let p = &seq.job.params.sampling;
-            !wants_token || p.is_plain_greedy()
+            let p = &seq.job.params;
+            !wants_token || (p.sampling.is_plain_greedy() && p.logprobs.is_none())
         });
         let result = {
             let mut segments: Vec<Segment<'_, B::Cache>> = Vec::with_capacity(plan.len());
@@ -677,10 +677,25 @@ impl<B: Backend> Loop<B> {
         if seq.generated >= seq.max_tokens {
             return Some(StopReason::MaxTokens);
         }
-        let token = match output {
-            Output::Logits(mut logits) => seq.sampler.sample(&mut logits),
+        let (token, logprob) = match output {
+            Output::Logits(mut logits) => match seq.job.params.logprobs {
+                Some(top) => {
+                    // The sampler edits the logits: the model's own are kept for the report.
+                    let model_logits = logits.clone();
+                    let token = seq.sampler.sample(&mut logits);
+                    (
+                        token,
+                        Some(TokenLogprob::of(
+                            &model_logits,
+                            token,
+                            top.min(MAX_TOP_LOGPROBS),
+                        )),
+                    )
+                }
+                None => (seq.sampler.sample(&mut logits), None),
+            },
             // One row was asked for (Logits::Last), so one id came back.
-            Output::Token(ids) => ids.first().copied().unwrap_or(0),
+            Output::Token(ids) => (ids.first().copied().unwrap_or(0), None),
         };
         if seq.first_token.is_none() {
             seq.first_token = Some(Instant::now());
@@ -698,6 +713,7 @@ impl<B: Backend> Loop<B> {
             index,
             id: token,
             text: matched.emit,
+            logprob,
         });
         if !alive {
             return Some(StopReason::Cancelled);
@@ -728,6 +744,7 @@ impl<B: Backend> Loop<B> {
                     index,
                     id: u32::MAX,
                     text: tail,
+                    logprob: None,
                 });
             }
         }

@@ -74,6 +74,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
         max_tokens,
         sampling: Default::default(),
         stop: vec![],
+        logprobs: None,
     }
 }
 

@@ -1,10 +1,10 @@
 //! The OpenAI-compatible API: `/v1/chat/completions` (through the model's
 //! chat template), `/v1/completions` and `/v1/models`, streamed (SSE
 //! `data:` chunks ending with `data: [DONE]`) or not, with `usage`.
-//! Fields the worker cannot honour (`n` > 1, logprobs, presence and
-//! frequency penalties, …) are refused with 400 rather than ignored.
+//! Fields the worker cannot honour (`n` > 1, `echo`, `suffix`, …) are
+//! refused with 400 rather than ignored.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,9 +14,10 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use engine::generate::StopReason;
+use engine::request::TokenLogprob;
 use engine::scheduler::{Event, Finish};
 use serde::{Deserialize, Serialize};
-use tokenizer::Message;
+use tokenizer::{Message, Tokenizer};
 use tracing::info;
 use utoipa::openapi::schema::{
     ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
@@ -213,6 +214,7 @@ impl CommonFields {
     fn check(
         self,
         max_tokens: Option<u32>,
+        logprobs: Option<usize>,
         vocab_size: usize,
         errors: &mut Errors,
     ) -> (SamplingFields, StreamMode) {
@@ -225,6 +227,7 @@ impl CommonFields {
                 .stream_options
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
+            logprobs: logprobs.is_some(),
         };
         let fields = SamplingFields {
             max_tokens,
@@ -239,6 +242,7 @@ impl CommonFields {
             seed: self.seed,
             stop: self.stop.map(Stop::into_vec).unwrap_or_default(),
             vocab_size,
+            logprobs,
         };
         (fields, stream)
     }
@@ -248,6 +252,8 @@ impl CommonFields {
 struct StreamMode {
     stream: bool,
     include_usage: bool,
+    /// The response reports log-probabilities.
+    logprobs: bool,
 }
 
 with_common_fields! {
@@ -264,11 +270,10 @@ pub struct ChatCompletionRequest {
     #[schema(value_type = Option<i64>, minimum = 1, maximum = 4294967295.0)]
     #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub max_completion_tokens: Option<u32>,
-    /// Only `false`.
-    #[schema(schema_with = only_false)]
+    /// Report each generated token's log-probability (`choices[].logprobs.content`) [false].
     pub logprobs: Option<bool>,
-    /// Only 0.
-    #[schema(value_type = Option<i64>, minimum = 0, maximum = 0)]
+    /// With `logprobs`: the 0 to 20 most likely tokens at each position, with theirs [0].
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 20)]
     #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub top_logprobs: Option<u32>,
 }
@@ -372,12 +377,7 @@ impl ChatCompletionRequest {
         type_errors: Vec<crate::error::FieldError>,
     ) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
         let mut errors = Errors(type_errors);
-        if self.logprobs == Some(true) {
-            errors.add("logprobs", "unsupported", "logprobs are not supported");
-        }
-        if self.top_logprobs.is_some_and(|n| n > 0) {
-            errors.add("top_logprobs", "unsupported", "logprobs are not supported");
-        }
+        let logprobs = validate::check_logprobs(self.logprobs, self.top_logprobs, &mut errors);
         for (field, value) in [
             ("max_tokens", self.max_tokens),
             ("max_completion_tokens", self.max_completion_tokens),
@@ -391,9 +391,12 @@ impl ChatCompletionRequest {
             .max_completion_tokens
             .or(self.max_tokens)
             .filter(|&n| n > 0);
-        let (fields, stream) =
-            self.take_common()
-                .check(max_tokens, state.model.info.vocab_size, &mut errors);
+        let (fields, stream) = self.take_common().check(
+            max_tokens,
+            logprobs,
+            state.model.info.vocab_size,
+            &mut errors,
+        );
         let params = validate::check_sampling(&fields, &OPENAI_DEFAULTS, &mut errors);
         if self.messages.is_empty() {
             errors.add("messages", "min_items", "at least one message is needed");
@@ -476,8 +479,9 @@ pub struct CompletionRequest {
     #[schema(value_type = Option<i64>, minimum = 1, maximum = 1)]
     #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub best_of: Option<u32>,
-    /// Only 0.
-    #[schema(value_type = Option<i64>, minimum = 0, maximum = 0)]
+    /// Report each generated token's log-probability with this many (0 to
+    /// 20) of the most likely tokens at its position (`choices[].logprobs`).
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 20)]
     #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub logprobs: Option<u32>,
 }
@@ -528,12 +532,21 @@ impl CompletionRequest {
         if self.best_of.is_some_and(|n| n != 1) {
             errors.add("best_of", "range", "only best_of = 1 is supported");
         }
-        if self.logprobs.is_some_and(|n| n > 0) {
-            errors.add("logprobs", "unsupported", "logprobs are not supported");
+        if self
+            .logprobs
+            .is_some_and(|n| n as usize > engine::request::MAX_TOP_LOGPROBS)
+        {
+            errors.add("logprobs", "range", "must be 0 to 20");
         }
-        let (fields, stream) =
-            self.take_common()
-                .check(self.max_tokens, state.model.info.vocab_size, &mut errors);
+        let logprobs = self
+            .logprobs
+            .map(|n| (n as usize).min(engine::request::MAX_TOP_LOGPROBS));
+        let (fields, stream) = self.take_common().check(
+            self.max_tokens,
+            logprobs,
+            state.model.info.vocab_size,
+            &mut errors,
+        );
         let params = validate::check_sampling(&fields, &COMPLETIONS_DEFAULTS, &mut errors);
         let text = match self.prompt {
             PromptInput::Text(text) => text,
@@ -600,9 +613,104 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     /// `stop`, or `length` (the token limit, or the job was cancelled).
     pub finish_reason: String,
-    /// Always null.
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<()>,
+    /// With `logprobs: true`; otherwise null.
+    pub logprobs: Option<ChatLogprobs>,
+}
+
+/// The generated tokens' log-probabilities (chat).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    /// The token's text (bytes that are not whole UTF-8 characters become U+FFFD).
+    pub token: String,
+    /// Natural log of its probability under the model, before sampling settings.
+    pub logprob: f32,
+    /// The token's bytes.
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this position, most likely first.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// The generated tokens' log-probabilities (completions, OpenAI's legacy form).
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// Per token: the most likely tokens' text → log-probability.
+    pub top_logprobs: Vec<BTreeMap<String, f32>>,
+    /// Where each token's text starts in the completion, in characters.
+    pub text_offset: Vec<usize>,
+}
+
+/// A generated token's id and log-probabilities.
+type Scored = (u32, TokenLogprob);
+
+fn piece(tokenizer: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let bytes = tokenizer.token_to_piece(id, true).to_vec();
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+fn chat_logprobs(tokenizer: &Tokenizer, scored: &[Scored]) -> ChatLogprobs {
+    let content = scored
+        .iter()
+        .map(|(id, lp)| {
+            let (token, bytes) = piece(tokenizer, *id);
+            let top_logprobs = lp
+                .top
+                .iter()
+                .map(|&(id, logprob)| {
+                    let (token, bytes) = piece(tokenizer, id);
+                    TopLogprob {
+                        token,
+                        logprob,
+                        bytes,
+                    }
+                })
+                .collect();
+            ChatTokenLogprob {
+                token,
+                logprob: lp.logprob,
+                bytes,
+                top_logprobs,
+            }
+        })
+        .collect();
+    ChatLogprobs { content }
+}
+
+/// `scored` in the completions form, text offsets counted from `offset`
+/// characters (advanced past them).
+fn completion_logprobs(
+    tokenizer: &Tokenizer,
+    scored: &[Scored],
+    offset: &mut usize,
+) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for (id, lp) in scored {
+        let (token, _) = piece(tokenizer, *id);
+        out.text_offset.push(*offset);
+        *offset += token.chars().count();
+        out.tokens.push(token);
+        out.token_logprobs.push(lp.logprob);
+        out.top_logprobs.push(
+            lp.top
+                .iter()
+                .map(|&(id, logprob)| (piece(tokenizer, id).0, logprob))
+                .collect(),
+        );
+    }
+    out
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -630,8 +738,8 @@ pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
     pub finish_reason: Option<String>,
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<()>,
+    /// With `logprobs: true`: those of the tokens whose text this chunk carries.
+    pub logprobs: Option<ChatLogprobs>,
 }
 
 #[derive(Debug, Default, Serialize, ToSchema)]
@@ -659,10 +767,10 @@ pub struct Completion {
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
-    /// `stop`, `length` or `cancelled`; null in chunks before the last.
+    /// `stop` or `length`; null in chunks before the last.
     pub finish_reason: Option<String>,
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<()>,
+    /// With `logprobs`; otherwise null.
+    pub logprobs: Option<CompletionLogprobs>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -735,10 +843,16 @@ enum Outcome {
     Failed(String),
 }
 
-/// Wait for the job's end, dropping its tokens (the final text is in `Finish`).
-async fn wait(job: &mut RunningJob) -> Outcome {
+/// Wait for the job's end, keeping only its tokens' log-probabilities (the
+/// final text is in `Finish`).
+async fn wait(job: &mut RunningJob, scored: &mut Vec<Scored>) -> Outcome {
     loop {
         match job.events.recv().await {
+            Some(Event::Token {
+                id,
+                logprob: Some(lp),
+                ..
+            }) => scored.push((id, lp)),
             Some(Event::End(finish)) => return Outcome::Finished(finish),
             Some(Event::Error { message }) => return Outcome::Failed(message),
             Some(_) => {}
@@ -751,8 +865,11 @@ async fn wait(job: &mut RunningJob) -> Outcome {
 enum Piece {
     /// Before any text (chat: the assistant's role).
     Start,
-    Text(String),
-    Finish(StopReason),
+    /// Text, and the log-probabilities of the tokens it came with (when asked for).
+    Text(String, Option<Vec<Scored>>),
+    /// The end, with the log-probabilities of tokens whose text never came
+    /// (held back as a possible stop string).
+    Finish(StopReason, Option<Vec<Scored>>),
     /// After the finish, with `stream_options.include_usage`.
     Usage(Usage),
 }
@@ -763,13 +880,16 @@ async fn respond<T: Serialize + Send + 'static>(
     job: RunningJob,
     mode: StreamMode,
     chunk: impl Fn(Piece) -> Option<T> + Send + 'static,
-    whole: impl FnOnce(Finish) -> Response,
+    whole: impl FnOnce(Finish, Option<Vec<Scored>>) -> Response,
 ) -> Result<Response, OpenAiError> {
+    let logprobs = mode.logprobs;
+    let wanted = move |scored: Vec<Scored>| logprobs.then_some(scored);
     if !mode.stream {
         let mut job = job;
-        let outcome = wait(&mut job).await;
+        let mut scored = Vec::new();
+        let outcome = wait(&mut job, &mut scored).await;
         return match outcome {
-            Outcome::Finished(finish) => Ok(whole(finish)),
+            Outcome::Finished(finish) => Ok(whole(finish, wanted(scored))),
             Outcome::Failed(message) => Err(ApiError::Internal(message).into()),
         };
     }
@@ -779,15 +899,24 @@ async fn respond<T: Serialize + Send + 'static>(
         if let Some(first) = chunk(Piece::Start) {
             yield data(&first);
         }
+        // Log-probabilities of tokens whose text has not been sent yet.
+        let mut pending: Vec<Scored> = Vec::new();
         loop {
             match job.events.recv().await {
-                Some(Event::Token { text, .. }) if !text.is_empty() => {
-                    if let Some(c) = chunk(Piece::Text(text)) {
-                        yield data(&c);
+                Some(Event::Token { text, id, logprob, .. }) => {
+                    if let Some(lp) = logprob {
+                        pending.push((id, lp));
+                    }
+                    if !text.is_empty() {
+                        let scored = wanted(std::mem::take(&mut pending));
+                        if let Some(c) = chunk(Piece::Text(text, scored)) {
+                            yield data(&c);
+                        }
                     }
                 }
                 Some(Event::End(finish)) => {
-                    if let Some(c) = chunk(Piece::Finish(finish.stop_reason)) {
+                    let scored = wanted(std::mem::take(&mut pending)).filter(|s| !s.is_empty());
+                    if let Some(c) = chunk(Piece::Finish(finish.stop_reason, scored)) {
                         yield data(&c);
                     }
                     if mode.include_usage {
@@ -867,8 +996,12 @@ pub async fn chat_completions(
     let model = state.model.info.id.clone();
     let created = unix_now();
     let (chunk_id, chunk_model) = (id.clone(), model.clone());
+    let tokenizer = state.model.tokenizer.clone();
+    let chunk_tokenizer = tokenizer.clone();
     let chunk = move |piece: Piece| {
-        let (delta, finish_reason, usage) = match piece {
+        let logprobs =
+            |scored: Option<Vec<Scored>>| scored.map(|s| chat_logprobs(&chunk_tokenizer, &s));
+        let (delta, finish_reason, usage, logprobs) = match piece {
             Piece::Start => (
                 Delta {
                     role: Some("assistant".into()),
@@ -876,17 +1009,24 @@ pub async fn chat_completions(
                 },
                 None,
                 None,
+                None,
             ),
-            Piece::Text(text) => (
+            Piece::Text(text, scored) => (
                 Delta {
                     role: None,
                     content: Some(text),
                 },
                 None,
                 None,
+                logprobs(scored),
             ),
-            Piece::Finish(reason) => (Delta::default(), Some(finish_reason(reason).into()), None),
-            Piece::Usage(usage) => (Delta::default(), None, Some(usage)),
+            Piece::Finish(reason, scored) => (
+                Delta::default(),
+                Some(finish_reason(reason).into()),
+                None,
+                logprobs(scored),
+            ),
+            Piece::Usage(usage) => (Delta::default(), None, Some(usage), None),
         };
         Some(ChatCompletionChunk {
             id: chunk_id.clone(),
@@ -901,13 +1041,13 @@ pub async fn chat_completions(
                     index: 0,
                     delta,
                     finish_reason,
-                    logprobs: None,
+                    logprobs,
                 }]
             },
             usage,
         })
     };
-    let whole = |finish: Finish| {
+    let whole = |finish: Finish, scored: Option<Vec<Scored>>| {
         Json(ChatCompletion {
             id: id.clone(),
             object: "chat.completion".into(),
@@ -920,7 +1060,7 @@ pub async fn chat_completions(
                     content: finish.text.clone(),
                 },
                 finish_reason: finish_reason(finish.stop_reason).into(),
-                logprobs: None,
+                logprobs: scored.map(|s| chat_logprobs(&tokenizer, &s)),
             }],
             usage: Usage::of(&finish),
         })
@@ -956,9 +1096,14 @@ pub async fn completions(
     let (job, id, mode) = accept(&state, "cmpl", move |s| request.validate(s, type_errors)).await?;
     let model = state.model.info.id.clone();
     let created = unix_now();
+    let tokenizer = state.model.tokenizer.clone();
     let completion = {
         let (id, model) = (id.clone(), model.clone());
-        move |text: String, finish_reason: Option<String>, usage: Option<Usage>, choices: bool| {
+        move |text: String,
+              finish_reason: Option<String>,
+              usage: Option<Usage>,
+              choices: bool,
+              logprobs: Option<CompletionLogprobs>| {
             Completion {
                 id: id.clone(),
                 object: "text_completion".into(),
@@ -969,7 +1114,7 @@ pub async fn completions(
                         index: 0,
                         text,
                         finish_reason,
-                        logprobs: None,
+                        logprobs,
                     }]
                 } else {
                     Vec::new()
@@ -980,28 +1125,40 @@ pub async fn completions(
     };
     let whole = {
         let completion = completion.clone();
-        move |finish: Finish| {
+        let tokenizer = tokenizer.clone();
+        move |finish: Finish, scored: Option<Vec<Scored>>| {
             let reason = Some(finish_reason(finish.stop_reason).into());
+            let logprobs = scored.map(|s| completion_logprobs(&tokenizer, &s, &mut 0));
             Json(completion(
                 finish.text.clone(),
                 reason,
                 Some(Usage::of(&finish)),
                 true,
+                logprobs,
             ))
             .into_response()
         }
     };
+    // Characters of text the stream's earlier tokens took (for text_offset).
+    let offset = std::sync::Mutex::new(0usize);
+    let logprobs = move |scored: Option<Vec<Scored>>| {
+        scored.map(|s| {
+            let mut offset = offset.lock().unwrap_or_else(|e| e.into_inner());
+            completion_logprobs(&tokenizer, &s, &mut offset)
+        })
+    };
     let chunk = move |piece: Piece| match piece {
         Piece::Start => None,
-        Piece::Text(text) => Some(completion(text, None, None, true)),
-        Piece::Finish(reason) => Some(completion(
+        Piece::Text(text, scored) => Some(completion(text, None, None, true, logprobs(scored))),
+        Piece::Finish(reason, scored) => Some(completion(
             String::new(),
             Some(finish_reason(reason).into()),
             None,
             true,
+            logprobs(scored),
         )),
         // The usage chunk has no choices.
-        Piece::Usage(usage) => Some(completion(String::new(), None, Some(usage), false)),
+        Piece::Usage(usage) => Some(completion(String::new(), None, Some(usage), false, None)),
     };
     respond(job, mode, chunk, whole).await
 }

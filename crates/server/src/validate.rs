@@ -3,6 +3,7 @@
 //! every field that is wrong. Both APIs share the limits here.
 
 use engine::generate::GenerateParams;
+use engine::request::MAX_TOP_LOGPROBS;
 use engine::sampler::SamplingParams;
 
 use utoipa::openapi::schema::{
@@ -80,6 +81,35 @@ pub struct SamplingFields {
     pub stop: Vec<String>,
     /// The model's vocabulary, which `logit_bias` ids must lie in (0: unchecked).
     pub vocab_size: usize,
+    /// Log-probabilities with this many alternatives per token (checked by
+    /// the route, whose fields say it in their own way).
+    pub logprobs: Option<usize>,
+}
+
+/// `logprobs` (a flag) and `top_logprobs` (0 to 20 alternatives), as the
+/// worker API and OpenAI's chat route take them.
+pub fn check_logprobs(
+    logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
+    errors: &mut Errors,
+) -> Option<usize> {
+    if let Some(top) = top_logprobs {
+        if top as usize > MAX_TOP_LOGPROBS {
+            errors.add(
+                "top_logprobs",
+                "range",
+                format!("must be 0 to {MAX_TOP_LOGPROBS}"),
+            );
+        } else if top > 0 && logprobs != Some(true) {
+            errors.add(
+                "top_logprobs",
+                "requires",
+                "top_logprobs needs logprobs: true",
+            );
+        }
+    }
+    (logprobs == Some(true))
+        .then(|| top_logprobs.unwrap_or(0).min(MAX_TOP_LOGPROBS as u32) as usize)
 }
 
 /// What an API uses for fields a request leaves out.
@@ -271,6 +301,7 @@ pub fn check_sampling(
             seed: fields.seed.unwrap_or_else(rand::random),
         },
         stop: fields.stop.clone(),
+        logprobs: fields.logprobs,
     };
     // The sampler's own check, so that nothing it would refuse gets past here.
     if errors.0.is_empty() {

@@ -37,6 +37,12 @@ pub struct ExecuteRequest {
         example = "job-42"
     )]
     pub job_id: String,
+    /// Report each generated token's log-probability in its `token` event [false].
+    pub logprobs: Option<bool>,
+    /// With `logprobs`: the 0 to 20 most likely tokens at each position, with theirs [0].
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 20)]
+    #[serde(default, deserialize_with = "crate::de::option_u32")]
+    pub top_logprobs: Option<u32>,
     /// Text to continue, used as given (special tokens in it are parsed); it must leave room in the context.
     #[schema(min_length = 1, example = "Once upon a time")]
     pub prompt: String,
@@ -99,6 +105,7 @@ impl ExecuteRequest {
             seed: self.seed,
             stop: self.stop.unwrap_or_default(),
             vocab_size: state.model.info.vocab_size,
+            logprobs: validate::check_logprobs(self.logprobs, self.top_logprobs, &mut errors),
         };
         let params = validate::check_sampling(&fields, &WORKER_DEFAULTS, &mut errors);
         let prompt = validate::check_prompt(&state.model, "prompt", &self.prompt, &mut errors);
@@ -126,6 +133,23 @@ pub struct TokenEvent {
     pub t: String,
     /// Index of the generated token, from 0.
     pub i: usize,
+    /// With `logprobs`: the token's id and natural-log probability under the
+    /// model (before sampling settings), and the most likely tokens there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprob: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<Vec<TopToken>>,
+}
+
+/// One of the most likely tokens at a position.
+#[derive(Serialize, ToSchema)]
+pub struct TopToken {
+    pub id: u32,
+    /// Its text (bytes that are not whole UTF-8 characters become U+FFFD).
+    pub t: String,
+    pub logprob: f32,
 }
 
 /// Timing of the job, sent just before `end`.
@@ -208,7 +232,7 @@ pub async fn execute(
         started_at: rfc3339(SystemTime::now()),
         seed: job.seed,
     };
-    let stream = execute_events(started, job);
+    let stream = execute_events(started, job, state.model.tokenizer.clone());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
@@ -218,6 +242,7 @@ pub async fn execute(
 fn execute_events(
     started: StartedEvent,
     job: RunningJob,
+    tokenizer: Arc<tokenizer::Tokenizer>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     async_stream::stream! {
         // Move the whole job in (not just its receiver): its guard must live as long as the stream.
@@ -226,8 +251,19 @@ fn execute_events(
         loop {
             match job.events.recv().await {
                 Some(Event::Started { .. }) => {}
-                Some(Event::Token { index, text, .. }) => {
-                    yield sse("token", &TokenEvent { t: text, i: index });
+                Some(Event::Token { index, text, id, logprob }) => {
+                    let (id, logprob, top_logprobs) = match logprob {
+                        Some(lp) => {
+                            let top = lp.top.iter().map(|&(id, logprob)| TopToken {
+                                id,
+                                t: String::from_utf8_lossy(tokenizer.token_to_piece(id, true)).into_owned(),
+                                logprob,
+                            });
+                            (Some(id), Some(lp.logprob), Some(top.collect()))
+                        }
+                        None => (None, None, None),
+                    };
+                    yield sse("token", &TokenEvent { t: text, i: index, id, logprob, top_logprobs });
                 }
                 Some(Event::End(finish)) => {
                     let decode_tokens = finish.tokens_out.saturating_sub(1);

@@ -288,8 +288,18 @@ async fn invalid_requests_get_400_naming_the_field() {
         ("/v1/completions", json!({"prompt": ["a", "b"]}), "prompt"),
         (
             "/v1/completions",
-            json!({"prompt": "hi", "logprobs": 2}),
+            json!({"prompt": "hi", "logprobs": 21}),
             "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}),
+            "top_logprobs",
         ),
         (
             "/v1/completions",
@@ -1129,4 +1139,152 @@ async fn a_shared_prefix_is_reported_as_cached_tokens() {
         (cached + prompt_tokens - 1) as f64
     );
     assert!(value("worker_orcd_prefix_cache_pages") > 0.0);
+}
+
+/// The log-softmax of `logits`, in f64.
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits.iter().map(|&l| l as f64 - max - sum.ln()).collect()
+}
+
+/// Log-probabilities on every route are the log-softmax of the CPU
+/// backend's own logits for the same tokens (computed here directly), and
+/// come in OpenAI's shapes, whole and streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_match_a_direct_softmax_of_the_cpu_logits() {
+    let server = TestServer::start().await;
+    let file = std::sync::Arc::new(gguf::GgufFile::open(common::model_path()).unwrap());
+    let tok = tokenizer::Tokenizer::from_gguf(file.metadata()).unwrap();
+    let cpu = engine::cpu::CpuModel::load(file.clone()).unwrap();
+
+    // The reference: greedy decoding by hand, keeping each step's log-softmax.
+    let prompt = tok.encode(PROMPT, true, false);
+    let mut kv = cpu.new_cache(64);
+    let mut steps: Vec<Vec<f64>> = Vec::new();
+    let mut feed = prompt.clone();
+    for _ in 0..3 {
+        let logits = cpu
+            .forward(&mut kv, &feed, engine::cpu::Logits::Last)
+            .unwrap();
+        let lsm = log_softmax(&logits);
+        feed = vec![engine::sampler::argmax(&logits)];
+        steps.push(lsm);
+    }
+    let ranked = |lsm: &Vec<f64>| {
+        let mut ids: Vec<usize> = (0..lsm.len()).collect();
+        ids.sort_by(|&a, &b| lsm[b].total_cmp(&lsm[a]));
+        ids
+    };
+    let close = |got: &Value, want: f64| {
+        let got = got.as_f64().unwrap();
+        assert!((got - want).abs() < 1e-4, "logprob {got} against {want}");
+    };
+
+    // Completions, whole: three tokens, five alternatives each.
+    let body = json!({"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "logprobs": 5});
+    let response: Value = server
+        .post("/v1/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let lp = &response["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 3, "{response}");
+    let mut offset = 0;
+    for (i, lsm) in steps.iter().enumerate() {
+        let best = ranked(lsm);
+        close(&lp["token_logprobs"][i], lsm[best[0]]);
+        let top = lp["top_logprobs"][i].as_object().unwrap();
+        assert!(top.len() <= 5 && !top.is_empty());
+        for id in &best[..5] {
+            let piece = String::from_utf8_lossy(tok.token_to_piece(*id as u32, true)).into_owned();
+            if let Some(v) = top.get(&piece) {
+                close(v, lsm[*id]);
+            }
+        }
+        assert_eq!(lp["text_offset"][i], offset);
+        offset += lp["tokens"][i].as_str().unwrap().chars().count();
+    }
+    let text: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(text, response["choices"][0]["text"].as_str().unwrap());
+
+    // /execute: each token event carries its id, log-probability and two alternatives.
+    let body = json!({"job_id": "lp", "prompt": PROMPT, "max_tokens": 3, "temperature": 0,
+                      "logprobs": true, "top_logprobs": 2});
+    let events = execute(&server, &body).await;
+    let tokens: Vec<Value> = events
+        .iter()
+        .filter(|e| e.event == "token")
+        .map(|e| e.json())
+        .filter(|t| t.get("logprob").is_some())
+        .collect();
+    assert_eq!(tokens.len(), 3, "{events:?}");
+    for (t, lsm) in tokens.iter().zip(&steps) {
+        let best = ranked(lsm);
+        assert_eq!(t["id"], best[0] as u64);
+        close(&t["logprob"], lsm[best[0]]);
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        for (entry, id) in top.iter().zip(&best) {
+            assert_eq!(entry["id"], *id as u64);
+            close(&entry["logprob"], lsm[*id]);
+        }
+    }
+
+    // Chat, streamed: every generated token's entry arrives in some chunk,
+    // and chosen tokens are the most likely under greedy decoding.
+    let body = json!({"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 5,
+                      "temperature": 0, "logprobs": true, "top_logprobs": 3, "stream": true,
+                      "stream_options": {"include_usage": true}});
+    let chunks = SseReader::new(server.post("/v1/chat/completions", &body).await)
+        .collect()
+        .await;
+    let mut entries = Vec::new();
+    let mut usage = Value::Null;
+    for chunk in chunks.iter().filter(|c| c.data != "[DONE]") {
+        let v = chunk.json();
+        if let Some(content) = v["choices"][0]["logprobs"]["content"].as_array() {
+            entries.extend(content.iter().cloned());
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    }
+    assert_eq!(
+        entries.len() as u64,
+        usage["completion_tokens"].as_u64().unwrap()
+    );
+    for entry in &entries {
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(entry["token"], top[0]["token"]);
+        assert_eq!(entry["logprob"], top[0]["logprob"]);
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        let bytes: Vec<u8> = entry["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            entry["token"].as_str().unwrap()
+        );
+    }
+
+    // Not asked for: null, as before.
+    let body = json!({"prompt": PROMPT, "max_tokens": 1, "temperature": 0});
+    let response: Value = server
+        .post("/v1/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(response["choices"][0]["logprobs"].is_null());
 }

@@ -46,6 +46,10 @@ pub struct ServingArgs {
     /// Streams of the throughput measure [default: 64 on a GPU, 8 on the CPU].
     #[arg(long)]
     pub throughput_streams: Option<usize>,
+    /// The measures to run.
+    #[arg(long, value_delimiter = ',', default_value = "ttft,pacing,chat,throughput",
+          value_parser = ["ttft", "pacing", "chat", "throughput"])]
+    pub measures: Vec<String>,
 }
 
 /// Positions each sequence may use: the long prompt and room to spare.
@@ -129,6 +133,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
         max_tokens,
         sampling: SamplingParams::default(),
         stop: Vec::new(),
+        logprobs: None,
     }
 }
 
@@ -176,10 +181,27 @@ impl<B: Backend> Serving<B> {
 
     /// Every measure, printed as it completes; the figures as JSON.
     pub fn run(&self, args: &ServingArgs, repeats: usize) -> Result<Value> {
-        let ttft = self.time_to_first_token(args, repeats.clamp(1, 5))?;
-        let pacing = self.long_prompt_among_streams(args)?;
-        let chat = self.multi_turn_chat(args)?;
-        let throughput = self.throughput(args)?;
+        let wants = |name: &str| args.measures.iter().any(|m| m == name);
+        let ttft = if wants("ttft") {
+            self.time_to_first_token(args, repeats.clamp(1, 5))?
+        } else {
+            Value::Null
+        };
+        let pacing = if wants("pacing") {
+            self.long_prompt_among_streams(args)?
+        } else {
+            Value::Null
+        };
+        let chat = if wants("chat") {
+            self.multi_turn_chat(args)?
+        } else {
+            Value::Null
+        };
+        let throughput = if wants("throughput") {
+            self.throughput(args)?
+        } else {
+            Value::Null
+        };
         Ok(json!({
             "time_to_first_token": ttft,
             "long_prompt_among_streams": pacing,

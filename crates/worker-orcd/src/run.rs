@@ -200,6 +200,7 @@ impl SamplingArgs {
                 seed,
             },
             stop: self.stop.clone(),
+            logprobs: None,
         }
     }
 }
