@@ -3,6 +3,7 @@
 //! shapes; the forward pass and generation build on these.
 
 pub mod backend;
+pub mod constraint;
 pub mod convert;
 pub mod cpu;
 pub mod generate;

@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::constraint::Constraint;
 use crate::sampler::SamplingParams;
 
 #[derive(Clone, Debug)]
@@ -16,6 +17,8 @@ pub struct GenerateParams {
     /// Report each generated token's log-probability with this many of the
     /// most likely alternatives (`None`: no log-probabilities).
     pub logprobs: Option<usize>,
+    /// The grammar the output must keep to.
+    pub constraint: Option<Constraint>,
 }
 
 /// Most alternatives a token's log-probability may come with (OpenAI's limit).

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::backend::{Backend, Cache, Segment};
+use crate::constraint::Constraint;
 use crate::cpu::Logits;
 use crate::kv::KvPool;
 pub use crate::request::{Event, Finish, Job, Sink};
@@ -212,6 +213,8 @@ struct Sequence<C> {
     prefilled: usize,
     /// Prompt tokens that came from the prefix cache.
     cached: usize,
+    /// The grammar the output keeps to, if any.
+    constraint: Option<Constraint>,
     /// The sampled token to feed next.
     next: Option<u32>,
     generated: usize,
@@ -414,6 +417,9 @@ impl<B: Backend> Loop<B> {
                 (job.sink)(Event::Error { message });
                 continue;
             }
+            let mut job = w.job;
+            let constraint = job.params.constraint.take();
+            let w = Waiting { job, ..w };
             let mut sampler = Sampler::new(w.job.params.sampling.clone());
             for &t in &w.job.prompt {
                 sampler.accept(t);
@@ -426,6 +432,7 @@ impl<B: Backend> Loop<B> {
                 stops,
                 prefilled: cached,
                 cached,
+                constraint,
                 next: None,
                 generated: 0,
                 text: String::new(),
@@ -568,14 +575,23 @@ impl<B: Backend> Loop<B> {
             let seq = &self.running[i];
             let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
             let p = &seq.job.params;
-            !wants_token || (p.sampling.is_plain_greedy() && p.logprobs.is_none())
+            !wants_token
+                || (p.sampling.is_plain_greedy()
+                    && p.logprobs.is_none()
+                    && seq.constraint.is_none())
         });
         let result = {
             let mut segments: Vec<Segment<'_, B::Cache>> = Vec::with_capacity(plan.len());
+            // The grammars of sequences that get a token this step.
+            let mut constraints: Vec<&mut Constraint> = Vec::new();
             let mut seqs: Vec<Option<&mut Sequence<B::Cache>>> =
                 self.running.iter_mut().map(Some).collect();
             for &(i, start, end) in &plan {
                 let seq = seqs[i].take().expect("each sequence appears once");
+                let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
+                if let (true, Some(c)) = (wants_token, seq.constraint.as_mut()) {
+                    constraints.push(c);
+                }
                 let (tokens, logits): (&[u32], Logits) = if seq.next.is_some() {
                     (&next_tokens[i], Logits::Last)
                 } else {
@@ -595,14 +611,33 @@ impl<B: Backend> Loop<B> {
                     logits,
                 });
             }
-            if greedy {
-                self.model
-                    .forward_greedy(&mut segments)
-                    .map(|ids| ids.into_iter().map(Output::Token).collect::<Vec<_>>())
+            let model = &self.model;
+            let mut forward = move || {
+                if greedy {
+                    model
+                        .forward_greedy(&mut segments)
+                        .map(|ids| ids.into_iter().map(Output::Token).collect::<Vec<_>>())
+                } else {
+                    model
+                        .forward_logits(&mut segments)
+                        .map(|rows| rows.into_iter().map(Output::Logits).collect::<Vec<_>>())
+                }
+            };
+            if constraints.is_empty() {
+                forward()
             } else {
-                self.model
-                    .forward_logits(&mut segments)
-                    .map(|rows| rows.into_iter().map(Output::Logits).collect::<Vec<_>>())
+                // The token masks are computed while the forward pass runs
+                // (an error comes back when the mask is applied).
+                std::thread::scope(|scope| {
+                    let masks = scope.spawn(move || {
+                        for c in constraints {
+                            let _ = c.prepare();
+                        }
+                    });
+                    let result = forward();
+                    let _ = masks.join();
+                    result
+                })
             }
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -630,7 +665,7 @@ impl<B: Backend> Loop<B> {
             }
         };
 
-        let mut done: Vec<(usize, StopReason)> = Vec::new();
+        let mut done: Vec<(usize, Result<StopReason, String>)> = Vec::new();
         for (&(i, start, end), output) in plan.iter().zip(outputs) {
             let seq = &mut self.running[i];
             if let Some(fed) = seq.next.take() {
@@ -643,18 +678,24 @@ impl<B: Backend> Loop<B> {
                 }
                 let prompt_tokens = seq.job.prompt.len();
                 if !(seq.job.sink)(Event::Started { prompt_tokens }) {
-                    done.push((i, StopReason::Cancelled));
+                    done.push((i, Ok(StopReason::Cancelled)));
                     continue;
                 }
             }
-            if let Some(reason) = Self::sample_and_emit(&self.tokenizer, seq, output) {
-                done.push((i, reason));
+            if let Some(end) = Self::sample_and_emit(&self.tokenizer, seq, output) {
+                done.push((i, end));
             }
         }
         done.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
-        for (i, reason) in done {
-            let seq = self.take_running(i);
-            self.finish(seq, reason);
+        for (i, end) in done {
+            let mut seq = self.take_running(i);
+            match end {
+                Ok(reason) => self.finish(seq, reason),
+                // Its cache is dropped: nothing to reuse from a failed sequence.
+                Err(message) => {
+                    (seq.job.sink)(Event::Error { message });
+                }
+            }
         }
     }
 
@@ -668,32 +709,32 @@ impl<B: Backend> Loop<B> {
         seq
     }
 
-    /// Pick the next token, stream its text; `Some(reason)` when the sequence ends.
+    /// Pick the next token, stream its text; `Some` when the sequence ends
+    /// (why, or the error that ended it).
     fn sample_and_emit(
         tokenizer: &Tokenizer,
         seq: &mut Sequence<B::Cache>,
         output: Output,
-    ) -> Option<StopReason> {
+    ) -> Option<Result<StopReason, String>> {
         if seq.generated >= seq.max_tokens {
-            return Some(StopReason::MaxTokens);
+            return Some(Ok(StopReason::MaxTokens));
         }
         let (token, logprob) = match output {
-            Output::Logits(mut logits) => match seq.job.params.logprobs {
-                Some(top) => {
-                    // The sampler edits the logits: the model's own are kept for the report.
-                    let model_logits = logits.clone();
-                    let token = seq.sampler.sample(&mut logits);
-                    (
-                        token,
-                        Some(TokenLogprob::of(
-                            &model_logits,
-                            token,
-                            top.min(MAX_TOP_LOGPROBS),
-                        )),
-                    )
+            Output::Logits(mut logits) => {
+                // The sampler and the grammar edit the logits: the model's
+                // own are kept for the report.
+                let model_logits = seq.job.params.logprobs.map(|_| logits.clone());
+                if let Some(constraint) = &mut seq.constraint {
+                    if let Err(e) = constraint.restrict(&mut logits) {
+                        return Some(Err(format!("the output's grammar: {e}")));
+                    }
                 }
-                None => (seq.sampler.sample(&mut logits), None),
-            },
+                let token = seq.sampler.sample(&mut logits);
+                let logprob = model_logits
+                    .zip(seq.job.params.logprobs)
+                    .map(|(l, top)| TokenLogprob::of(&l, token, top.min(MAX_TOP_LOGPROBS)));
+                (token, logprob)
+            }
             // One row was asked for (Logits::Last), so one id came back.
             Output::Token(ids) => (ids.first().copied().unwrap_or(0), None),
         };
@@ -701,7 +742,12 @@ impl<B: Backend> Loop<B> {
             seq.first_token = Some(Instant::now());
         }
         if tokenizer.is_eog(token) {
-            return Some(StopReason::Eos);
+            return Some(Ok(StopReason::Eos));
+        }
+        if let Some(constraint) = &mut seq.constraint {
+            if let Err(e) = constraint.accept(token) {
+                return Some(Err(format!("the output's grammar: {e}")));
+            }
         }
         seq.sampler.accept_generated(token);
         let index = seq.generated;
@@ -716,13 +762,17 @@ impl<B: Backend> Loop<B> {
             logprob,
         });
         if !alive {
-            return Some(StopReason::Cancelled);
+            return Some(Ok(StopReason::Cancelled));
         }
         if matched.stopped {
-            return Some(StopReason::StopSequence);
+            return Some(Ok(StopReason::StopSequence));
+        }
+        if seq.constraint.as_ref().is_some_and(Constraint::is_finished) {
+            // The grammar is complete: only the end token could follow.
+            return Some(Ok(StopReason::Eos));
         }
         if seq.generated >= seq.max_tokens {
-            return Some(StopReason::MaxTokens);
+            return Some(Ok(StopReason::MaxTokens));
         }
         seq.next = Some(token);
         None

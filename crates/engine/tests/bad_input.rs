@@ -163,6 +163,7 @@ fn prompt_longer_than_the_context_is_an_error_and_the_scheduler_goes_on() {
         sampling: Default::default(),
         stop: vec![],
         logprobs: None,
+        constraint: None,
     };
     let err = generate_blocking(&handle, vec![1; 100], params.clone(), |_| true).unwrap_err();
     assert!(
@@ -207,6 +208,7 @@ fn a_full_queue_refuses_at_once_and_frees_as_jobs_start() {
         sampling: Default::default(),
         stop: vec![],
         logprobs: None,
+        constraint: None,
     };
     let job = |cancel: &Arc<AtomicBool>, tx: mpsc::Sender<Event>| Job {
         prompt: vec![1, 504, 3458],
@@ -263,6 +265,7 @@ fn jobs_for_free_slots_do_not_count_against_the_queue() {
         sampling: Default::default(),
         stop: vec![],
         logprobs: None,
+        constraint: None,
     };
     let cancel = Arc::new(AtomicBool::new(false));
     let mut receivers = Vec::new();

@@ -3,7 +3,6 @@
 //! next turn runs only its new tokens, kept caches are evicted when pages
 //! run short, and a long prompt can be cancelled between its chunks.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -14,20 +13,8 @@ use engine::scheduler::{self, Event, Finish, Job, SchedulerConfig, SchedulerHand
 use gguf::GgufFile;
 use tokenizer::Tokenizer;
 
-fn smollm_path() -> PathBuf {
-    let dir = match std::env::var_os("WORKER_ORCD_MODELS") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-            .join(".cache/worker-orcd/models"),
-    };
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        path.display()
-    );
-    path
-}
+mod common;
+use common::smollm_path;
 
 struct Smollm {
     model: Arc<CpuModel>,
@@ -75,6 +62,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
         sampling: Default::default(),
         stop: vec![],
         logprobs: None,
+        constraint: None,
     }
 }
 

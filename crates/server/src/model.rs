@@ -3,10 +3,11 @@
 //! computed at load so that answering them never touches the model.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 use engine::backend::Backend;
+use engine::constraint::Grammars;
 use engine::convert::FileType;
 use engine::cpu::CpuModel;
 use engine::kv::PAGE_TOKENS;
@@ -80,6 +81,9 @@ pub struct Model {
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<ChatTemplate>,
     pub scheduler: SchedulerHandle,
+    /// The vocabulary indexed for output grammars, built at the first
+    /// request that has one.
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 /// How the scheduler is sized, handed to a backend's loader so that it can
@@ -240,7 +244,16 @@ impl Model {
             tokenizer,
             template,
             scheduler,
+            grammars: OnceLock::new(),
         })
+    }
+
+    /// The vocabulary indexed for output grammars (built on first use).
+    pub fn grammars(&self) -> Result<&Grammars, String> {
+        self.grammars
+            .get_or_init(|| Grammars::new(self.tokenizer.clone(), self.info.vocab_size))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// Sequences decoding now.

@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use engine::constraint::Grammar;
 use engine::generate::StopReason;
 use engine::request::TokenLogprob;
 use engine::scheduler::{Event, Finish};
@@ -152,6 +153,12 @@ macro_rules! with_common_fields {
             pub parallel_tool_calls: Option<bool>,
             /// Accepted and ignored.
             pub service_tier: Option<String>,
+            /// `{"type": "text"}`, `{"type": "json_object"}` (any JSON object) or
+            /// `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}}}`:
+            /// the output keeps to it (constrained decoding). Extensions:
+            /// `{"type": "regex", "pattern": …}`, `{"type": "lark", "grammar": …}`.
+            #[schema(value_type = Option<Object>)]
+            pub response_format: Option<serde_json::Value>,
         }
 
         impl $name {
@@ -170,6 +177,7 @@ macro_rules! with_common_fields {
                     presence_penalty: self.presence_penalty.take(),
                     frequency_penalty: self.frequency_penalty.take(),
                     logit_bias: self.logit_bias.take(),
+                    response_format: self.response_format.take(),
                 }
             }
         }
@@ -207,6 +215,7 @@ struct CommonFields {
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
     logit_bias: Option<HashMap<String, f64>>,
+    response_format: Option<serde_json::Value>,
 }
 
 impl CommonFields {
@@ -217,7 +226,11 @@ impl CommonFields {
         logprobs: Option<usize>,
         vocab_size: usize,
         errors: &mut Errors,
-    ) -> (SamplingFields, StreamMode) {
+    ) -> (SamplingFields, StreamMode, Option<Grammar>) {
+        let grammar = self
+            .response_format
+            .as_ref()
+            .and_then(|f| validate::parse_grammar(f, "response_format", errors));
         if self.n.is_some_and(|n| n != 1) {
             errors.add("n", "range", "only n = 1 is supported");
         }
@@ -244,7 +257,7 @@ impl CommonFields {
             vocab_size,
             logprobs,
         };
-        (fields, stream)
+        (fields, stream, grammar)
     }
 }
 
@@ -391,13 +404,15 @@ impl ChatCompletionRequest {
             .max_completion_tokens
             .or(self.max_tokens)
             .filter(|&n| n > 0);
-        let (fields, stream) = self.take_common().check(
+        let (fields, stream, grammar) = self.take_common().check(
             max_tokens,
             logprobs,
             state.model.info.vocab_size,
             &mut errors,
         );
-        let params = validate::check_sampling(&fields, &OPENAI_DEFAULTS, &mut errors);
+        let mut params = validate::check_sampling(&fields, &OPENAI_DEFAULTS, &mut errors);
+        params.constraint =
+            validate::check_grammar(&state.model, "response_format", grammar, &mut errors);
         if self.messages.is_empty() {
             errors.add("messages", "min_items", "at least one message is needed");
         }
@@ -541,13 +556,15 @@ impl CompletionRequest {
         let logprobs = self
             .logprobs
             .map(|n| (n as usize).min(engine::request::MAX_TOP_LOGPROBS));
-        let (fields, stream) = self.take_common().check(
+        let (fields, stream, grammar) = self.take_common().check(
             self.max_tokens,
             logprobs,
             state.model.info.vocab_size,
             &mut errors,
         );
-        let params = validate::check_sampling(&fields, &COMPLETIONS_DEFAULTS, &mut errors);
+        let mut params = validate::check_sampling(&fields, &COMPLETIONS_DEFAULTS, &mut errors);
+        params.constraint =
+            validate::check_grammar(&state.model, "response_format", grammar, &mut errors);
         let text = match self.prompt {
             PromptInput::Text(text) => text,
             PromptInput::Texts(mut texts) if texts.len() == 1 => texts.pop().expect("one"),

@@ -2,6 +2,7 @@
 //! generation parameters the scheduler can run as they are), or a list of
 //! every field that is wrong. Both APIs share the limits here.
 
+use engine::constraint::{Constraint, Grammar};
 use engine::generate::GenerateParams;
 use engine::request::MAX_TOP_LOGPROBS;
 use engine::sampler::SamplingParams;
@@ -302,6 +303,7 @@ pub fn check_sampling(
         },
         stop: fields.stop.clone(),
         logprobs: fields.logprobs,
+        constraint: None,
     };
     // The sampler's own check, so that nothing it would refuse gets past here.
     if errors.0.is_empty() {
@@ -419,6 +421,82 @@ pub fn literal_contents(
 }
 
 /// Finish: the request, or every error found.
+/// A grammar for the output, as `/execute`'s `grammar` and the OpenAI
+/// routes' `response_format` give it: `{"type": "text"}` (none),
+/// `{"type": "json_object"}`, `{"type": "json_schema", "json_schema":
+/// {"schema": …}}` (OpenAI's) or `{"type": "json_schema", "schema": …}`,
+/// `{"type": "regex", "pattern": …}`, `{"type": "lark", "grammar": …}`.
+pub fn parse_grammar(
+    value: &serde_json::Value,
+    field: &str,
+    errors: &mut Errors,
+) -> Option<Grammar> {
+    let text = |key: &str, errors: &mut Errors| match value.get(key).and_then(|v| v.as_str()) {
+        Some(s) if !s.is_empty() => Some(s.to_string()),
+        _ => {
+            errors.add(
+                &format!("{field}.{key}"),
+                "required",
+                "a non-empty string is required",
+            );
+            None
+        }
+    };
+    match value.get("type").and_then(|t| t.as_str()) {
+        Some("text") => None,
+        Some("json_object") => Some(Grammar::JsonObject),
+        Some("json_schema") => {
+            let schema = value
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .or_else(|| value.get("schema"));
+            match schema {
+                Some(schema) if schema.is_object() || schema.is_boolean() => {
+                    Some(Grammar::JsonSchema(schema.clone()))
+                }
+                _ => {
+                    errors.add(
+                        &format!("{field}.json_schema.schema"),
+                        "required",
+                        "a JSON schema (an object) is required",
+                    );
+                    None
+                }
+            }
+        }
+        Some("regex") => text("pattern", errors).map(Grammar::Regex),
+        Some("lark") => text("grammar", errors).map(Grammar::Lark),
+        _ => {
+            errors.add(
+                &format!("{field}.type"),
+                "enum",
+                "must be text, json_object, json_schema, regex or lark",
+            );
+            None
+        }
+    }
+}
+
+/// Compile `grammar` for the served model; the error names `field`.
+pub fn check_grammar(
+    model: &Model,
+    field: &str,
+    grammar: Option<Grammar>,
+    errors: &mut Errors,
+) -> Option<Constraint> {
+    let grammar = grammar?;
+    let compiled = model
+        .grammars()
+        .and_then(|grammars| grammars.compile(&grammar));
+    match compiled {
+        Ok(constraint) => Some(constraint),
+        Err(message) => {
+            errors.add(field, "grammar", message);
+            None
+        }
+    }
+}
+
 pub fn finish(
     errors: Errors,
     prompt: Vec<u32>,

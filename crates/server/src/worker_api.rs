@@ -39,6 +39,11 @@ pub struct ExecuteRequest {
     pub job_id: String,
     /// Report each generated token's log-probability in its `token` event [false].
     pub logprobs: Option<bool>,
+    /// A grammar the output keeps to: `{"type": "json_object"}`, `{"type":
+    /// "json_schema", "schema": {…}}`, `{"type": "regex", "pattern": "…"}` or
+    /// `{"type": "lark", "grammar": "…"}` (llguidance's Lark dialect).
+    #[schema(value_type = Option<Object>)]
+    pub grammar: Option<serde_json::Value>,
     /// With `logprobs`: the 0 to 20 most likely tokens at each position, with theirs [0].
     #[schema(value_type = Option<i64>, minimum = 0, maximum = 20)]
     #[serde(default, deserialize_with = "crate::de::option_u32")]
@@ -107,7 +112,12 @@ impl ExecuteRequest {
             vocab_size: state.model.info.vocab_size,
             logprobs: validate::check_logprobs(self.logprobs, self.top_logprobs, &mut errors),
         };
-        let params = validate::check_sampling(&fields, &WORKER_DEFAULTS, &mut errors);
+        let mut params = validate::check_sampling(&fields, &WORKER_DEFAULTS, &mut errors);
+        let grammar = self
+            .grammar
+            .as_ref()
+            .and_then(|g| validate::parse_grammar(g, "grammar", &mut errors));
+        params.constraint = validate::check_grammar(&state.model, "grammar", grammar, &mut errors);
         let prompt = validate::check_prompt(&state.model, "prompt", &self.prompt, &mut errors);
         validate::finish(errors, prompt, params)
     }

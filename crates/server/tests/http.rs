@@ -1288,3 +1288,82 @@ async fn logprobs_match_a_direct_softmax_of_the_cpu_logits() {
         .unwrap();
     assert!(response["choices"][0]["logprobs"].is_null());
 }
+
+/// `response_format` on both OpenAI routes and `grammar` on `/execute`
+/// keep the output to the grammar; a grammar that cannot compile is a 400
+/// naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_output_keeps_to_its_schema_on_every_route() {
+    let server = TestServer::start().await;
+    let schema = json!({"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "sunny": {"type": "boolean"}}, "required": ["city", "sunny"], "additionalProperties": false});
+    let body = json!({"model": "any", "max_tokens": 60, "temperature": 0.7, "seed": 3,
+        "messages": [{"role": "user", "content": "Describe the weather in a city as JSON."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "weather", "schema": schema, "strict": true}}});
+    let chat: Value = server
+        .post("/v1/chat/completions", &body)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(chat["choices"][0]["finish_reason"], "stop", "{chat}");
+    let content = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    let value: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {content}"));
+    let object = value.as_object().unwrap();
+    assert_eq!(object.len(), 2, "{value}");
+    assert!(object["city"].as_str().unwrap().chars().count() <= 12);
+    assert!(object["sunny"].is_boolean());
+
+    let body = json!({"prompt": "Some JSON:", "max_tokens": 80, "temperature": 0,
+                      "response_format": {"type": "json_object"}, "stream": true});
+    let chunks = SseReader::new(server.post("/v1/completions", &body).await)
+        .collect()
+        .await;
+    let text: String = chunks
+        .iter()
+        .filter(|c| c.data != "[DONE]")
+        .filter_map(|c| c.json()["choices"][0]["text"].as_str().map(String::from))
+        .collect();
+    assert!(text.trim_start().starts_with('{'), "{text:?}");
+
+    let body = json!({"job_id": "re", "prompt": "The year:", "max_tokens": 8, "temperature": 1.0,
+                      "grammar": {"type": "regex", "pattern": "19[0-9]{2}"}});
+    let (text, end) = check_execute_stream(&execute(&server, &body).await);
+    assert_eq!(end["stop_reason"], "EOS", "{end}");
+    assert!(
+        text.len() == 4 && text.starts_with("19") && text.chars().all(|c| c.is_ascii_digit()),
+        "{text:?}"
+    );
+
+    for (path, body, field) in [
+        (
+            "/execute",
+            json!({"job_id": "bad", "prompt": "x", "grammar": {"type": "lark", "grammar": "start: nothing_defined"}}),
+            "grammar",
+        ),
+        (
+            "/execute",
+            json!({"job_id": "bad", "prompt": "x", "grammar": {"type": "regex"}}),
+            "grammar.pattern",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+            "response_format.type",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "n"}}}),
+            "response_format.json_schema.schema",
+        ),
+    ] {
+        let response = server.post(path, &body).await;
+        assert_eq!(response.status(), 400, "{path} {body}");
+        let error: Value = response.json().await.unwrap();
+        let named = error["error"]["param"]
+            .as_str()
+            .or(error["errors"][0]["field"].as_str());
+        assert_eq!(named, Some(field), "{path}: {error}");
+    }
+}

@@ -134,6 +134,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
         sampling: SamplingParams::default(),
         stop: Vec::new(),
         logprobs: None,
+        constraint: None,
     }
 }
 

@@ -201,6 +201,7 @@ impl SamplingArgs {
             },
             stop: self.stop.clone(),
             logprobs: None,
+            constraint: None,
         }
     }
 }
