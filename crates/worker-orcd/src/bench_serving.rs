@@ -7,7 +7,9 @@
 //!   past its cancel;
 //! - prompt tokens run per turn of a multi-turn chat (the model's template);
 //! - generated tokens per second of many streams with the prefix cache on
-//!   and off, prompts sharing nothing.
+//!   and off, prompts sharing nothing;
+//! - decode tokens per second with and without a grammar (a JSON array of
+//!   integers), alone and with many streams.
 //!
 //! Prompts are token ids drawn from a fixed generator, so every run and
 //! every backend sees the same ones.
@@ -47,8 +49,8 @@ pub struct ServingArgs {
     #[arg(long)]
     pub throughput_streams: Option<usize>,
     /// The measures to run.
-    #[arg(long, value_delimiter = ',', default_value = "ttft,pacing,chat,throughput",
-          value_parser = ["ttft", "pacing", "chat", "throughput"])]
+    #[arg(long, value_delimiter = ',', default_value = "ttft,pacing,chat,throughput,constrained",
+          value_parser = ["ttft", "pacing", "chat", "throughput", "constrained"])]
     pub measures: Vec<String>,
 }
 
@@ -203,7 +205,13 @@ impl<B: Backend> Serving<B> {
         } else {
             Value::Null
         };
+        let constrained = if wants("constrained") {
+            self.constrained(args)?
+        } else {
+            Value::Null
+        };
         Ok(json!({
+            "constrained": constrained,
             "time_to_first_token": ttft,
             "long_prompt_among_streams": pacing,
             "multi_turn_chat": chat,
@@ -405,6 +413,49 @@ impl<B: Backend> Serving<B> {
             line.join(" ")
         );
         Ok(json!({ "turns": turns }))
+    }
+
+    /// Decode speed with a grammar against without, greedy, alone and with
+    /// many streams: generated tokens over the time after each first token.
+    fn constrained(&self, args: &ServingArgs) -> Result<Value> {
+        let grammars = engine::constraint::Grammars::new(self.tokenizer.clone(), self.vocab())
+            .map_err(anyhow::Error::msg)?;
+        let grammar = engine::constraint::Grammar::JsonSchema(
+            json!({"type": "array", "items": {"type": "integer"}}),
+        );
+        let mut figures = Vec::new();
+        for n in [1, throughput_streams(args, self.gpu)] {
+            let handle = self.scheduler(args, n, false);
+            let rate = |constrained: bool| -> Result<f64> {
+                let never = Arc::new(AtomicBool::new(false));
+                let jobs: Vec<_> = (0..n as u64)
+                    .map(|s| {
+                        let mut params = greedy(128);
+                        if constrained {
+                            params.constraint =
+                                Some(grammars.compile(&grammar).map_err(anyhow::Error::msg)?);
+                        }
+                        submit(&handle, tokens(700 + s, 32, self.vocab()), params, &never)
+                    })
+                    .collect::<Result<_>>()?;
+                let (mut tokens_out, mut seconds) = (0, 0f64);
+                for rx in &jobs {
+                    let finish = wait_end(rx)?.1;
+                    tokens_out += finish.tokens_out.saturating_sub(1);
+                    seconds = seconds.max(finish.decode_time.as_secs_f64());
+                }
+                Ok(tokens_out as f64 / seconds)
+            };
+            let plain = rate(false)?;
+            let with_grammar = rate(true)?;
+            println!(
+                "grammar    {n} stream(s), greedy decode: {plain:.1} tok/s free, {with_grammar:.1} under a JSON schema ({:+.1}%)",
+                (with_grammar / plain - 1.0) * 100.0
+            );
+            figures.push(json!({"streams": n, "free_tokens_per_second": plain,
+                                "constrained_tokens_per_second": with_grammar}));
+        }
+        Ok(Value::Array(figures))
     }
 
     fn throughput(&self, args: &ServingArgs) -> Result<Value> {
