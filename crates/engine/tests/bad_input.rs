@@ -2,7 +2,6 @@
 //! architecture, a missing tensor, a tensor of the wrong shape, a prompt
 //! longer than the context.
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -15,20 +14,8 @@ use engine::synth::{synthesize, Preset, SynthOptions};
 use gguf::{GgufFile, GgufWriter, Value};
 use tokenizer::Tokenizer;
 
-fn smollm_path() -> PathBuf {
-    let dir = match std::env::var_os("WORKER_ORCD_MODELS") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set"))
-            .join(".cache/worker-orcd/models"),
-    };
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        path.display()
-    );
-    path
-}
+mod common;
+use common::smollm_path;
 
 /// A tiny-llama model re-written through `edit`, which copies (or drops,
 /// or reshapes) tensors and may change metadata; then parsed back.

@@ -190,6 +190,21 @@ fn run_serving(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
     let context = context(&args.serving);
     let gpu = args.model.device == "cuda";
     println!("model      {}", path.display());
+    fn run<B: engine::backend::Backend>(
+        model: B,
+        tokenizer: Arc<tokenizer::Tokenizer>,
+        template: Option<tokenizer::ChatTemplate>,
+        args: &BenchArgs,
+    ) -> Result<serde_json::Value> {
+        Serving {
+            model: Arc::new(model),
+            tokenizer,
+            template,
+            gpu: args.model.device == "cuda",
+            step_tokens: args.model.step_tokens,
+        }
+        .run(&args.serving, args.repeats)
+    }
     let figures = if gpu {
         let options = args.gpu.options(
             kv_pages(&args.serving, true),
@@ -202,14 +217,7 @@ fn run_serving(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
             model.device().name(),
             args.gpu.weights
         );
-        Serving {
-            model: Arc::new(model),
-            tokenizer,
-            template,
-            gpu,
-            step_tokens: args.model.step_tokens,
-        }
-        .run(&args.serving, args.repeats)?
+        run(model, tokenizer, template, args)?
     } else {
         let model = CpuModel::load_for_context(file, Some(context))?
             .with_activations(args.model.activations());
@@ -218,14 +226,7 @@ fn run_serving(args: &BenchArgs, path: &std::path::Path) -> Result<()> {
             rayon::current_num_threads(),
             args.model.cpu_activations
         );
-        Serving {
-            model: Arc::new(model),
-            tokenizer,
-            template,
-            gpu,
-            step_tokens: args.model.step_tokens,
-        }
-        .run(&args.serving, args.repeats)?
+        run(model, tokenizer, template, args)?
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&figures)?);
