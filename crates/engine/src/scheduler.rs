@@ -242,12 +242,17 @@ struct Loop<B: Backend> {
 /// linear in its tokens (the CPU's products work in tiles of tokens, the
 /// GPU switches from mat-vec kernels to GEMMs past a few rows), so the chunk
 /// is found by trial: it grows while steps stay within [`PACE`] times a
-/// decode-only step and shrinks when one does not.
+/// decode-only step and shrinks when one does not. A decode step's cost
+/// drifts (the streams' contexts grow, streams come and go), so every
+/// [`Pace::PROBE_EVERY`] steps with prompt tokens one runs without them, to
+/// time it afresh.
 struct Pace {
     /// Seconds of a step with decode tokens only (a running average).
     decode_step: Option<f64>,
     /// Prompt tokens the next step with decoding sequences may carry.
     chunk: usize,
+    /// Steps with prompt tokens since the last decode-only one.
+    since_probe: usize,
 }
 
 impl Default for Pace {
@@ -255,15 +260,21 @@ impl Default for Pace {
         Pace {
             decode_step: None,
             chunk: 4,
+            since_probe: 0,
         }
     }
 }
 
 impl Pace {
     const WEIGHT: f64 = 0.25;
+    const PROBE_EVERY: usize = 8;
 
-    /// Prompt tokens a step with decoding sequences may carry.
+    /// Prompt tokens a step with decoding sequences may carry (0: a
+    /// decode-only step, to time one).
     fn prompt_budget(&self, most: usize) -> usize {
+        if self.since_probe >= Self::PROBE_EVERY {
+            return 0;
+        }
         self.chunk.clamp(1, most)
     }
 
@@ -272,12 +283,14 @@ impl Pace {
             return;
         }
         if prompt_tokens == 0 {
+            self.since_probe = 0;
             self.decode_step = Some(match self.decode_step {
                 Some(a) => a + Self::WEIGHT * (seconds - a),
                 None => seconds,
             });
             return;
         }
+        self.since_probe += 1;
         let Some(decode) = self.decode_step else {
             return;
         };
@@ -817,5 +830,42 @@ impl<B: Backend> Loop<B> {
             drop(kv);
         }
         (job.sink)(Event::End(finish));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_chunks_grow_within_the_pace_shrink_past_it_and_a_decode_step_is_timed_often() {
+        let mut pace = Pace::default();
+        assert_eq!(pace.prompt_budget(512), 4);
+        pace.record(0.100, 8, 0);
+        // Steps within PACE × 0.1 s that used the whole chunk: it grows.
+        pace.record(0.120, 8, 4);
+        assert_eq!(pace.prompt_budget(512), 5);
+        pace.record(0.140, 8, 5);
+        assert_eq!(pace.prompt_budget(512), 6);
+        // One past it: it shrinks.
+        pace.record(0.200, 8, 6);
+        assert_eq!(pace.prompt_budget(512), 4);
+        // A step that did not use the whole chunk teaches nothing about more.
+        pace.record(0.110, 8, 2);
+        assert_eq!(pace.prompt_budget(3), 3);
+        // After PROBE_EVERY steps with prompt tokens, a decode-only one.
+        for _ in 0..Pace::PROBE_EVERY - 4 {
+            pace.record(0.110, 8, 1);
+        }
+        assert_eq!(pace.prompt_budget(512), 0);
+        // Decode steps got slower (longer contexts): the bound follows.
+        pace.record(0.300, 8, 0);
+        assert_eq!(pace.prompt_budget(512), 4);
+        pace.record(0.180, 8, 4);
+        assert_eq!(
+            pace.prompt_budget(512),
+            5,
+            "0.18 s is within 1.5 × the new average"
+        );
     }
 }
