@@ -28,6 +28,7 @@ pub mod metrics;
 mod model;
 pub mod openai;
 pub mod openapi;
+pub mod tools;
 pub mod validate;
 pub mod worker_api;
 

@@ -28,6 +28,7 @@ use utoipa::{PartialSchema, ToSchema};
 
 use crate::error::{ApiError, OpenAiError, OpenAiErrorBody, OpenAiJson};
 use crate::jobs::{self, RunningJob};
+use crate::tools::{self, Choice, Tool, ToolCall, ToolFormat};
 use crate::validate::{self, Defaults, Errors, SamplingFields, ValidRequest, OPENAI_DEFAULTS};
 use crate::worker_api::KEEP_ALIVE;
 use crate::AppState;
@@ -149,7 +150,7 @@ macro_rules! with_common_fields {
             pub metadata: Option<serde_json::Value>,
             /// Accepted and ignored (nothing is stored).
             pub store: Option<bool>,
-            /// Accepted and ignored (no tools yet).
+            /// Accepted; with tools in `auto`, the model may make several calls.
             pub parallel_tool_calls: Option<bool>,
             /// Accepted and ignored.
             pub service_tier: Option<String>,
@@ -241,6 +242,7 @@ impl CommonFields {
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
             logprobs: logprobs.is_some(),
+            tools: None,
         };
         let fields = SamplingFields {
             max_tokens,
@@ -267,6 +269,8 @@ struct StreamMode {
     include_usage: bool,
     /// The response reports log-probabilities.
     logprobs: bool,
+    /// Tool calls are read out of the output, written this way.
+    tools: Option<ToolFormat>,
 }
 
 with_common_fields! {
@@ -289,6 +293,13 @@ pub struct ChatCompletionRequest {
     #[schema(value_type = Option<i64>, minimum = 0, maximum = 20)]
     #[serde(default, deserialize_with = "crate::de::option_u32")]
     pub top_logprobs: Option<u32>,
+    /// Functions the model may call: `[{"type": "function", "function": {"name", "description", "parameters"}}]`.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<serde_json::Value>,
+    /// `none`, `auto` (the default with tools), `required`, or `{"type": "function", "function": {"name": …}}`;
+    /// the last two are enforced by constrained decoding.
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<serde_json::Value>,
 }
 }
 
@@ -299,6 +310,11 @@ pub struct ChatMessage {
     pub content: Option<MessageContent>,
     /// Accepted and ignored.
     pub name: Option<String>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, ToSchema)]
@@ -413,33 +429,20 @@ impl ChatCompletionRequest {
         let mut params = validate::check_sampling(&fields, &OPENAI_DEFAULTS, &mut errors);
         params.constraint =
             validate::check_grammar(&state.model, "response_format", grammar, &mut errors);
+        let tools = self
+            .tools
+            .as_ref()
+            .map(|t| tools::parse_tools(t, &mut errors))
+            .unwrap_or_default();
+        let choice = tools::parse_choice(self.tool_choice.as_ref(), &tools, &mut errors);
         if self.messages.is_empty() {
             errors.add("messages", "min_items", "at least one message is needed");
         }
-        let messages: Vec<Message> = self
+        let turns: Vec<Turn> = self
             .messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| {
-                let content = match m.content {
-                    // Only an assistant turn may come without content (OpenAI's rule:
-                    // one that made tool calls); anything else has to say something.
-                    None if m.role == Role::Assistant => String::new(),
-                    None => {
-                        errors.add(
-                            &format!("messages[{i}].content"),
-                            "required",
-                            "content is required (a string or an array of text parts)",
-                        );
-                        String::new()
-                    }
-                    Some(MessageContent::Text(text)) => text,
-                    Some(MessageContent::Parts(parts)) => {
-                        parts.into_iter().map(|p| p.text).collect()
-                    }
-                };
-                Message::new(m.role.template_name(), content)
-            })
+            .map(|(i, m)| Turn::of(i, m, &mut errors))
             .collect();
         if !errors.0.is_empty() {
             return Err(errors.0);
@@ -452,13 +455,18 @@ impl ChatCompletionRequest {
             );
             return Err(errors.0);
         };
-        let prompt = match template.render(&messages, true) {
+        let native = ToolFormat::of_template(template.source());
+        let offered: &[Tool] = if choice == Choice::None { &[] } else { &tools };
+        let render =
+            |messages: &[Message]| render_turns(template, native, offered, &turns, messages);
+        let messages: Vec<Message> = turns.iter().map(|t| t.message.clone()).collect();
+        let prompt = match render(&messages) {
             Ok(text) => {
                 // What the messages say is text, whatever it spells: control
                 // tokens are parsed only in what the template added.
                 let literal = validate::literal_contents(
                     &state.model,
-                    template,
+                    &render,
                     &text,
                     &messages,
                     &mut errors,
@@ -470,7 +478,174 @@ impl ChatCompletionRequest {
                 Vec::new()
             }
         };
+        let mut stream = stream;
+        if !offered.is_empty() {
+            let format = native.unwrap_or(ToolFormat::Hermes);
+            stream.tools = Some(format);
+            if let Some(grammar) = format.grammar(offered, &choice) {
+                if params.constraint.is_some() {
+                    errors.add(
+                        "response_format",
+                        "conflict",
+                        "cannot be combined with a tool_choice that forces a call",
+                    );
+                } else {
+                    params.constraint = validate::check_grammar(
+                        &state.model,
+                        "tool_choice",
+                        Some(grammar),
+                        &mut errors,
+                    );
+                }
+            }
+        }
         validate::finish(errors, prompt, params).map(|v| (v, stream))
+    }
+}
+
+/// One message of a chat, checked: its text for the template, and the
+/// tool-call fields that travel with it.
+struct Turn {
+    message: Message,
+    /// An assistant turn's calls (id, call).
+    calls: Vec<(String, ToolCall)>,
+    tool_call_id: Option<String>,
+}
+
+impl Turn {
+    fn of(i: usize, m: ChatMessage, errors: &mut Errors) -> Turn {
+        let mut calls = Vec::new();
+        for (j, call) in m.tool_calls.iter().flatten().enumerate() {
+            let field = format!("messages[{i}].tool_calls[{j}]");
+            let function = call.get("function");
+            let name = function
+                .and_then(|f| f.get("name"))
+                .and_then(|n| n.as_str());
+            let arguments = function
+                .and_then(|f| f.get("arguments"))
+                .map(|a| a.as_str().map_or_else(|| a.to_string(), String::from));
+            match (name, arguments) {
+                (Some(name), Some(arguments)) if m.role == Role::Assistant => {
+                    let id = call
+                        .get("id")
+                        .and_then(|v| v.as_str())
+                        .map_or_else(tools::call_id, String::from);
+                    calls.push((
+                        id,
+                        ToolCall {
+                            name: name.to_string(),
+                            arguments,
+                        },
+                    ));
+                }
+                (Some(_), Some(_)) => {
+                    errors.add(&field, "role", "only an assistant turn makes tool calls")
+                }
+                _ => errors.add(
+                    &format!("{field}.function"),
+                    "required",
+                    "a name and arguments (a JSON string) are required",
+                ),
+            }
+        }
+        let content = match m.content {
+            // Only an assistant turn may come without content (OpenAI's rule:
+            // one that made tool calls); anything else has to say something.
+            None if m.role == Role::Assistant => String::new(),
+            None => {
+                errors.add(
+                    &format!("messages[{i}].content"),
+                    "required",
+                    "content is required (a string or an array of text parts)",
+                );
+                String::new()
+            }
+            Some(MessageContent::Text(text)) => text,
+            Some(MessageContent::Parts(parts)) => parts.into_iter().map(|p| p.text).collect(),
+        };
+        Turn {
+            message: Message::new(m.role.template_name(), content),
+            calls,
+            tool_call_id: m.tool_call_id,
+        }
+    }
+}
+
+/// The prompt of `turns` with their contents replaced by `contents` (the
+/// same or markers, see [`validate::literal_contents`]). A template that
+/// takes tools gets them and the turns' tool fields; one that does not gets
+/// the tools described in the system message, calls written in the Hermes
+/// syntax and tool results as user turns.
+fn render_turns(
+    template: &tokenizer::ChatTemplate,
+    native: Option<ToolFormat>,
+    offered: &[Tool],
+    turns: &[Turn],
+    contents: &[Message],
+) -> Result<String, tokenizer::TokenizerError> {
+    let has_tool_fields = turns
+        .iter()
+        .any(|t| !t.calls.is_empty() || t.tool_call_id.is_some());
+    if offered.is_empty() && !has_tool_fields {
+        return template.render(contents, true);
+    }
+    let mut messages: Vec<serde_json::Value> = Vec::with_capacity(turns.len() + 1);
+    match native {
+        Some(_) => {
+            for (turn, message) in turns.iter().zip(contents) {
+                let mut m = serde_json::json!({"role": message.role, "content": message.content});
+                if !turn.calls.is_empty() {
+                    m["tool_calls"] = turn
+                        .calls
+                        .iter()
+                        .map(|(id, call)| {
+                            let arguments: serde_json::Value = serde_json::from_str(&call.arguments)
+                                .unwrap_or_else(|_| call.arguments.clone().into());
+                            serde_json::json!({"id": id, "type": "function",
+                                               "function": {"name": call.name, "arguments": arguments}})
+                        })
+                        .collect();
+                }
+                if let Some(id) = &turn.tool_call_id {
+                    m["tool_call_id"] = id.clone().into();
+                }
+                messages.push(m);
+            }
+            let specs: Vec<serde_json::Value> = offered.iter().map(|t| t.spec.clone()).collect();
+            let specs = serde_json::Value::Array(specs);
+            template.render_json(
+                &serde_json::Value::Array(messages),
+                (!offered.is_empty()).then_some(&specs),
+                true,
+            )
+        }
+        None => {
+            let format = ToolFormat::Hermes;
+            let description = (!offered.is_empty()).then(|| tools::describe_tools(offered));
+            let mut described = false;
+            for (turn, message) in turns.iter().zip(contents) {
+                let mut role = message.role.clone();
+                let mut content = message.content.clone();
+                if role == "system" && !described {
+                    if let Some(d) = &description {
+                        content = format!("{content}\n\n{d}");
+                        described = true;
+                    }
+                }
+                for (_, call) in &turn.calls {
+                    content = format!("{content}\n{}", format.write(call));
+                }
+                if role == "tool" {
+                    role = "user".into();
+                    content = format!("<tool_response>\n{content}\n</tool_response>");
+                }
+                messages.push(serde_json::json!({"role": role, "content": content}));
+            }
+            if let (Some(d), false) = (description, described) {
+                messages.insert(0, serde_json::json!({"role": "system", "content": d}));
+            }
+            template.render_json(&serde_json::Value::Array(messages), None, true)
+        }
     }
 }
 
@@ -628,7 +803,7 @@ pub struct ChatCompletion {
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    /// `stop`, or `length` (the token limit, or the job was cancelled).
+    /// `stop`, `tool_calls`, or `length` (the token limit, or the job was cancelled).
     pub finish_reason: String,
     /// With `logprobs: true`; otherwise null.
     pub logprobs: Option<ChatLogprobs>,
@@ -734,7 +909,48 @@ fn completion_logprobs(
 pub struct AssistantMessage {
     /// `assistant`.
     pub role: String,
-    pub content: String,
+    /// The reply's text (null when it is only tool calls).
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ResponseToolCall>>,
+}
+
+/// A call the model made.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResponseToolCall {
+    pub id: String,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments, a JSON text.
+    pub arguments: String,
+}
+
+impl ResponseToolCall {
+    fn new(call: ToolCall) -> Self {
+        ResponseToolCall {
+            id: tools::call_id(),
+            kind: "function".into(),
+            function: FunctionCall {
+                name: call.name,
+                arguments: call.arguments,
+            },
+        }
+    }
+}
+
+/// A call in a stream chunk (all of it at once).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeltaToolCall {
+    pub index: usize,
+    #[serde(flatten)]
+    pub call: ResponseToolCall,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -765,6 +981,8 @@ pub struct Delta {
     pub role: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<DeltaToolCall>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -1015,34 +1233,79 @@ pub async fn chat_completions(
     let (chunk_id, chunk_model) = (id.clone(), model.clone());
     let tokenizer = state.model.tokenizer.clone();
     let chunk_tokenizer = tokenizer.clone();
+    let tool_format = mode.tools;
+    // With tools, text that may be the start of a call is held back until it is clear.
+    let held = std::sync::Mutex::new(String::new());
     let chunk = move |piece: Piece| {
         let logprobs =
             |scored: Option<Vec<Scored>>| scored.map(|s| chat_logprobs(&chunk_tokenizer, &s));
+        let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
         let (delta, finish_reason, usage, logprobs) = match piece {
             Piece::Start => (
                 Delta {
                     role: Some("assistant".into()),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 None,
                 None,
                 None,
             ),
-            Piece::Text(text, scored) => (
-                Delta {
-                    role: None,
-                    content: Some(text),
-                },
-                None,
-                None,
-                logprobs(scored),
-            ),
-            Piece::Finish(reason, scored) => (
-                Delta::default(),
-                Some(finish_reason(reason).into()),
-                None,
-                logprobs(scored),
-            ),
+            Piece::Text(text, scored) => {
+                let text = match tool_format {
+                    Some(format) => {
+                        held.push_str(&text);
+                        let safe = format.safe_prefix(&held);
+                        let rest = held.split_off(safe);
+                        std::mem::replace(&mut *held, rest)
+                    }
+                    None => text,
+                };
+                if text.is_empty() && scored.as_ref().is_none_or(|s| s.is_empty()) {
+                    return None;
+                }
+                (
+                    Delta {
+                        role: None,
+                        content: Some(text),
+                        tool_calls: None,
+                    },
+                    None,
+                    None,
+                    logprobs(scored),
+                )
+            }
+            Piece::Finish(reason, scored) => {
+                let (text, calls) = match tool_format {
+                    Some(format) => format.parse(&std::mem::take(&mut *held)),
+                    None => (String::new(), Vec::new()),
+                };
+                let reason = if calls.is_empty() {
+                    finish_reason(reason)
+                } else {
+                    "tool_calls"
+                };
+                let tool_calls = (!calls.is_empty()).then(|| {
+                    calls
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, call)| DeltaToolCall {
+                            index,
+                            call: ResponseToolCall::new(call),
+                        })
+                        .collect()
+                });
+                (
+                    Delta {
+                        role: None,
+                        content: (!text.is_empty()).then_some(text),
+                        tool_calls,
+                    },
+                    Some(reason.into()),
+                    None,
+                    logprobs(scored),
+                )
+            }
             Piece::Usage(usage) => (Delta::default(), None, Some(usage), None),
         };
         Some(ChatCompletionChunk {
@@ -1064,7 +1327,21 @@ pub async fn chat_completions(
             usage,
         })
     };
-    let whole = |finish: Finish, scored: Option<Vec<Scored>>| {
+    let whole = move |finish: Finish, scored: Option<Vec<Scored>>| {
+        let (content, calls) = match tool_format {
+            Some(format) => format.parse(&finish.text),
+            None => (finish.text.clone(), Vec::new()),
+        };
+        let (content, tool_calls, reason) = if calls.is_empty() {
+            (Some(content), None, finish_reason(finish.stop_reason))
+        } else {
+            let calls = calls.into_iter().map(ResponseToolCall::new).collect();
+            (
+                (!content.is_empty()).then_some(content),
+                Some(calls),
+                "tool_calls",
+            )
+        };
         Json(ChatCompletion {
             id: id.clone(),
             object: "chat.completion".into(),
@@ -1074,9 +1351,10 @@ pub async fn chat_completions(
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant".into(),
-                    content: finish.text.clone(),
+                    content,
+                    tool_calls,
                 },
-                finish_reason: finish_reason(finish.stop_reason).into(),
+                finish_reason: reason.into(),
                 logprobs: scored.map(|s| chat_logprobs(&tokenizer, &s)),
             }],
             usage: Usage::of(&finish),

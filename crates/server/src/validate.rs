@@ -361,7 +361,7 @@ pub fn check_prompt_with(
 /// then refused rather than parsed as one.
 pub fn literal_contents(
     model: &Model,
-    template: &tokenizer::ChatTemplate,
+    render: &dyn Fn(&[tokenizer::Message]) -> Result<String, tokenizer::TokenizerError>,
     rendered: &str,
     messages: &[tokenizer::Message],
     errors: &mut Errors,
@@ -385,7 +385,7 @@ pub fn literal_contents(
         .map(|(i, m)| tokenizer::Message::new(m.role.clone(), marker(i)))
         .collect();
     let mut ranges = Vec::new();
-    if let Ok(skeleton) = template.render(&marked, true) {
+    if let Ok(skeleton) = render(&marked) {
         let mut rebuilt = String::with_capacity(rendered.len());
         let mut rest = skeleton.as_str();
         let mut found = Vec::new();

@@ -1367,3 +1367,97 @@ async fn structured_output_keeps_to_its_schema_on_every_route() {
         assert_eq!(named, Some(field), "{path}: {error}");
     }
 }
+
+/// The official client's tool loop: the model is made to call the tool
+/// (`tool_choice` naming it, enforced by a grammar), the call comes back
+/// parsed with arguments valid for the tool's schema (whole and streamed),
+/// the tool's result goes back as a `tool` message, and the model answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_client_runs_a_tool_loop() {
+    let python = common::python();
+    let server = TestServer::start().await;
+    let base_url = server.url("/v1");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .arg("-c")
+            .arg(TOOL_LOOP_SCRIPT)
+            .arg(&base_url)
+            .output()
+            .expect("running python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "python failed\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    println!("{report}");
+    for key in ["whole", "streamed"] {
+        let call = &report[key];
+        assert_eq!(call["finish"], "tool_calls", "{report}");
+        assert_eq!(call["name"], "get_weather", "{report}");
+        let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+        let city = arguments["city"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{report}"));
+        assert!(!city.is_empty() && city.chars().count() <= 20, "{report}");
+        assert!(
+            ["celsius", "fahrenheit"].contains(&arguments["unit"].as_str().unwrap()),
+            "{report}"
+        );
+        assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    }
+    assert!(
+        report["answer_finish"] == "stop" || report["answer_finish"] == "length",
+        "{report}"
+    );
+    assert!(!report["answer"].as_str().unwrap().is_empty(), "{report}");
+    assert_eq!(report["required_finish"], "tool_calls", "{report}");
+}
+
+const TOOL_LOOP_SCRIPT: &str = r#"
+import json, sys
+import openai
+
+client = openai.OpenAI(base_url=sys.argv[1], api_key="none", max_retries=0, timeout=300)
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "minLength": 1, "maxLength": 20},
+        "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+messages = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the weather in Paris?"}]
+named = {"type": "function", "function": {"name": "get_weather"}}
+whole = client.chat.completions.create(model="m", messages=messages, tools=tools, tool_choice=named,
+                                       max_tokens=80, temperature=0.7, seed=1)
+call = whole.choices[0].message.tool_calls[0]
+report = {"whole": {"finish": whole.choices[0].finish_reason, "name": call.function.name,
+                    "arguments": call.function.arguments, "id": call.id}}
+stream = client.chat.completions.create(model="m", messages=messages, tools=tools, tool_choice=named,
+                                        max_tokens=80, temperature=0.7, seed=2, stream=True)
+calls, finish = {}, None
+for chunk in stream:
+    choice = chunk.choices[0]
+    for d in choice.delta.tool_calls or []:
+        entry = calls.setdefault(d.index, {"id": d.id, "name": "", "arguments": ""})
+        entry["name"] += d.function.name or ""
+        entry["arguments"] += d.function.arguments or ""
+    finish = choice.finish_reason or finish
+report["streamed"] = dict(calls[0], finish=finish)
+# The tool's result goes back; the model answers in words.
+messages.append(whole.choices[0].message.model_dump(exclude_none=True))
+messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "clear"})})
+answer = client.chat.completions.create(model="m", messages=messages, tools=tools, tool_choice="none",
+                                        max_tokens=16, temperature=0)
+report["answer"] = answer.choices[0].message.content
+report["answer_finish"] = answer.choices[0].finish_reason
+required = client.chat.completions.create(model="m", messages=messages[:2], tools=tools, tool_choice="required",
+                                          max_tokens=80, temperature=0)
+report["required_finish"] = required.choices[0].finish_reason
+print(json.dumps(report))
+"#;
