@@ -2,7 +2,8 @@
 //!
 //! - time to first token of a prompt sharing a long prefix with an earlier
 //!   one, against the same prompt cold;
-//! - the inter-token p99 of running streams while a long prompt is read,
+//! - the inter-token p99 of running streams (each a run of 32 + 256-token
+//!   jobs, so their cost per step stays level) while a long prompt is read,
 //!   against their p99 without it, and how far a cancelled long prompt gets
 //!   past its cancel;
 //! - prompt tokens run per turn of a multi-turn chat (the model's template);
@@ -264,26 +265,32 @@ impl<B: Backend> Serving<B> {
         let n = args.decoding_streams;
         let handle = self.scheduler(args, n + 1, true);
         let stop_streams = Arc::new(AtomicBool::new(false));
-        let max_tokens = context(args) - 64;
-        let streams: Vec<_> = (0..n as u64)
+        // Each stream is a run of jobs of 32 + 256 tokens, the next
+        // submitted as one ends, so the streams' contexts (and a decode
+        // step's cost) stay the same over the measure. A thread per stream
+        // records the token times of each job.
+        let collectors: Vec<_> = (0..n as u64)
             .map(|s| {
-                submit(
-                    &handle,
-                    tokens(400 + s, 32, self.vocab()),
-                    endless(max_tokens, &self.tokenizer),
-                    &stop_streams,
-                )
-            })
-            .collect::<Result<_>>()?;
-        // Token times of every stream, gathered by one thread per stream.
-        let collectors: Vec<_> = streams
-            .into_iter()
-            .map(|rx| {
-                std::thread::spawn(move || {
-                    rx.iter()
-                        .filter(|(_, e)| matches!(e, Event::Token { id, .. } if *id != u32::MAX))
-                        .map(|(at, _)| at)
-                        .collect::<Vec<Instant>>()
+                let (handle, stop) = (handle.clone(), stop_streams.clone());
+                let (tokenizer, vocab) = (self.tokenizer.clone(), self.vocab());
+                std::thread::spawn(move || -> Result<Vec<Vec<Instant>>> {
+                    let mut jobs = Vec::new();
+                    for round in 0.. {
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        let prompt = tokens(400 + s * 1000 + round, 32, vocab);
+                        let rx = submit(&handle, prompt, endless(256, &tokenizer), &stop)?;
+                        jobs.push(
+                            rx.iter()
+                                .filter(|(_, e)| {
+                                    matches!(e, Event::Token { id, .. } if *id != u32::MAX)
+                                })
+                                .map(|(at, _)| at)
+                                .collect::<Vec<Instant>>(),
+                        );
+                    }
+                    Ok(jobs)
                 })
             })
             .collect();
@@ -334,13 +341,14 @@ impl<B: Backend> Serving<B> {
 
         let (mut base, mut during) = (Vec::new(), Vec::new());
         for collector in collectors {
-            let times = collector.join().expect("collector thread");
-            for pair in times.windows(2) {
-                let gap = (pair[1] - pair[0]).as_secs_f64();
-                if pair[0] >= baseline_from && pair[1] <= long_from {
-                    base.push(gap);
-                } else if pair[1] > long_from && pair[0] < long_until {
-                    during.push(gap);
+            for times in collector.join().expect("collector thread")? {
+                for pair in times.windows(2) {
+                    let gap = (pair[1] - pair[0]).as_secs_f64();
+                    if pair[0] >= baseline_from && pair[1] <= long_from {
+                        base.push(gap);
+                    } else if pair[1] > long_from && pair[0] < long_until {
+                        during.push(gap);
+                    }
                 }
             }
         }
