@@ -562,15 +562,26 @@ impl<B: Backend> Loop<B> {
         };
         let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (sequence, start, end) of tokens to feed
         let mut next_tokens: Vec<[u32; 1]> = vec![[0]; self.running.len()];
+        let mut prefilling: Vec<usize> = Vec::new();
         for (i, seq) in self.running.iter().enumerate() {
             if let Some(t) = seq.next {
                 next_tokens[i] = [t];
                 plan.push((i, 0, 1));
-            } else if budget > 0 && seq.prefilled < seq.job.prompt.len() {
-                let take = (seq.job.prompt.len() - seq.prefilled).min(budget);
-                budget -= take;
-                plan.push((i, seq.prefilled, seq.prefilled + take));
+            } else if seq.prefilled < seq.job.prompt.len() {
+                prefilling.push(i);
             }
+        }
+        // The shortest prompts first: a short request is not kept waiting
+        // behind a long one, which takes what the budget leaves.
+        prefilling.sort_by_key(|&i| self.running[i].job.prompt.len() - self.running[i].prefilled);
+        for i in prefilling {
+            if budget == 0 {
+                break;
+            }
+            let seq = &self.running[i];
+            let take = (seq.job.prompt.len() - seq.prefilled).min(budget);
+            budget -= take;
+            plan.push((i, seq.prefilled, seq.prefilled + take));
         }
         if plan.is_empty() {
             return;
