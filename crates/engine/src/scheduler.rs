@@ -253,6 +253,12 @@ struct Pace {
     chunk: usize,
     /// Steps with prompt tokens since the last decode-only one.
     since_probe: usize,
+    /// The smallest chunk that took a step past the pace lately: the chunk
+    /// stays below it, so that trying a larger one again (a step past the
+    /// pace) happens once per [`Pace::CEILING_STEPS`], not every few steps.
+    ceiling: Option<usize>,
+    /// Steps with prompt tokens since the ceiling was set.
+    since_ceiling: usize,
 }
 
 impl Default for Pace {
@@ -261,6 +267,8 @@ impl Default for Pace {
             decode_step: None,
             chunk: 4,
             since_probe: 0,
+            ceiling: None,
+            since_ceiling: 0,
         }
     }
 }
@@ -268,6 +276,7 @@ impl Default for Pace {
 impl Pace {
     const WEIGHT: f64 = 0.25;
     const PROBE_EVERY: usize = 8;
+    const CEILING_STEPS: usize = 256;
 
     /// Prompt tokens a step with decoding sequences may carry (0: a
     /// decode-only step, to time one).
@@ -291,14 +300,25 @@ impl Pace {
             return;
         }
         self.since_probe += 1;
+        self.since_ceiling += 1;
+        if self.since_ceiling >= Self::CEILING_STEPS {
+            self.ceiling = None;
+        }
         let Some(decode) = self.decode_step else {
             return;
         };
         if seconds > PACE * decode {
+            self.ceiling = Some(self.ceiling.map_or(prompt_tokens, |c| c.min(prompt_tokens)));
+            self.since_ceiling = 0;
             self.chunk = (self.chunk * 2 / 3).max(1);
         } else if prompt_tokens >= self.chunk {
-            // The chunk was the limit and the step kept its pace: try more.
-            self.chunk += (self.chunk / 4).max(1);
+            // The chunk was the limit and the step kept its pace: try more,
+            // but not what went past the pace lately.
+            let grown = self.chunk + (self.chunk / 4).max(1);
+            self.chunk = match self.ceiling {
+                Some(c) => grown.min(c.saturating_sub(1)).max(self.chunk),
+                None => grown,
+            };
         }
     }
 }
@@ -858,9 +878,29 @@ mod tests {
         assert_eq!(pace.prompt_budget(512), 5);
         pace.record(0.140, 8, 5);
         assert_eq!(pace.prompt_budget(512), 6);
-        // One past it: it shrinks.
+        // One past it: it shrinks, and does not reach 6 again for a while.
         pace.record(0.200, 8, 6);
         assert_eq!(pace.prompt_budget(512), 4);
+        pace.record(0.110, 8, 4);
+        pace.record(0.110, 8, 5);
+        pace.record(0.110, 8, 5);
+        assert_eq!(
+            pace.prompt_budget(512),
+            5,
+            "held below the chunk that went past"
+        );
+        for _ in 0..Pace::CEILING_STEPS {
+            pace.record(0.110, 8, 0);
+            pace.record(0.110, 8, 5);
+        }
+        assert_eq!(
+            pace.prompt_budget(512),
+            6,
+            "tried again once the ceiling is old"
+        );
+        pace.record(0.200, 8, 6);
+        pace.record(0.110, 8, 1);
+        pace.chunk = 4;
         // A step that did not use the whole chunk teaches nothing about more.
         pace.record(0.110, 8, 2);
         assert_eq!(pace.prompt_budget(3), 3);

@@ -296,8 +296,11 @@ impl<B: Backend> Serving<B> {
             .collect();
         // Decode alone for a while: the baseline (and the step timings the
         // chunk sizes are drawn from).
+        // Long enough for every stream to have started a second job: the
+        // baseline has the same traffic as the measure, but for the long prompt.
+        let steps_each = 320;
         let warmup = Instant::now();
-        while handle.stats().steps.load(Ordering::Relaxed) < 64 {
+        while handle.stats().steps.load(Ordering::Relaxed) < steps_each {
             std::thread::sleep(Duration::from_millis(5));
             if warmup.elapsed() > Duration::from_secs(600) {
                 bail!("the streams did not start");
@@ -305,7 +308,7 @@ impl<B: Backend> Serving<B> {
         }
         let baseline_from = Instant::now();
         let steps = handle.stats().steps.load(Ordering::Relaxed);
-        while handle.stats().steps.load(Ordering::Relaxed) < steps + 64 {
+        while handle.stats().steps.load(Ordering::Relaxed) < steps + steps_each {
             std::thread::sleep(Duration::from_millis(5));
         }
         let long_from = Instant::now();
