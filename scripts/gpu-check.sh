@@ -236,7 +236,7 @@ serving_model="$models/unit/qwen2.5-0.5b-q4_k_m.gguf"
 if part serving && [[ -x "$bin" && -f "$serving_model" ]]; then
     log="$logs/bench-serving.log"
     if timeout 400 "$bin" bench --serving --device cuda -m "$serving_model" >"$log" 2>"$log.err"; then
-        mapfile -t serving < <(grep -E '^(ttft|pacing|cancel|chat|throughput) ' "$log")
+        mapfile -t serving < <(grep -E '^(ttft|pacing|cancel|chat|throughput|grammar) ' "$log")
     else
         failed=1
         serving=("FAILED: $(tail -1 "$log.err")")

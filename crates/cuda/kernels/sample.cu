@@ -34,3 +34,34 @@ extern "C" __global__ void argmax_rows(const float *__restrict__ logits, u32 voc
         atomicMax(reinterpret_cast<unsigned long long *>(out + blockIdx.y), (unsigned long long)best);
     }
 }
+
+// As argmax_rows, over the tokens a mask allows: row r uses mask
+// row_mask[r] of masks (words u32 each, bit t % 32 of word t / 32 set when
+// token t is allowed), or none when row_mask[r] is 0xffffffff. A row whose
+// mask allows nothing keeps the key 0 (index 0).
+extern "C" __global__ void argmax_rows_masked(const float *__restrict__ logits, u32 vocab,
+                                              const u32 *__restrict__ row_mask,
+                                              const u32 *__restrict__ masks, u32 words,
+                                              u64 *__restrict__ out) {
+    allow_dependents();
+    wait_for_prerequisites();
+    const float *row = logits + (u64)blockIdx.y * vocab;
+    const u32 which = row_mask[blockIdx.y];
+    const u32 *mask = which == 0xffffffffu ? nullptr : masks + (u64)which * words;
+    u64 best = 0;
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x) {
+        if (mask != nullptr && (i / 32 >= words || !((mask[i / 32] >> (i % 32)) & 1u))) {
+            continue;
+        }
+        const u64 key = argmax_key(row[i], i);
+        best = key > best ? key : best;
+    }
+#pragma unroll
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        const u64 other = __shfl_xor_sync(FULL_MASK, best, offset);
+        best = other > best ? other : best;
+    }
+    if (threadIdx.x % WARP_SIZE == 0 && best != 0) {
+        atomicMax(reinterpret_cast<unsigned long long *>(out + blockIdx.y), (unsigned long long)best);
+    }
+}

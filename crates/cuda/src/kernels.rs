@@ -99,6 +99,7 @@ pub struct Kernels {
     qkv_prepare: CudaFunction,
     attention: CudaFunction,
     argmax_rows: CudaFunction,
+    argmax_rows_masked: CudaFunction,
     pub dequantizer: Dequantizer,
 }
 
@@ -275,6 +276,7 @@ impl Kernels {
             qkv_prepare: function(&rope, "rope", "qkv_prepare")?,
             attention: function(&attention, "attention", "attention")?,
             argmax_rows: function(&sample, "sample", "argmax_rows")?,
+            argmax_rows_masked: function(&sample, "sample", "argmax_rows_masked")?,
             dequantizer: Dequantizer::new(device)?,
         })
     }
@@ -793,6 +795,55 @@ impl Kernels {
             .context(|| "launching argmax_rows".into())?;
         Ok(())
     }
+
+    /// As [`Kernels::argmax_rows`], each row over the tokens its mask in
+    /// `masks` allows.
+    ///
+    /// # Safety
+    /// `logits` must hold the rows, `masks.row_mask` `rows` u32 naming masks
+    /// that `masks.masks` holds, `out` room for `rows` u64.
+    pub unsafe fn argmax_rows_masked(
+        &self,
+        logits: u64,
+        vocab: usize,
+        rows: usize,
+        masks: &TokenMasks,
+        out: u64,
+    ) -> Result<()> {
+        let TokenMasks {
+            row_mask,
+            masks,
+            words,
+        } = *masks;
+        // SAFETY: `out` holds rows u64 (as the caller vouches); the kernel takes the maximum from 0.
+        unsafe { driver::memset_d8_async(out, 0, rows * 8, self.stream.cu_stream()) }
+            .context(|| "clearing the argmax keys".into())?;
+        let blocks = vocab.div_ceil(ARGMAX_THREADS as usize * 8).clamp(1, 1024) as u32;
+        let vocab = u32_of("vocab", vocab)?;
+        let words = u32_of("mask words", words)?;
+        let mut launch = self.launch(&self.argmax_rows_masked);
+        launch
+            .arg(&logits)
+            .arg(&vocab)
+            .arg(&row_mask)
+            .arg(&masks)
+            .arg(&words)
+            .arg(&out);
+        // SAFETY: as the caller vouches.
+        unsafe { launch.launch(grid(blocks, u32_of("rows", rows)?, ARGMAX_THREADS)) }
+            .context(|| "launching argmax_rows_masked".into())?;
+        Ok(())
+    }
+}
+
+/// Token masks on the device for [`Kernels::argmax_rows_masked`].
+#[derive(Clone, Copy, Debug)]
+pub struct TokenMasks {
+    /// Per row, the number of its mask, or `u32::MAX` for none (u32).
+    pub row_mask: u64,
+    /// The masks, `words` u32 each (bit `t % 32` of word `t / 32`: token `t` allowed).
+    pub masks: u64,
+    pub words: usize,
 }
 
 /// Threads per argmax block; each thread reads about 8 logits.

@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use engine::backend::{Backend, Segment};
+use engine::backend::{masked_argmax, Backend, Segment, TokenMask};
 use engine::cpu::{self, CpuModel, Logits};
 use engine::sampler::argmax;
 use gguf::GgufFile;
@@ -444,7 +444,70 @@ pub fn selftest(
             cold_a.len()
         ));
     }
+
+    // 6. Greedy tokens within a mask (structured output) are picked on the
+    // GPU as the host picks them from the same logits: a batch with no
+    // mask, a sparse mask and a mask of a few tokens.
+    let masked = masked_agreement(&gpu, prompts, options.steps)?;
+    log(&format!(
+        "masked greedy: {} of {} tokens picked on the GPU equal the host's pick from its logits",
+        masked.0, masked.1
+    ));
+    if masked.0 != masked.1 {
+        summary.failures.push(format!(
+            "masked greedy: {} of {} GPU picks differ from the host's",
+            masked.1 - masked.0,
+            masked.1
+        ));
+    }
     Ok(summary)
+}
+
+/// Tokens of `steps` masked greedy steps over the first three prompts where
+/// [`Backend::forward_greedy_masked`] agrees with [`masked_argmax`] of
+/// [`Backend::forward_logits`] on twin caches, and tokens compared.
+fn masked_agreement(gpu: &CudaModel, prompts: &[Vec<u32>], steps: usize) -> Result<(usize, usize)> {
+    let prompts: Vec<&Vec<u32>> = prompts.iter().take(3).collect();
+    let vocab = gpu.spec().vocab_size;
+    let words = vocab.div_ceil(32);
+    let mask_of = |segment: usize, step: usize| -> Option<TokenMask> {
+        let allowed = |t: usize| match segment {
+            0 => true,
+            1 => (t * 31 + step).is_multiple_of(5),
+            _ => [7, vocab / 3, vocab - 1].contains(&((t + step) % vocab)),
+        };
+        (segment > 0).then(|| {
+            (0..words)
+                .map(|w| {
+                    (0..32)
+                        .filter(|b| w * 32 + b < vocab && allowed(w * 32 + b))
+                        .fold(0u32, |m, b| m | 1 << b)
+                })
+                .collect()
+        })
+    };
+    let mut masked_caches: Vec<GpuCache> = prompts.iter().map(|_| gpu.new_cache(CONTEXT)).collect();
+    let mut twin_caches: Vec<GpuCache> = prompts.iter().map(|_| gpu.new_cache(CONTEXT)).collect();
+    let mut inputs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    let (mut agree, mut total) = (0, 0);
+    for step in 0..steps {
+        let masks: Vec<Option<TokenMask>> = (0..prompts.len()).map(|i| mask_of(i, step)).collect();
+        let picked = {
+            let mut batch = last_logits(&mut masked_caches, &inputs);
+            gpu.forward_greedy_masked(&mut batch, &mut || masks.clone())?
+        };
+        let logits = {
+            let mut batch = last_logits(&mut twin_caches, &inputs);
+            gpu.forward_logits(&mut batch)?
+        };
+        for (i, (ids, row)) in picked.iter().zip(&logits).enumerate() {
+            let host = masked_argmax(row, masks[i].as_ref());
+            total += 1;
+            agree += usize::from(ids.first() == Some(&host));
+            inputs[i] = vec![host];
+        }
+    }
+    Ok((agree, total))
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {

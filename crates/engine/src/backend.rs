@@ -83,6 +83,56 @@ pub trait Backend: Send + Sync + 'static {
             .map(|logits| logits.chunks_exact(vocab).map(argmax).collect())
             .collect())
     }
+
+    /// As [`Backend::forward_greedy`], each row's choice limited to the
+    /// tokens its segment's mask allows (none: any token). `masks` gives one
+    /// entry per segment; it is called once, as late as the backend can
+    /// (masks may still be computed while the pass runs).
+    fn forward_greedy_masked(
+        &self,
+        batch: &mut [Segment<'_, Self::Cache>],
+        masks: &mut dyn FnMut() -> Vec<Option<TokenMask>>,
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
+        let vocab = self.spec().vocab_size;
+        let rows = self.forward_logits(batch)?;
+        let masks = masks();
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(i, logits)| {
+                let mask = masks.get(i).and_then(Option::as_ref);
+                logits
+                    .chunks_exact(vocab)
+                    .map(|row| masked_argmax(row, mask))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+/// The tokens allowed next: bit `t % 32` of word `t / 32` is set when token
+/// `t` may come (words past the end allow nothing).
+pub type TokenMask = Vec<u32>;
+
+/// Whether `mask` allows `token`.
+pub fn mask_allows(mask: &[u32], token: usize) -> bool {
+    mask.get(token / 32)
+        .is_some_and(|w| w >> (token % 32) & 1 == 1)
+}
+
+/// The index of the largest logit among the tokens `mask` allows (the first
+/// on ties; 0 when it allows none).
+pub fn masked_argmax(logits: &[f32], mask: Option<&TokenMask>) -> u32 {
+    let Some(mask) = mask else {
+        return argmax(logits);
+    };
+    let mut best: Option<usize> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if mask_allows(mask, i) && best.is_none_or(|b| l > logits[b]) {
+            best = Some(i);
+        }
+    }
+    best.unwrap_or(0) as u32
 }
 
 impl Cache for KvCache {

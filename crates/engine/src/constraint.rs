@@ -14,6 +14,7 @@
 //! is allowed, so a constrained output always ends valid, unless the token
 //! limit cuts it short first.
 
+use crate::backend::TokenMask;
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
@@ -171,6 +172,22 @@ impl Constraint {
             self.allowed = Some(mask);
         }
         Ok(())
+    }
+
+    /// The tokens the grammar allows next, as a [`TokenMask`] over the
+    /// model's vocabulary.
+    pub fn mask(&mut self) -> Result<TokenMask, String> {
+        self.prepare()?;
+        let allowed = self.allowed.as_ref().expect("prepared");
+        let mut words = allowed.as_slice().to_vec();
+        words.resize(self.vocab_size.div_ceil(32), 0);
+        if let Some(last) = words.last_mut() {
+            let used = self.vocab_size % 32;
+            if used != 0 {
+                *last &= (1u32 << used) - 1;
+            }
+        }
+        Ok(words)
     }
 
     /// Ban (set to -∞) every logit the grammar does not allow next.

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokenizer::{StreamDecoder, Tokenizer};
 
-use crate::backend::{Backend, Cache, Segment};
+use crate::backend::{Backend, Cache, Segment, TokenMask};
 use crate::constraint::Constraint;
 use crate::cpu::Logits;
 use crate::kv::KvPool;
@@ -614,27 +614,25 @@ impl<B: Backend> Loop<B> {
         let started = Instant::now();
         // Greedy sequences need only the best token: when every sequence
         // that gets one this step is greedy, the backend picks it (on the
-        // GPU, without moving the logits).
+        // GPU, without moving the logits), within its grammar's mask if it
+        // has one.
         let greedy = plan.iter().all(|&(i, _, end)| {
             let seq = &self.running[i];
             let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
             let p = &seq.job.params;
-            !wants_token
-                || (p.sampling.is_plain_greedy()
-                    && p.logprobs.is_none()
-                    && seq.constraint.is_none())
+            !wants_token || (p.sampling.is_plain_greedy() && p.logprobs.is_none())
         });
         let result = {
             let mut segments: Vec<Segment<'_, B::Cache>> = Vec::with_capacity(plan.len());
-            // The grammars of sequences that get a token this step.
-            let mut constraints: Vec<&mut Constraint> = Vec::new();
+            // The grammars of sequences that get a token this step, by segment.
+            let mut constraints: Vec<(usize, &mut Constraint)> = Vec::new();
             let mut seqs: Vec<Option<&mut Sequence<B::Cache>>> =
                 self.running.iter_mut().map(Some).collect();
-            for &(i, start, end) in &plan {
+            for (segment, &(i, start, end)) in plan.iter().enumerate() {
                 let seq = seqs[i].take().expect("each sequence appears once");
                 let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
                 if let (true, Some(c)) = (wants_token, seq.constraint.as_mut()) {
-                    constraints.push(c);
+                    constraints.push((segment, c));
                 }
                 let (tokens, logits): (&[u32], Logits) = if seq.next.is_some() {
                     (&next_tokens[i], Logits::Last)
@@ -656,7 +654,8 @@ impl<B: Backend> Loop<B> {
                 });
             }
             let model = &self.model;
-            let mut forward = move || {
+            let n_segments = segments.len();
+            if constraints.is_empty() {
                 if greedy {
                     model
                         .forward_greedy(&mut segments)
@@ -666,21 +665,29 @@ impl<B: Backend> Loop<B> {
                         .forward_logits(&mut segments)
                         .map(|rows| rows.into_iter().map(Output::Logits).collect::<Vec<_>>())
                 }
-            };
-            if constraints.is_empty() {
-                forward()
             } else {
                 // The token masks are computed while the forward pass runs
-                // (an error comes back when the mask is applied).
+                // (a failed one is reported when the token is taken).
                 std::thread::scope(|scope| {
-                    let masks = scope.spawn(move || {
-                        for c in constraints {
-                            let _ = c.prepare();
-                        }
-                    });
-                    let result = forward();
-                    let _ = masks.join();
-                    result
+                    let masks = scope.spawn(move || compute_masks(constraints));
+                    if greedy {
+                        let mut masks = Some(masks);
+                        let mut by_segment = || {
+                            let mut out: Vec<Option<TokenMask>> = vec![None; n_segments];
+                            let computed = masks.take().map(|m| m.join());
+                            for (segment, mask) in computed.into_iter().flatten().flatten() {
+                                // A failed mask allows nothing; the error comes with the token.
+                                out[segment] = Some(mask.unwrap_or_default());
+                            }
+                            out
+                        };
+                        let ids = model.forward_greedy_masked(&mut segments, &mut by_segment);
+                        ids.map(|ids| ids.into_iter().map(Output::Token).collect::<Vec<_>>())
+                    } else {
+                        let rows = model.forward_logits(&mut segments);
+                        let _ = masks.join();
+                        rows.map(|rows| rows.into_iter().map(Output::Logits).collect::<Vec<_>>())
+                    }
                 })
             }
         };
@@ -780,7 +787,15 @@ impl<B: Backend> Loop<B> {
                 (token, logprob)
             }
             // One row was asked for (Logits::Last), so one id came back.
-            Output::Token(ids) => (ids.first().copied().unwrap_or(0), None),
+            Output::Token(ids) => {
+                if let Some(constraint) = &mut seq.constraint {
+                    // Computed already, unless it failed: then this says why.
+                    if let Err(e) = constraint.prepare() {
+                        return Some(Err(format!("the output's grammar: {e}")));
+                    }
+                }
+                (ids.first().copied().unwrap_or(0), None)
+            }
         };
         if seq.first_token.is_none() {
             seq.first_token = Some(Instant::now());
@@ -862,6 +877,41 @@ impl<B: Backend> Loop<B> {
         }
         (job.sink)(Event::End(finish));
     }
+}
+
+/// Each grammar's mask, by segment, computed on up to 8 threads (one mask
+/// takes tens to hundreds of microseconds: with many constrained streams a
+/// single thread would outlast the forward pass).
+fn compute_masks(
+    constraints: Vec<(usize, &mut Constraint)>,
+) -> Vec<(usize, Result<TokenMask, String>)> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = constraints.len().div_ceil(8).min(cores).clamp(1, 8);
+    if threads == 1 {
+        return constraints
+            .into_iter()
+            .map(|(segment, c)| (segment, c.mask()))
+            .collect();
+    }
+    let mut constraints = constraints;
+    let per_thread = constraints.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = constraints
+            .chunks_mut(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter_mut()
+                        .map(|(segment, c)| (*segment, c.mask()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
 }
 
 #[cfg(test)]

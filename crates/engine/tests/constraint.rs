@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 
 use engine::constraint::{Grammar, Grammars};
-use engine::cpu::CpuModel;
+use engine::cpu::{CpuModel, Logits};
 use engine::generate::{GenerateParams, StopReason};
 use engine::sampler::SamplingParams;
 use engine::scheduler::{self, Event, Finish, Job, SchedulerConfig, SchedulerHandle};
@@ -232,4 +232,92 @@ ANSWER: "yes" | "no" | "maybe""#
         .grammars
         .compile(&Grammar::Lark("start: undefined_rule".into()))
         .is_err());
+}
+
+/// Greedy and constrained, batched with an unconstrained greedy stream: each
+/// token is the best one the grammar allows, as a direct loop over the CPU
+/// backend's logits picks it (the scheduler's masked greedy path, which the
+/// GPU backend runs on the device).
+#[test]
+fn greedy_constrained_output_is_the_best_allowed_token_each_step() {
+    let setup = setup();
+    let file = Arc::new(GgufFile::open(common::smollm_path()).unwrap());
+    let model = CpuModel::load(file).unwrap();
+    let grammars = [
+        Grammar::JsonSchema(json!({"type": "array", "items": {"type": "integer"}, "maxItems": 6})),
+        Grammar::Regex(r"(yes|no), because [a-z ]{1,40}\.".into()),
+    ];
+    let prompt_text = "Answer in the requested format:\n";
+    let prompt = setup.tokenizer.encode(prompt_text, true, false);
+    let direct: Vec<String> = grammars
+        .iter()
+        .map(|grammar| {
+            let mut constraint = setup.grammars.compile(grammar).unwrap();
+            let mut cache = model.new_cache(512);
+            let mut logits = model.forward(&mut cache, &prompt, Logits::Last).unwrap();
+            let mut ids = Vec::new();
+            for _ in 0..60 {
+                constraint.restrict(&mut logits).unwrap();
+                let token = engine::sampler::argmax(&logits);
+                if setup.tokenizer.is_eog(token) {
+                    break;
+                }
+                constraint.accept(token).unwrap();
+                ids.push(token);
+                if constraint.is_finished() {
+                    break;
+                }
+                logits = model.forward(&mut cache, &[token], Logits::Last).unwrap();
+            }
+            setup.tokenizer.decode(&ids, false)
+        })
+        .collect();
+    let receivers: Vec<_> = grammars
+        .iter()
+        .map(Some)
+        .chain([None])
+        .map(|grammar| {
+            let (tx, rx) = mpsc::channel();
+            let params = GenerateParams {
+                max_tokens: 60,
+                sampling: SamplingParams::default(),
+                stop: vec![],
+                logprobs: None,
+                constraint: grammar.map(|g| setup.grammars.compile(g).unwrap()),
+            };
+            setup
+                .handle
+                .submit(Job {
+                    prompt: prompt.clone(),
+                    params,
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    sink: Box::new(move |e| tx.send(e).is_ok()),
+                })
+                .unwrap();
+            rx
+        })
+        .collect();
+    let texts: Vec<String> = receivers
+        .into_iter()
+        .map(|rx| loop {
+            match rx.recv().unwrap() {
+                Event::End(finish) => break finish.text,
+                Event::Error { message } => panic!("{message}"),
+                _ => {}
+            }
+        })
+        .collect();
+    assert_eq!(
+        texts[..2],
+        direct[..],
+        "greedy under a grammar, scheduled against direct"
+    );
+    assert!(texts[0].starts_with('['), "{}", texts[0]);
+    assert!(
+        texts[1].starts_with("yes") || texts[1].starts_with("no"),
+        "{}",
+        texts[1]
+    );
+    // The unconstrained stream beside them is not held to their masks.
+    assert!(!texts[2].is_empty());
 }

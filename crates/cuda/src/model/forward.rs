@@ -3,17 +3,18 @@
 //! among the sequences.
 
 use cudarc::driver::result as driver;
-use engine::backend::{split_rows, Cache, Segment};
+use engine::backend::{split_rows, Cache, Segment, TokenMask};
 use engine::cpu::Logits;
 use engine::spec::{Activation, RopeStyle};
 use engine::EngineError;
 use gguf::GgmlType;
 
-use super::workspace::{GraphKey, StepAddresses, Workspace};
+use super::workspace::{mask_words, GraphKey, StepAddresses, Workspace};
 use super::{invalid, or_null, to_engine, CudaModel, WeightsMode, GRAPH_MAX_TOKENS, LOGIT_ROWS};
 use crate::error::{DriverContext, Result};
 use crate::kernels::{
-    argmax_index, Attention, DeviceMatrix, Kernels, MatvecOut, QkvPrepare, MATVEC_MAX_TOKENS,
+    argmax_index, Attention, DeviceMatrix, Kernels, MatvecOut, QkvPrepare, TokenMasks,
+    MATVEC_MAX_TOKENS,
 };
 use crate::kv::GpuCache;
 
@@ -32,20 +33,21 @@ impl CudaModel {
             tokens,
             logits: Logits::Last,
         }];
-        let logits = match self.run(&mut batch, false, Some(&mut trace))? {
+        let logits = match self.run(&mut batch, Pick::Logits, Some(&mut trace))? {
             Output::Logits(mut rows) => rows.pop().unwrap_or_default(),
             Output::Tokens(_) => unreachable!("logits were asked for"),
         };
         Ok((logits, trace))
     }
 
-    /// The batched forward pass; `greedy` returns token ids instead of logits.
+    /// The batched forward pass: logits, or token ids as `pick` says.
     pub(super) fn run(
         &self,
         batch: &mut [Segment<'_, GpuCache>],
-        greedy: bool,
+        mut pick: Pick<'_>,
         mut trace: Option<&mut Vec<(String, Vec<f32>)>>,
     ) -> Result<Output, EngineError> {
+        let greedy = !matches!(pick, Pick::Logits);
         for seg in batch.iter() {
             engine::backend::check_segment(
                 &self.spec,
@@ -84,15 +86,24 @@ impl CudaModel {
             table_offset += seg.kv.table().len() as u32;
         }
         let mut wanted: Vec<u32> = Vec::new();
+        // The segment of each wanted row.
+        let mut row_segments: Vec<usize> = Vec::new();
         let mut row = 0u32;
-        for seg in batch.iter() {
+        for (segment, seg) in batch.iter().enumerate() {
             let m = seg.tokens.len() as u32;
             match seg.logits {
                 Logits::Last => wanted.push(row + m - 1),
                 Logits::All => wanted.extend(row..row + m),
                 Logits::None => {}
             }
+            row_segments.resize(wanted.len(), segment);
             row += m;
+        }
+        if matches!(pick, Pick::Masked(_)) && wanted.len() > LOGIT_ROWS {
+            return Err(EngineError::Invalid(format!(
+                "a masked greedy step of {} rows exceeds the {LOGIT_ROWS} the GPU workspace holds",
+                wanted.len()
+            )));
         }
         meta.extend(&wanted);
         for seg in batch.iter() {
@@ -128,7 +139,8 @@ impl CudaModel {
         .then_some(GraphKey {
             tokens: n,
             rows: wanted.len(),
-            greedy,
+            // A masked pick runs after the graph, once the masks are in.
+            greedy: matches!(pick, Pick::Greedy),
         });
         let result = (|| -> Result<Output> {
             // The raw copies below use the thread's current context (the
@@ -141,21 +153,31 @@ impl CudaModel {
             // SAFETY: `meta` is pageable host memory copied out before the call returns.
             unsafe { driver::memcpy_htod_async(work.meta, &meta, stream.cu_stream()) }
                 .context(|| "uploading step metadata".into())?;
-            if let Some(key) = graph_key {
-                if self.replay(&mut work, key, &at)? {
-                    return self.collect(&work, wanted.len(), greedy);
-                }
+            let replayed = match graph_key {
+                Some(key) => self.replay(&mut work, key, &at)?,
+                None => false,
+            };
+            if !replayed {
+                self.layers_forward(
+                    &work,
+                    n,
+                    at.tokens,
+                    at.positions,
+                    at.table_offsets,
+                    at.tables,
+                    &mut trace,
+                )?;
             }
-            self.layers_forward(
-                &work,
-                n,
-                at.tokens,
-                at.positions,
-                at.table_offsets,
-                at.tables,
-                &mut trace,
-            )?;
-            self.head(&work, &wanted, at.wanted, greedy)
+            match &mut pick {
+                Pick::Masked(masks) => {
+                    if !replayed {
+                        self.head_kernels(&work, wanted.len(), 0, at.wanted, false)?;
+                    }
+                    self.masked_argmax(&work, &row_segments, masks)
+                }
+                _ if replayed => self.collect(&work, wanted.len(), greedy),
+                _ => self.head(&work, &wanted, at.wanted, greedy),
+            }
         })();
         // Nothing queued may outlive this call (caches may drop their pages next).
         let synced = self.device.synchronize();
@@ -189,6 +211,60 @@ impl CudaModel {
             let logits = self.fetch(work.logits, rows * self.spec.vocab_size)?;
             Ok(Output::Logits(vec![logits]))
         }
+    }
+
+    /// Each wanted row's argmax within its segment's mask (asked for now,
+    /// after the logits are queued), as one list of token ids.
+    fn masked_argmax(
+        &self,
+        work: &Workspace,
+        row_segments: &[usize],
+        masks: &mut MaskSource<'_>,
+    ) -> Result<Output> {
+        let rows = row_segments.len();
+        let vocab = self.spec.vocab_size;
+        let words = mask_words(vocab);
+        let masks = masks();
+        // Mask numbers by row, then the masks (each segment's once).
+        let mut upload: Vec<u32> = vec![u32::MAX; rows];
+        let mut numbered: Vec<Option<u32>> = vec![None; masks.len()];
+        let mut count = 0u32;
+        for (row, &segment) in row_segments.iter().enumerate() {
+            let Some(mask) = masks.get(segment).and_then(Option::as_ref) else {
+                continue;
+            };
+            let number = match numbered[segment] {
+                Some(number) => number,
+                None => {
+                    let number = count;
+                    count += 1;
+                    numbered[segment] = Some(number);
+                    let start = upload.len();
+                    upload.resize(start + words, 0);
+                    let n = mask.len().min(words);
+                    upload[start..start + n].copy_from_slice(&mask[..n]);
+                    number
+                }
+            };
+            upload[row] = number;
+        }
+        let stream = self.device.stream();
+        let on_device = TokenMasks {
+            row_mask: work.masks,
+            masks: work.masks + 4 * rows as u64,
+            words,
+        };
+        // SAFETY: `upload` (rows ≤ LOGIT_ROWS numbers and at most LOGIT_ROWS
+        // masks of `words`) fits work.masks; pageable memory is copied out
+        // before the call returns.
+        unsafe { driver::memcpy_htod_async(work.masks, &upload, stream.cu_stream()) }
+            .context(|| "uploading token masks".into())?;
+        // SAFETY: the logits rows are queued on this stream; ids holds rows u64.
+        unsafe {
+            self.kernels
+                .argmax_rows_masked(work.logits, vocab, rows, &on_device, work.ids)?
+        };
+        Ok(Output::Tokens(vec![self.fetch_ids(work, rows)?]))
     }
 
     /// The first `rows` argmax results, as token ids.
@@ -635,6 +711,19 @@ impl CudaModel {
         }
     }
 }
+
+/// What a forward pass returns.
+pub(super) enum Pick<'a> {
+    Logits,
+    /// Each row's best token.
+    Greedy,
+    /// Each row's best token within its segment's mask (by segment, asked
+    /// for once the logits are queued).
+    Masked(&'a mut MaskSource<'a>),
+}
+
+/// Where a masked pick gets its masks from.
+pub(super) type MaskSource<'a> = dyn FnMut() -> Vec<Option<TokenMask>> + 'a;
 
 /// A forward pass's result: per segment (or, inside `run`, one flat list).
 pub(super) enum Output {

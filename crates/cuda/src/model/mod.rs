@@ -27,7 +27,7 @@ mod forward;
 mod graphs;
 mod workspace;
 
-use forward::Output;
+use forward::{Output, Pick};
 use workspace::{workspace_layout, Workspace};
 
 use std::collections::{HashMap, HashSet};
@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cudarc::driver::result as driver;
-use engine::backend::{Backend, Segment};
+use engine::backend::{Backend, Segment, TokenMask};
 use engine::kv::{KvPool, PAGE_TOKENS};
 use engine::spec::ModelSpec;
 use engine::weights::{HostWeights, LayerWeights, Matrix, ModelWeights};
@@ -540,7 +540,7 @@ impl Backend for CudaModel {
         &self,
         batch: &mut [Segment<'_, GpuCache>],
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        match self.run(batch, false, None)? {
+        match self.run(batch, Pick::Logits, None)? {
             Output::Logits(rows) => Ok(rows),
             Output::Tokens(_) => unreachable!("logits were asked for"),
         }
@@ -550,7 +550,38 @@ impl Backend for CudaModel {
         &self,
         batch: &mut [Segment<'_, GpuCache>],
     ) -> Result<Vec<Vec<u32>>, EngineError> {
-        match self.run(batch, true, None)? {
+        match self.run(batch, Pick::Greedy, None)? {
+            Output::Tokens(ids) => Ok(ids),
+            Output::Logits(_) => unreachable!("token ids were asked for"),
+        }
+    }
+
+    fn forward_greedy_masked(
+        &self,
+        batch: &mut [Segment<'_, GpuCache>],
+        masks: &mut dyn FnMut() -> Vec<Option<TokenMask>>,
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
+        let rows: usize = batch
+            .iter()
+            .map(|s| engine::backend::rows_wanted(s.logits, s.tokens.len()))
+            .sum();
+        if rows > LOGIT_ROWS {
+            // More rows than the workspace's logits hold: masked on the host.
+            let logits = self.forward_logits(batch)?;
+            let masks = masks();
+            let vocab = self.spec.vocab_size;
+            return Ok(logits
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let mask = masks.get(i).and_then(Option::as_ref);
+                    l.chunks_exact(vocab)
+                        .map(|row| engine::backend::masked_argmax(row, mask))
+                        .collect()
+                })
+                .collect());
+        }
+        match self.run(batch, Pick::Masked(masks), None)? {
             Output::Tokens(ids) => Ok(ids),
             Output::Logits(_) => unreachable!("token ids were asked for"),
         }

@@ -31,6 +31,7 @@ pub(super) struct Workspace {
     pub(super) ids: u64,        // T u64 argmax keys
     pub(super) meta: u64,       // meta_len u32
     pub(super) meta_len: usize,
+    pub(super) masks: u64, // LOGIT_ROWS u32 mask numbers, then LOGIT_ROWS token masks
     pub(super) bytes: usize,
     /// Decode steps captured as CUDA graphs, by shape.
     pub(super) graphs: HashMap<GraphKey, Graph>,
@@ -68,7 +69,7 @@ unsafe impl Send for Graph {}
 
 /// Offsets of the workspace's buffers (bytes), before the allocation exists.
 pub(super) struct WorkspaceParts {
-    pub(super) offsets: [usize; 15],
+    pub(super) offsets: [usize; 16],
     pub(super) meta_len: usize,
 }
 
@@ -90,21 +91,22 @@ pub(super) fn workspace_layout(
     let meta_len = 4 * t + kv_pages;
     let mut layout = Layout::default();
     let offsets = [
-        layout.add(4 * t * embd),           // x
-        layout.add(4 * t * embd),           // normed
-        layout.add(4 * t * q_dim),          // q
-        layout.add(4 * t * kv_dim),         // k
-        layout.add(4 * t * kv_dim),         // v
-        layout.add(4 * t * q_dim),          // attn
-        layout.add(4 * t * embd),           // tmp
-        layout.add(4 * t * ff),             // gate
-        layout.add(4 * t * ff),             // up
-        layout.add(2 * t * widest),         // act_f16
-        layout.add(2 * scratch_values),     // scratch
-        layout.add(4 * LOGIT_ROWS * embd),  // final_rows
-        layout.add(4 * LOGIT_ROWS * vocab), // logits
-        layout.add(8 * t),                  // ids: argmax keys
-        layout.add(4 * meta_len),           // meta
+        layout.add(4 * t * embd),                             // x
+        layout.add(4 * t * embd),                             // normed
+        layout.add(4 * t * q_dim),                            // q
+        layout.add(4 * t * kv_dim),                           // k
+        layout.add(4 * t * kv_dim),                           // v
+        layout.add(4 * t * q_dim),                            // attn
+        layout.add(4 * t * embd),                             // tmp
+        layout.add(4 * t * ff),                               // gate
+        layout.add(4 * t * ff),                               // up
+        layout.add(2 * t * widest),                           // act_f16
+        layout.add(2 * scratch_values),                       // scratch
+        layout.add(4 * LOGIT_ROWS * embd),                    // final_rows
+        layout.add(4 * LOGIT_ROWS * vocab),                   // logits
+        layout.add(8 * t),                                    // ids: argmax keys
+        layout.add(4 * meta_len),                             // meta
+        layout.add(4 * LOGIT_ROWS * (1 + mask_words(vocab))), // masks
     ];
     (layout, WorkspaceParts { offsets, meta_len })
 }
@@ -137,6 +139,7 @@ impl WorkspaceParts {
             ids: at(13),
             meta: at(14),
             meta_len: self.meta_len,
+            masks: at(15),
             bytes: buffer.bytes(),
             graphs: HashMap::new(),
             graphs_unavailable: false,
@@ -144,4 +147,9 @@ impl WorkspaceParts {
             _buffer: buffer,
         }
     }
+}
+
+/// u32 words of a token mask over `vocab` tokens.
+pub(super) fn mask_words(vocab: usize) -> usize {
+    vocab.div_ceil(32)
 }
