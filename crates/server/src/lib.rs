@@ -28,6 +28,7 @@ pub mod metrics;
 mod model;
 pub mod openai;
 pub mod openapi;
+pub mod tokenize;
 pub mod tools;
 pub mod validate;
 pub mod worker_api;
@@ -194,6 +195,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,

@@ -1,8 +1,10 @@
 //! The OpenAI-compatible API: `/v1/chat/completions` (through the model's
 //! chat template), `/v1/completions` and `/v1/models`, streamed (SSE
 //! `data:` chunks ending with `data: [DONE]`) or not, with `usage`.
-//! Fields the worker cannot honour (`n` > 1, `echo`, `suffix`, …) are
-//! refused with 400 rather than ignored.
+//! Fields the worker cannot honour (`n` > 1, `echo`, `suffix`, `audio`,
+//! the deprecated `functions`, …) are refused with 400 rather than ignored;
+//! fields it does not know are accepted, ignored and logged (as llama-server
+//! and vLLM do), so that clients sending newer or other servers' fields work.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -91,8 +93,8 @@ impl Stop {
     }
 }
 
+/// Other fields (`include_obfuscation`, …) are accepted and ignored.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with `usage` (and no choices) before `[DONE]`.
     pub include_usage: Option<bool>,
@@ -154,6 +156,10 @@ macro_rules! with_common_fields {
             pub parallel_tool_calls: Option<bool>,
             /// Accepted and ignored.
             pub service_tier: Option<String>,
+            /// Fields not listed: accepted and ignored (their names are logged).
+            #[serde(flatten)]
+            #[schema(ignore)]
+            pub ignored: std::collections::BTreeMap<String, serde_json::Value>,
             /// `{"type": "text"}`, `{"type": "json_object"}` (any JSON object) or
             /// `{"type": "json_schema", "json_schema": {"name": …, "schema": {…}}}`:
             /// the output keeps to it (constrained decoding). Extensions:
@@ -163,6 +169,19 @@ macro_rules! with_common_fields {
         }
 
         impl $name {
+            /// Logs the fields that were accepted and ignored.
+            fn log_ignored(&self) {
+                if !self.ignored.is_empty() {
+                    let names: Vec<String> = self
+                        .ignored
+                        .keys()
+                        .take(16)
+                        .map(|k| k.chars().take(64).collect())
+                        .collect();
+                    tracing::info!(fields = ?names, "request fields ignored");
+                }
+            }
+
             fn take_common(&mut self) -> CommonFields {
                 CommonFields {
                     temperature: self.temperature.take(),
@@ -275,7 +294,6 @@ struct StreamMode {
 
 with_common_fields! {
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ChatCompletionRequest {
     #[schema(min_items = 1)]
     pub messages: Vec<ChatMessage>,
@@ -300,11 +318,26 @@ pub struct ChatCompletionRequest {
     /// the last two are enforced by constrained decoding.
     #[schema(value_type = Option<Object>)]
     pub tool_choice: Option<serde_json::Value>,
+    /// Only absent (or null): no audio output.
+    #[schema(schema_with = only_null)]
+    pub audio: Option<serde_json::Value>,
+    /// Only `["text"]`.
+    pub modalities: Option<Vec<String>>,
+    /// Only absent (or null): deprecated by OpenAI, use `tools`.
+    #[schema(schema_with = only_null)]
+    pub functions: Option<serde_json::Value>,
+    /// Only absent (or null): deprecated by OpenAI, use `tool_choice`.
+    #[schema(schema_with = only_null)]
+    pub function_call: Option<serde_json::Value>,
+    /// Only absent (or null): no web search.
+    #[schema(schema_with = only_null)]
+    pub web_search_options: Option<serde_json::Value>,
 }
 }
 
+/// Other fields (`refusal`, `annotations`, `audio`, … as a client copies a
+/// response's message back into the next request) are accepted and ignored.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: Role,
     pub content: Option<MessageContent>,
@@ -384,8 +417,8 @@ impl<'de> Deserialize<'de> for MessageContent {
     }
 }
 
+/// Other fields (`cache_control`, …) are accepted and ignored.
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: PartKind,
@@ -406,6 +439,36 @@ impl ChatCompletionRequest {
         type_errors: Vec<crate::error::FieldError>,
     ) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
         let mut errors = Errors(type_errors);
+        self.log_ignored();
+        for (field, given, why) in [
+            ("audio", self.audio.take(), "audio output is not supported"),
+            (
+                "functions",
+                self.functions.take(),
+                "functions is deprecated: use tools",
+            ),
+            (
+                "function_call",
+                self.function_call.take(),
+                "function_call is deprecated: use tool_choice",
+            ),
+            (
+                "web_search_options",
+                self.web_search_options.take(),
+                "web search is not supported",
+            ),
+        ] {
+            if given.is_some_and(|v| !v.is_null()) {
+                errors.add(field, "unsupported", why);
+            }
+        }
+        if self
+            .modalities
+            .as_ref()
+            .is_some_and(|m| m.iter().any(|m| m != "text"))
+        {
+            errors.add("modalities", "unsupported", "only text output is supported");
+        }
         let logprobs = validate::check_logprobs(self.logprobs, self.top_logprobs, &mut errors);
         for (field, value) in [
             ("max_tokens", self.max_tokens),
@@ -651,7 +714,6 @@ fn render_turns(
 
 with_common_fields! {
 #[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     /// The text to continue: a string, or a list holding one string.
     pub prompt: PromptInput,
@@ -713,6 +775,7 @@ impl CompletionRequest {
         type_errors: Vec<crate::error::FieldError>,
     ) -> Result<(ValidRequest, StreamMode), Vec<crate::error::FieldError>> {
         let mut errors = Errors(type_errors);
+        self.log_ignored();
         if self.echo == Some(true) {
             errors.add("echo", "unsupported", "echo is not supported");
         }
@@ -803,8 +866,12 @@ pub struct ChatCompletion {
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    /// `stop`, `tool_calls`, or `length` (the token limit, or the job was cancelled).
+    /// `stop` (also for a cancelled job, see `finish_cause`), `tool_calls`, or `length`.
     pub finish_reason: String,
+    /// Extension: why generation ended, as `/execute`'s `stop_reason`
+    /// (`EOS`, `STOP_SEQUENCE`, `MAX_TOKENS`, `CANCELLED`); with `finish_reason`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_cause: Option<String>,
     /// With `logprobs: true`; otherwise null.
     pub logprobs: Option<ChatLogprobs>,
 }
@@ -971,6 +1038,10 @@ pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
     pub finish_reason: Option<String>,
+    /// Extension: why generation ended, as `/execute`'s `stop_reason`
+    /// (`EOS`, `STOP_SEQUENCE`, `MAX_TOKENS`, `CANCELLED`); with `finish_reason`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_cause: Option<String>,
     /// With `logprobs: true`: those of the tokens whose text this chunk carries.
     pub logprobs: Option<ChatLogprobs>,
 }
@@ -1002,8 +1073,12 @@ pub struct Completion {
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
-    /// `stop` or `length`; null in chunks before the last.
+    /// `stop` (also for a cancelled job, see `finish_cause`) or `length`; null in chunks before the last.
     pub finish_reason: Option<String>,
+    /// Extension: why generation ended, as `/execute`'s `stop_reason`
+    /// (`EOS`, `STOP_SEQUENCE`, `MAX_TOKENS`, `CANCELLED`); with `finish_reason`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_cause: Option<String>,
     /// With `logprobs`; otherwise null.
     pub logprobs: Option<CompletionLogprobs>,
 }
@@ -1029,10 +1104,15 @@ fn finish_reason(reason: StopReason) -> &'static str {
         StopReason::MaxTokens => "length",
         StopReason::Eos | StopReason::StopSequence => "stop",
         // OpenAI has no value for a stop asked for by someone else (`/cancel`,
-        // a shutdown's deadline): the text was cut short, which is what
-        // "length" tells a client.
-        StopReason::Cancelled => "length",
+        // a disconnect, a shutdown's deadline): `finish_cause` says it.
+        StopReason::Cancelled => "stop",
     }
+}
+
+/// The `finish_cause` extension: the worker's own reason, as `/execute`'s
+/// end event gives it.
+fn finish_cause(reason: StopReason) -> Option<String> {
+    Some(reason.as_str().to_string())
 }
 
 fn unix_now() -> u64 {
@@ -1240,6 +1320,7 @@ pub async fn chat_completions(
         let logprobs =
             |scored: Option<Vec<Scored>>| scored.map(|s| chat_logprobs(&chunk_tokenizer, &s));
         let mut held = held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cause = None;
         let (delta, finish_reason, usage, logprobs) = match piece {
             Piece::Start => (
                 Delta {
@@ -1276,6 +1357,7 @@ pub async fn chat_completions(
                 )
             }
             Piece::Finish(reason, scored) => {
+                cause = finish_cause(reason);
                 let (text, calls) = match tool_format {
                     Some(format) => format.parse(&std::mem::take(&mut *held)),
                     None => (String::new(), Vec::new()),
@@ -1321,6 +1403,7 @@ pub async fn chat_completions(
                     index: 0,
                     delta,
                     finish_reason,
+                    finish_cause: cause,
                     logprobs,
                 }]
             },
@@ -1355,6 +1438,7 @@ pub async fn chat_completions(
                     tool_calls,
                 },
                 finish_reason: reason.into(),
+                finish_cause: finish_cause(finish.stop_reason),
                 logprobs: scored.map(|s| chat_logprobs(&tokenizer, &s)),
             }],
             usage: Usage::of(&finish),
@@ -1395,7 +1479,7 @@ pub async fn completions(
     let completion = {
         let (id, model) = (id.clone(), model.clone());
         move |text: String,
-              finish_reason: Option<String>,
+              finish: Option<StopReason>,
               usage: Option<Usage>,
               choices: bool,
               logprobs: Option<CompletionLogprobs>| {
@@ -1408,7 +1492,8 @@ pub async fn completions(
                     vec![CompletionChoice {
                         index: 0,
                         text,
-                        finish_reason,
+                        finish_reason: finish.map(|r| finish_reason(r).into()),
+                        finish_cause: finish.and_then(finish_cause),
                         logprobs,
                     }]
                 } else {
@@ -1422,11 +1507,10 @@ pub async fn completions(
         let completion = completion.clone();
         let tokenizer = tokenizer.clone();
         move |finish: Finish, scored: Option<Vec<Scored>>| {
-            let reason = Some(finish_reason(finish.stop_reason).into());
             let logprobs = scored.map(|s| completion_logprobs(&tokenizer, &s, &mut 0));
             Json(completion(
                 finish.text.clone(),
-                reason,
+                Some(finish.stop_reason),
                 Some(Usage::of(&finish)),
                 true,
                 logprobs,
@@ -1447,7 +1531,7 @@ pub async fn completions(
         Piece::Text(text, scored) => Some(completion(text, None, None, true, logprobs(scored))),
         Piece::Finish(reason, scored) => Some(completion(
             String::new(),
-            Some(finish_reason(reason).into()),
+            Some(reason),
             None,
             true,
             logprobs(scored),

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{error, openai, worker_api};
+use crate::{error, openai, tokenize, worker_api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,6 +27,8 @@ use crate::{error, openai, worker_api};
         openai::chat_completions,
         openai::completions,
         openai::models,
+        tokenize::tokenize,
+        tokenize::detokenize,
         openapi_json,
     ),
     components(schemas(
@@ -45,6 +47,7 @@ use crate::{error, openai, worker_api};
     tags(
         (name = "worker", description = "The worker API"),
         (name = "openai", description = "OpenAI-compatible API"),
+        (name = "tokenizer", description = "The served model's tokenizer, as llama-server has it"),
     )
 )]
 pub struct ApiDoc;

@@ -272,8 +272,8 @@ async fn invalid_requests_get_400_naming_the_field() {
         ),
         (
             "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "hi"}], "bogus": 1}),
-            "bogus",
+            json!({"messages": [{"role": "user", "content": "hi"}], "audio": {"voice": "alloy"}}),
+            "audio",
         ),
         (
             "/v1/chat/completions",
@@ -689,24 +689,7 @@ async fn official_openai_python_client_streams_a_chat() {
         ..ServerConfig::default()
     };
     let server = TestServer::start_with(common::options(), config).await;
-    let base_url = server.url("/v1");
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(&python)
-            .arg("-c")
-            .arg(OPENAI_CLIENT_SCRIPT)
-            .arg(&base_url)
-            .output()
-            .expect("running python")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "python failed\nstdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let report = common::python_report(python, OPENAI_CLIENT_SCRIPT, vec![server.url("/v1")]).await;
     assert!(!report["streamed"].as_str().unwrap().is_empty(), "{report}");
     assert_eq!(report["streamed"], report["whole"], "{report}");
     assert_eq!(report["finish"], json!(["length"]));
@@ -1374,27 +1357,9 @@ async fn structured_output_keeps_to_its_schema_on_every_route() {
 /// the tool's result goes back as a `tool` message, and the model answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_client_runs_a_tool_loop() {
-    let python = common::python();
     let server = TestServer::start().await;
-    let base_url = server.url("/v1");
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(&python)
-            .arg("-c")
-            .arg(TOOL_LOOP_SCRIPT)
-            .arg(&base_url)
-            .output()
-            .expect("running python")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "python failed\nstdout: {stdout}\nstderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
-    println!("{report}");
+    let report =
+        common::python_report(common::python(), TOOL_LOOP_SCRIPT, vec![server.url("/v1")]).await;
     for key in ["whole", "streamed"] {
         let call = &report[key];
         assert_eq!(call["finish"], "tool_calls", "{report}");
@@ -1449,8 +1414,9 @@ for chunk in stream:
         entry["arguments"] += d.function.arguments or ""
     finish = choice.finish_reason or finish
 report["streamed"] = dict(calls[0], finish=finish)
-# The tool's result goes back; the model answers in words.
-messages.append(whole.choices[0].message.model_dump(exclude_none=True))
+# The tool's result goes back; the model answers in words. The message goes
+# back whole, as clients copy it (refusal, annotations, audio: null included).
+messages.append(whole.choices[0].message.model_dump())
 messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 18, "sky": "clear"})})
 answer = client.chat.completions.create(model="m", messages=messages, tools=tools, tool_choice="none",
                                         max_tokens=16, temperature=0)
@@ -1460,4 +1426,278 @@ required = client.chat.completions.create(model="m", messages=messages[:2], tool
                                           max_tokens=80, temperature=0)
 report["required_finish"] = required.choices[0].finish_reason
 print(json.dumps(report))
+"#;
+
+/// The OpenAI routes accept what they can safely ignore (unknown fields, a
+/// response's message copied back whole) and refuse what they cannot honour,
+/// naming the field; a cancelled stream ends with OpenAI's `stop` and says
+/// why in `finish_cause`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_surface_ignores_what_it_can_and_refuses_what_it_cannot() {
+    let logs = common::capture_logs();
+    let server = TestServer::start().await;
+    let body = json!({"model": "any", "max_tokens": 3, "temperature": 0,
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "assistant", "content": "Hello!", "refusal": null, "annotations": [], "audio": null,
+             "function_call": null},
+            {"role": "user", "content": "What is the capital of France?"}],
+        "prompt_cache_key": "k-1", "safety_identifier": "s", "verbosity": "low",
+        "reasoning_effort": "low", "prediction": {"type": "content", "content": "Paris"},
+        "stream_options": null, "x_vendor_field": {"nested": [1, 2]}});
+    let response = server.post("/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    let chat: Value = response.json().await.unwrap();
+    assert!(!chat["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+    assert_eq!(chat["choices"][0]["finish_reason"], "length", "{chat}");
+    assert_eq!(chat["choices"][0]["finish_cause"], "MAX_TOKENS", "{chat}");
+    let text = logs.text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("request fields ignored") && l.contains("x_vendor_field")),
+        "{text}"
+    );
+    let body = json!({"prompt": "Hi", "max_tokens": 2, "stream": true,
+                      "stream_options": {"include_usage": true, "include_obfuscation": false},
+                      "some_new_field": true});
+    let events = SseReader::new(server.post("/v1/completions", &body).await)
+        .collect()
+        .await;
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+
+    let message = json!([{"role": "user", "content": "hi"}]);
+    for (field, value) in [
+        ("audio", json!({"voice": "alloy", "format": "wav"})),
+        ("modalities", json!(["text", "audio"])),
+        ("functions", json!([{"name": "f", "parameters": {}}])),
+        ("function_call", json!("auto")),
+        ("web_search_options", json!({})),
+        ("n", json!(3)),
+    ] {
+        let body = json!({"messages": message, field: value});
+        let response = server.post("/v1/chat/completions", &body).await;
+        assert_eq!(response.status(), 400, "{field}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], field, "{error}");
+    }
+    for (field, value) in [
+        ("echo", json!(true)),
+        ("suffix", json!("x")),
+        ("best_of", json!(2)),
+    ] {
+        let body = json!({"prompt": "hi", field: value});
+        let response = server.post("/v1/completions", &body).await;
+        assert_eq!(response.status(), 400, "{field}");
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["param"], field, "{error}");
+    }
+
+    // Cancelled mid-stream through /cancel with the completion's id.
+    let body = json!({"messages": message, "max_tokens": 4000, "stream": true, "temperature": 0});
+    let mut stream = SseReader::new(server.post("/v1/chat/completions", &body).await);
+    let first = stream.next().await.unwrap().json();
+    let id = first["id"].as_str().unwrap().to_string();
+    let response = server.post("/cancel", &json!({"job_id": id})).await;
+    assert_eq!(response.status(), 202);
+    let events = stream.collect().await;
+    assert_eq!(events.last().unwrap().data, "[DONE]");
+    let finish = events[events.len() - 2].json();
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop", "{finish}");
+    assert_eq!(
+        finish["choices"][0]["finish_cause"], "CANCELLED",
+        "{finish}"
+    );
+    server.stop().await.unwrap();
+}
+
+/// `/tokenize` and `/detokenize` as llama-server has them: the model's
+/// tokens for a text (special tokens read or not, with pieces) and back.
+#[tokio::test]
+async fn tokenize_and_detokenize_as_llama_server() {
+    let server = TestServer::start().await;
+    let file = gguf::GgufFile::open(common::model_path()).unwrap();
+    let tok = tokenizer::Tokenizer::from_gguf(file.metadata()).unwrap();
+    let text = "<|im_start|>user\nHello, wörld! 🦀";
+    let tokens = |body: Value| {
+        let server = &server;
+        async move {
+            let response = server.post("/tokenize", &body).await;
+            assert_eq!(response.status(), 200, "{body}");
+            response.json::<Value>().await.unwrap()["tokens"].clone()
+        }
+    };
+    let ids: Vec<u32> = serde_json::from_value(tokens(json!({"content": text})).await).unwrap();
+    assert_eq!(ids, tok.encode(text, false, true));
+    let im_start = tok.token_id("<|im_start|>").unwrap();
+    assert_eq!(ids[0], im_start, "special tokens are read by default");
+    let plain: Vec<u32> =
+        serde_json::from_value(tokens(json!({"content": text, "parse_special": false})).await)
+            .unwrap();
+    assert_eq!(plain, tok.encode(text, false, false));
+    assert!(!plain.contains(&im_start));
+    let with_bos: Vec<u32> =
+        serde_json::from_value(tokens(json!({"content": "Hi", "add_special": true})).await)
+            .unwrap();
+    assert_eq!(with_bos, tok.encode("Hi", true, true));
+
+    // With pieces: each token's text, or its bytes where they are part of a character.
+    let pieces = tokens(json!({"content": text, "with_pieces": true})).await;
+    let mut bytes = Vec::new();
+    for (entry, &id) in pieces.as_array().unwrap().iter().zip(&ids) {
+        assert_eq!(entry["id"], id);
+        match &entry["piece"] {
+            Value::String(s) => bytes.extend(s.as_bytes()),
+            Value::Array(b) => bytes.extend(b.iter().map(|v| v.as_u64().unwrap() as u8)),
+            other => panic!("piece {other}"),
+        }
+    }
+    assert_eq!(String::from_utf8(bytes).unwrap(), text);
+
+    let response = server.post("/detokenize", &json!({"tokens": ids})).await;
+    assert_eq!(response.status(), 200);
+    let back: Value = response.json().await.unwrap();
+    assert_eq!(back["content"], text);
+    let response = server
+        .post("/detokenize", &json!({"tokens": [1, 99_999_999]}))
+        .await;
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["param"], "tokens[1]", "{error}");
+    let response = server
+        .post("/tokenize", &json!({"text": "no content"}))
+        .await;
+    assert_eq!(response.status(), 400);
+    server.stop().await.unwrap();
+}
+
+/// The official client's structured output with a pydantic model
+/// (`chat.completions.parse`), log-probabilities and penalties, each
+/// checked on what comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_client_parses_scores_and_penalises() {
+    let server = TestServer::start().await;
+    let report = common::python_report(
+        common::python(),
+        CLIENT_FEATURES_SCRIPT,
+        vec![server.url("/v1")],
+    )
+    .await;
+    // parse: the pydantic model validated the answer; greedy, it is right.
+    let parsed = &report["parsed"];
+    assert_eq!(
+        parsed["country"].as_str().map(str::to_lowercase).as_deref(),
+        Some("france"),
+        "{report}"
+    );
+    assert_eq!(parsed["capital"], "Paris", "{report}");
+    assert!(report["refusal"].is_null(), "{report}");
+    // logprobs: the text is the tokens', and greedy picked each position's best.
+    let logprobs = report["logprobs"].as_array().unwrap();
+    assert!(!logprobs.is_empty());
+    let joined: String = logprobs
+        .iter()
+        .map(|l| l["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, report["logprobs_content"], "{report}");
+    for entry in logprobs {
+        let top = entry["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{entry}");
+        assert_eq!(top[0]["token"], entry["token"], "{entry}");
+        assert_eq!(top[0]["logprob"], entry["logprob"], "{entry}");
+        let values: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(
+            values.windows(2).all(|w| w[0] >= w[1]) && values[0] <= 0.0,
+            "{entry}"
+        );
+    }
+    // penalties: the repeated number comes back far less often.
+    let (plain, penalised) = (
+        report["repeats_plain"].as_u64().unwrap(),
+        report["repeats_penalised"].as_u64().unwrap(),
+    );
+    assert!(plain >= 5 && penalised * 2 <= plain, "{report}");
+    server.stop().await.unwrap();
+}
+
+const CLIENT_FEATURES_SCRIPT: &str = r#"
+import json, sys
+import openai
+from pydantic import BaseModel
+
+client = openai.OpenAI(base_url=sys.argv[1], api_key="none", max_retries=0, timeout=300)
+
+class Capital(BaseModel):
+    country: str
+    capital: str
+
+done = client.chat.completions.parse(
+    model="m", messages=[{"role": "user", "content": "What is the capital of France?"}],
+    response_format=Capital, max_tokens=40, temperature=0)
+message = done.choices[0].message
+report = {"parsed": message.parsed.model_dump() if message.parsed else None, "refusal": message.refusal}
+
+scored = client.chat.completions.create(
+    model="m", messages=[{"role": "user", "content": "Name a fruit."}],
+    max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+choice = scored.choices[0]
+report["logprobs_content"] = choice.message.content
+report["logprobs"] = [{"token": c.token, "logprob": c.logprob,
+                       "top": [{"token": t.token, "logprob": t.logprob} for t in c.top_logprobs]}
+                      for c in choice.logprobs.content]
+
+def repeats(**penalties):
+    text = client.completions.create(model="m", prompt="1, 1, 1, 1, 1, 1, 1, 1,",
+                                     max_tokens=16, temperature=0, **penalties).choices[0].text
+    return text, text.count("1")
+
+report["text_plain"], report["repeats_plain"] = repeats()
+report["text_penalised"], report["repeats_penalised"] = repeats(frequency_penalty=2.0, presence_penalty=2.0)
+print(json.dumps(report))
+"#;
+
+/// LiteLLM's OpenAI-compatible provider, pointed at the worker, completes a
+/// chat and a tool call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn litellm_completes_a_chat_and_a_tool_call() {
+    let server = TestServer::start().await;
+    let report = common::python_report(
+        common::fleet_python(),
+        LITELLM_SCRIPT,
+        vec![server.url("/v1")],
+    )
+    .await;
+    assert!(
+        report["chat"].as_str().unwrap().contains("Paris"),
+        "{report}"
+    );
+    assert_eq!(report["finish"], "tool_calls", "{report}");
+    assert_eq!(report["name"], "get_weather", "{report}");
+    let city = report["arguments"]["city"].as_str().unwrap_or_default();
+    assert!(!city.is_empty(), "{report}");
+    server.stop().await.unwrap();
+}
+
+const LITELLM_SCRIPT: &str = r#"
+import json, os, sys
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+import litellm
+
+base = sys.argv[1]
+chat = litellm.completion(model="openai/served", api_base=base, api_key="none",
+                          messages=[{"role": "user", "content": "What is the capital of France?"}],
+                          max_tokens=12, temperature=0)
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}]
+call = litellm.completion(model="openai/served", api_base=base, api_key="none",
+                          messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                          tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                          max_tokens=60, temperature=0)
+tool_call = call.choices[0].message.tool_calls[0]
+print(json.dumps({"chat": chat.choices[0].message.content, "finish": call.choices[0].finish_reason,
+                  "name": tool_call.function.name, "arguments": json.loads(tool_call.function.arguments)}))
 "#;

@@ -368,6 +368,47 @@ pub fn python() -> PathBuf {
     path
 }
 
+/// The fleet venv's Python (LiteLLM among its packages):
+/// `$WORKER_ORCD_FLEETENV/bin/python`, else the repository's target/fleetenv.
+pub fn fleet_python() -> PathBuf {
+    let env = match std::env::var_os("WORKER_ORCD_FLEETENV") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/fleetenv"),
+    };
+    let path = env.join("bin/python");
+    assert!(
+        path.exists(),
+        "fleet Python {} is missing: run scripts/setup-python.sh scripts/requirements-fleet.txt target/fleetenv (or set WORKER_ORCD_FLEETENV)",
+        path.display()
+    );
+    path
+}
+
+/// Runs a Python `script` with `args`; its standard output is one JSON
+/// report, returned. A failed script fails the test with its output.
+pub async fn python_report(python: PathBuf, script: &'static str, args: Vec<String>) -> Value {
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .arg("-c")
+            .arg(script)
+            .args(&args)
+            .output()
+            .expect("running python")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "python failed\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("the script's report is not JSON ({e}): {stdout}"));
+    println!("{report}");
+    report
+}
+
 /// Log lines of this test binary, captured from the moment this is first called.
 pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
