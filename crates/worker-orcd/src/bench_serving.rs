@@ -307,11 +307,19 @@ impl<B: Backend> Serving<B> {
             }
         }
         let baseline_from = Instant::now();
+        eprintln!(
+            "pacing: streams running after {:.1} s; baseline of {steps_each} steps",
+            warmup.elapsed().as_secs_f64()
+        );
         let steps = handle.stats().steps.load(Ordering::Relaxed);
         while handle.stats().steps.load(Ordering::Relaxed) < steps + steps_each {
             std::thread::sleep(Duration::from_millis(5));
         }
         let long_from = Instant::now();
+        eprintln!(
+            "pacing: baseline took {:.1} s; the long prompt goes in",
+            (long_from - baseline_from).as_secs_f64()
+        );
         let never = Arc::new(AtomicBool::new(false));
         let long = submit(
             &handle,
@@ -321,6 +329,10 @@ impl<B: Backend> Serving<B> {
         )?;
         let (_, long_end) = wait_end(&long)?;
         let long_until = Instant::now();
+        eprintln!(
+            "pacing: the long prompt was read in {:.1} s; a second one to cancel",
+            (long_until - long_from).as_secs_f64()
+        );
 
         // A second long prompt, cancelled once its prefill has begun.
         let cancel = Arc::new(AtomicBool::new(false));
@@ -341,6 +353,7 @@ impl<B: Backend> Serving<B> {
         let cancel_ms = cancelled_at.elapsed().as_secs_f64() * 1e3;
         let past_cancel = handle.stats().prefill_tokens.load(Ordering::Relaxed) - read_at_cancel;
         stop_streams.store(true, Ordering::Release);
+        eprintln!("pacing: cancelled in {cancel_ms:.1} ms; stopping the streams");
 
         let (mut base, mut during) = (Vec::new(), Vec::new());
         for collector in collectors {

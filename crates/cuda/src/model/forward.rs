@@ -14,7 +14,6 @@ use super::{invalid, or_null, to_engine, CudaModel, WeightsMode, GRAPH_MAX_TOKEN
 use crate::error::{DriverContext, Result};
 use crate::kernels::{
     argmax_index, Attention, DeviceMatrix, Kernels, MatvecOut, QkvPrepare, TokenMasks,
-    MATVEC_MAX_TOKENS,
 };
 use crate::kv::GpuCache;
 
@@ -128,20 +127,19 @@ impl CudaModel {
             wanted: wanted_at,
             tables: tables_at,
         };
-        let lone_tokens = batch.iter().all(|seg| seg.tokens.len() == 1);
-        // Decode steps run as CUDA graphs: any step of up to 8 tokens, and
-        // steps of one token for each of up to 64 sequences (a 64-stream
-        // step is ~700 launches, whose host time would otherwise exceed the
-        // GPU's), so the shapes captured stay few.
-        let graph_key = (trace.is_none()
-            && (n <= MATVEC_MAX_TOKENS || (lone_tokens && n <= GRAPH_MAX_TOKENS))
-            && (1..=LOGIT_ROWS).contains(&wanted.len()))
-        .then_some(GraphKey {
-            tokens: n,
-            rows: wanted.len(),
-            // A masked pick runs after the graph, once the masks are in.
-            greedy: matches!(pick, Pick::Greedy),
-        });
+        // Steps of up to 64 tokens run as CUDA graphs, however the tokens
+        // fall among the sequences (the kernels read that from the step's
+        // metadata): a step is ~700 launches, whose host time would exceed
+        // the GPU's — decode steps of many streams, and the steps that mix
+        // them with prompt chunks or run a short prompt after a cached prefix.
+        let graph_key =
+            (trace.is_none() && n <= GRAPH_MAX_TOKENS && (1..=LOGIT_ROWS).contains(&wanted.len()))
+                .then_some(GraphKey {
+                    tokens: n,
+                    rows: wanted.len(),
+                    // A masked pick runs after the graph, once the masks are in.
+                    greedy: matches!(pick, Pick::Greedy),
+                });
         let result = (|| -> Result<Output> {
             // The raw copies below use the thread's current context (the
             // scheduler runs this on its own thread).

@@ -9,6 +9,11 @@ use super::CudaModel;
 use crate::error::{DriverContext, Result};
 use crate::kernels::MATVEC_MAX_TOKENS;
 
+/// Most step shapes kept as graphs (tokens × rows × pick: mixed steps of
+/// prompt chunks and decodes come in many); a graph of a step holds a few
+/// hundred kernel nodes, well under a megabyte.
+const MAX_GRAPHS: usize = 256;
+
 impl CudaModel {
     /// A decode step (every address and size fixed by `key`) as a CUDA graph:
     /// captured on first use, replayed after. The step's metadata is already
@@ -21,6 +26,10 @@ impl CudaModel {
         at: &StepAddresses,
     ) -> Result<bool> {
         if work.graphs_unavailable || work.uncapturable.contains(&key) {
+            return Ok(false);
+        }
+        if !work.graphs.contains_key(&key) && work.graphs.len() >= MAX_GRAPHS {
+            // Enough shapes held: the rare others run directly.
             return Ok(false);
         }
         if !work.graphs.contains_key(&key) {
