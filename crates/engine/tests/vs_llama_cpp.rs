@@ -39,6 +39,7 @@ use engine::convert::FileType;
 use engine::cpu::{CpuModel, Logits};
 use engine::synth::{synthesize, Preset, SynthOptions};
 use gguf::GgufFile;
+use quant::Activations;
 use serde_json::Value;
 
 const REL_L2_VS_F32: f64 = 5e-3;
@@ -50,6 +51,40 @@ const MIN_MARGIN: f32 = 0.05;
 #[test]
 fn smollm2_135m_q4_1() {
     check("smollm2-135m-q4_1");
+}
+
+/// 8-bit activations (`--cpu-activations q8`) against llama.cpp on the
+/// quantized file, which rounds activations the same way (block formats,
+/// f16 scales, f16/bf16 rounding for float weights): relative L2 ≤ 1e-2 at
+/// every teacher-forced step and the same argmax wherever llama.cpp's top-1
+/// margin ≥ 0.05. The synthetic models meet it; the real ones do not yet
+/// (ignored, the target of the CPU fidelity work): on SmolLM2 our 8-bit run
+/// is rel-L2 2.6e-2 (mean) from llama.cpp's, about as far as from llama.cpp's
+/// F32 run (3.0e-2), which is itself ~3e-2 from llama.cpp's 8-bit run; a
+/// one-ulp change in how a block's sum is kept moves the figure by 10%. The
+/// roundings part ways within the first layers (an activation near a
+/// rounding boundary flips, and outlier-heavy blocks make each flip large)
+/// and 30 layers decorrelate the two runs' noise. Gemma 3: 3.4e-2.
+#[test]
+#[ignore = "target of the CPU fidelity work, not met yet (rel-L2 2.6e-2 mean)"]
+fn q8_smollm2_135m_q4_1() {
+    check_q8("smollm2-135m-q4_1");
+}
+
+#[test]
+#[ignore = "target of the CPU fidelity work, not met yet (rel-L2 3.4e-2 mean)"]
+fn q8_gemma3_270m_q4_k_m() {
+    check_q8("gemma3-270m-q4_k_m");
+}
+
+#[test]
+fn q8_tiny_qwen2_q4_k_m() {
+    check_q8("tiny-qwen2-q4_k_m");
+}
+
+#[test]
+fn q8_tiny_qwen2_f16() {
+    check_q8("tiny-qwen2-f16");
 }
 
 #[test]
@@ -326,6 +361,100 @@ fn check(config: &str) {
     assert!(
         failures.is_empty(),
         "{config}: {} disagreements with llama.cpp:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+const REL_L2_Q8_VS_QUANT: f64 = 1e-2;
+
+fn check_q8(config: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/logits")
+        .join(config);
+    let header: Value = serde_json::from_slice(&read(&dir.join("header.json"))).unwrap();
+    let bin = read(&dir.join("logits.bin"));
+    let (_tempdir, model_path) = model_file(&header);
+    let n_ctx = header["n_ctx"].as_u64().unwrap_or(256) as usize;
+    let model =
+        CpuModel::load_for_context(Arc::new(GgufFile::open(&model_path).unwrap()), Some(n_ctx))
+            .unwrap()
+            .with_activations(Activations::Q8);
+    let vocab = model.spec().vocab_size;
+    let steps = header["steps"].as_u64().unwrap() as usize;
+    let n_top = header["n_top"].as_u64().unwrap() as usize;
+    let random_ids = ids(&header["random_ids"]);
+    let per_ref = n_top + random_ids.len();
+    let step_words = n_top + 2 * per_ref;
+    let words = le_u32(&bin);
+    let floats: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+    let mut vs_quant = Agreement::default();
+    let mut vs_f32 = Agreement::default();
+    let mut failures = Vec::new();
+    for (p, prompt_json) in header["prompts"].as_array().unwrap().iter().enumerate() {
+        let prompt: Vec<u32> = ids(&prompt_json["prompt"])
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let greedy: Vec<u32> = ids(&prompt_json["greedy"])
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
+        let sequence: Vec<u32> = prompt.iter().chain(&greedy[..steps - 1]).copied().collect();
+        let (head, compared) = sequence.split_at(prompt.len() - 1);
+        let mut kv = model.new_cache(sequence.len());
+        model.forward(&mut kv, head, Logits::Last).unwrap();
+        let all = model.forward(&mut kv, compared, Logits::All).unwrap();
+        for step in 0..steps {
+            let ours = &all[step * vocab..(step + 1) * vocab];
+            let at = (p * steps + step) * step_words;
+            let top_ids: Vec<usize> = words[at..at + n_top].iter().map(|&w| w as usize).collect();
+            let subset = Subset::new(&top_ids, &random_ids);
+            let quant = RefStep {
+                argmax: prompt_json["quant"]["argmax"][step].as_u64().unwrap() as usize,
+                margin: prompt_json["quant"]["margin"][step].as_f64().unwrap() as f32,
+                values: &floats[at + n_top..at + n_top + per_ref],
+            };
+            let ours_argmax = argmax(ours);
+            let err = rel_l2(&subset.gather(ours), &subset.pick(quant.values));
+            vs_quant.add(err, REL_L2_Q8_VS_QUANT, &quant, ours_argmax);
+            let f32_at = at + n_top + per_ref;
+            let f32_ref = RefStep {
+                argmax: prompt_json["f32"]["argmax"][step].as_u64().unwrap() as usize,
+                margin: prompt_json["f32"]["margin"][step].as_f64().unwrap() as f32,
+                values: &floats[f32_at..f32_at + per_ref],
+            };
+            vs_f32.add(
+                rel_l2(&subset.gather(ours), &subset.pick(f32_ref.values)),
+                1.0,
+                &f32_ref,
+                ours_argmax,
+            );
+            if err.is_nan() || err > REL_L2_Q8_VS_QUANT {
+                failures.push(format!(
+                    "prompt {p} step {step}: relative L2 {err:.3e} vs llama.cpp quant (limit {REL_L2_Q8_VS_QUANT:.0e})"
+                ));
+            }
+            if quant.margin >= MIN_MARGIN && ours_argmax != quant.argmax {
+                failures.push(argmax_failure(
+                    &format!("prompt {p}"),
+                    step,
+                    "quant",
+                    ours,
+                    ours_argmax,
+                    &quant,
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "{config} q8: vs llama.cpp quant: {} | vs llama.cpp F32: {}",
+        vs_quant.summary(),
+        vs_f32.summary()
+    );
+    assert!(
+        failures.is_empty(),
+        "{config} q8: {} disagreements with llama.cpp:\n{}",
         failures.len(),
         failures.join("\n")
     );

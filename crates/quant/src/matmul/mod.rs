@@ -12,14 +12,16 @@
 //!   summation order differs and FMA rounds once), but f32 accumulation
 //!   throughout: this is the reference mode.
 //! * **Q8** — the activations are quantized once per input to 8 bits per
-//!   block, like llama.cpp's `vec_dot_type` (32-value blocks for the legacy
-//!   formats, 256-value blocks with 16-value sums for the K-quants; scales in
-//!   f32, round to nearest), and each block product is an integer dot
-//!   product (`vpmaddubsw` + `vpmaddwd`, or `vpdpbusd` where the CPU has
-//!   AVX-512 VNNI), scaled once per block. About twice as fast, with the
-//!   error of 8-bit activations (what llama.cpp computes). The float weight
-//!   formats, Q2_K and Q3_K, and CPUs without AVX2 compute the F32 result
-//!   instead.
+//!   block as llama.cpp's `vec_dot_type` holds them: 32-value blocks for the
+//!   legacy formats with the scale rounded to f16 (`block_q8_0`,
+//!   `block_q8_1`; the block's `d·Σq` stays f32), 256-value blocks with 16-value sums and
+//!   an f32 scale for the K-quants (`block_q8_K`), values rounded to nearest
+//!   even; each block product is an integer dot product (`vpmaddubsw` +
+//!   `vpmaddwd`, or `vpdpbusd` where the CPU has AVX-512 VNNI), scaled once
+//!   per block. F16 and BF16 weights meet the activations rounded to f16 and
+//!   bf16, as llama.cpp's do. About twice as fast, with the error of 8-bit
+//!   activations (what llama.cpp computes). Q2_K, Q3_K and CPUs without
+//!   AVX2 compute the F32 result instead.
 //!
 //! Work is split over the rayon pool by rows of `W` (small products stay on
 //! the calling thread); [`matmul_many`] puts several products of one input
@@ -152,6 +154,9 @@ pub struct MatmulInput<'a> {
     q8: OnceLock<Vec<Q8Pair>>,
     /// n × cols/256
     q8k: OnceLock<Vec<Q8KBlock>>,
+    /// `x` rounded to f16, and to bf16.
+    x_f16: OnceLock<Vec<f32>>,
+    x_bf16: OnceLock<Vec<f32>>,
 }
 
 impl<'a> MatmulInput<'a> {
@@ -171,6 +176,8 @@ impl<'a> MatmulInput<'a> {
             sums: OnceLock::new(),
             q8: OnceLock::new(),
             q8k: OnceLock::new(),
+            x_f16: OnceLock::new(),
+            x_bf16: OnceLock::new(),
         })
     }
 
@@ -198,6 +205,20 @@ impl<'a> MatmulInput<'a> {
                 }
             }
             sums
+        })
+    }
+
+    fn x_f16(&self) -> &[f32] {
+        self.x_f16
+            .get_or_init(|| self.x.iter().map(|&v| portable::round_f16(v)).collect())
+    }
+
+    fn x_bf16(&self) -> &[f32] {
+        self.x_bf16.get_or_init(|| {
+            self.x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect()
         })
     }
 
@@ -318,6 +339,10 @@ impl<'a> Prepared<'a> {
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) enum Needs {
     X,
+    /// `x` rounded to f16 (llama.cpp's activations for F16 weights).
+    XF16,
+    /// `x` rounded to bf16 (llama.cpp's activations for BF16 weights).
+    XBf16,
     XAndSums,
     Q8,
     Q8K,
@@ -329,6 +354,18 @@ pub(crate) type Kernel =
 
 /// The best kernel for `ty` and `act` on this CPU.
 fn select(ty: GgmlType, act: Activations) -> (Kernel, Needs) {
+    let (kernel, needs) = select_kernel(ty, act);
+    // In the 8-bit mode the float formats meet activations rounded as
+    // llama.cpp rounds them for those weights (its `vec_dot_type`).
+    let needs = match (act, ty, needs) {
+        (Activations::Q8, GgmlType::F16, Needs::X) => Needs::XF16,
+        (Activations::Q8, GgmlType::BF16, Needs::X) => Needs::XBf16,
+        _ => needs,
+    };
+    (kernel, needs)
+}
+
+fn select_kernel(ty: GgmlType, act: Activations) -> (Kernel, Needs) {
     #[cfg(target_arch = "x86_64")]
     if let Some(selected) = x86::select(ty, act) {
         return selected;
@@ -516,7 +553,11 @@ fn plan<'a>(
     };
     let prepared = Prepared {
         cols,
-        x: input.x,
+        x: match needs {
+            Needs::XF16 => input.x_f16(),
+            Needs::XBf16 => input.x_bf16(),
+            _ => input.x,
+        },
         sums: if needs == Needs::XAndSums {
             input.sums()
         } else {

@@ -113,17 +113,35 @@ fn q8(x: f32, id: f32) -> i8 {
     (x * id).round_ties_even() as i8
 }
 
-/// The scalar [`Q8Block`] quantizer: `d = max|x| / 127`, `q = round(x / d)`.
+/// The scalar [`Q8Block`] quantizer: `d = max|x| / 127`, `q = round(x / d)`,
+/// as llama.cpp's `block_q8_0`/`block_q8_1` keep them (see [`q8_block`]).
 pub(super) fn quantize_q8_block(x: &[f32; QK_LEGACY]) -> Q8Block {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let (d, id) = q8_scale(amax);
     let qs = x.map(|v| q8(v, id));
     let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
+    q8_block(qs, d, sum)
+}
+
+/// A [`Q8Block`] with llama.cpp's stored precision: the scale `d` rounded
+/// to f16 (`block_q8_0.d`, `block_q8_1.d`), the values quantized with the
+/// f32 scale before that rounding; `s` is `d·Σq` with that f16 `d`, in f32
+/// (llama.cpp's `block_q8_1.s` rounds it to f16 as well: at most one f16
+/// step apart, on the min term of Q4_1 and Q5_1 only).
+#[inline(always)]
+pub(super) fn q8_block(qs: [i8; QK_LEGACY], d: f32, sum: i32) -> Q8Block {
+    let d = round_f16(d);
     Q8Block {
         qs,
         d,
         s: d * sum as f32,
     }
+}
+
+/// `x` rounded to the nearest f16 (ties to even), as f32.
+#[inline(always)]
+pub(crate) fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
 }
 
 /// The scalar [`Q8KBlock`] quantizer, as [`quantize_q8_block`] over 256 values.

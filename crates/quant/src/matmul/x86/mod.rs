@@ -294,11 +294,7 @@ fn quantize_q8_avx2(x: &[f32], out: &mut [Q8Pair]) {
         let x: &[f32; QK_LEGACY] = x.try_into().expect("32 values");
         let (d, id) = q8_scale(abs_max32(x));
         let (qs, sum) = round32(x, id);
-        Q8Block {
-            qs,
-            d,
-            s: d * sum as f32,
-        }
+        portable::q8_block(qs, d, sum)
     };
     for (x, out) in x.chunks(2 * QK_LEGACY).zip(out) {
         let (a, b) = x.split_at(QK_LEGACY);
