@@ -48,12 +48,26 @@ fn setup() -> Setup {
     }
 }
 
+/// Submits a job; its events come on the receiver.
+fn submit(setup: &Setup, prompt: &[u32], params: GenerateParams) -> mpsc::Receiver<Event> {
+    let (tx, rx) = mpsc::channel();
+    setup
+        .handle
+        .submit(Job {
+            prompt: prompt.to_vec(),
+            params,
+            cancel: Arc::new(AtomicBool::new(false)),
+            sink: Box::new(move |e| tx.send(e).is_ok()),
+        })
+        .unwrap();
+    rx
+}
+
 /// Run `n` sampled jobs (seeds 0..n) under `grammar` at once; their texts and ends.
 fn generate(setup: &Setup, prompt: &str, grammar: &Grammar, n: u64) -> Vec<(String, Finish)> {
     let prompt = setup.tokenizer.encode(prompt, true, false);
     let receivers: Vec<_> = (0..n)
         .map(|seed| {
-            let (tx, rx) = mpsc::channel();
             let params = GenerateParams {
                 max_tokens: 200,
                 sampling: SamplingParams {
@@ -66,16 +80,7 @@ fn generate(setup: &Setup, prompt: &str, grammar: &Grammar, n: u64) -> Vec<(Stri
                 logprobs: None,
                 constraint: Some(setup.grammars.compile(grammar).unwrap()),
             };
-            setup
-                .handle
-                .submit(Job {
-                    prompt: prompt.clone(),
-                    params,
-                    cancel: Arc::new(AtomicBool::new(false)),
-                    sink: Box::new(move |e| tx.send(e).is_ok()),
-                })
-                .unwrap();
-            rx
+            submit(setup, &prompt, params)
         })
         .collect();
     receivers
@@ -277,7 +282,6 @@ fn greedy_constrained_output_is_the_best_allowed_token_each_step() {
         .map(Some)
         .chain([None])
         .map(|grammar| {
-            let (tx, rx) = mpsc::channel();
             let params = GenerateParams {
                 max_tokens: 60,
                 sampling: SamplingParams::default(),
@@ -285,16 +289,7 @@ fn greedy_constrained_output_is_the_best_allowed_token_each_step() {
                 logprobs: None,
                 constraint: grammar.map(|g| setup.grammars.compile(g).unwrap()),
             };
-            setup
-                .handle
-                .submit(Job {
-                    prompt: prompt.clone(),
-                    params,
-                    cancel: Arc::new(AtomicBool::new(false)),
-                    sink: Box::new(move |e| tx.send(e).is_ok()),
-                })
-                .unwrap();
-            rx
+            submit(&setup, &prompt, params)
         })
         .collect();
     let texts: Vec<String> = receivers

@@ -180,40 +180,116 @@ impl Agreement {
     }
 }
 
+/// A config's fixtures, read, and its model, loaded.
+struct Fixture {
+    header: Value,
+    model: CpuModel,
+    /// Holds a synthesized model file while the model is in use.
+    _tempdir: Option<tempfile::TempDir>,
+    vocab: usize,
+    steps: usize,
+    n_top: usize,
+    random_ids: Vec<usize>,
+    /// Values per reference and step: the top ids', then the random ids'.
+    per_ref: usize,
+    /// u32 words per step: the top ids, then both references.
+    step_words: usize,
+    words: Vec<u32>,
+    floats: Vec<f32>,
+}
+
+impl Fixture {
+    fn load(config: &str, activations: Activations) -> Fixture {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/logits")
+            .join(config);
+        let header: Value = serde_json::from_slice(&read(&dir.join("header.json"))).unwrap();
+        let bin = read(&dir.join("logits.bin"));
+        let (tempdir, model_path) = model_file(&header);
+        // llama.cpp's context (older fixtures: 256), which picks Phi-3's RoPE factors.
+        let n_ctx = header["n_ctx"].as_u64().unwrap_or(256) as usize;
+        let model =
+            CpuModel::load_for_context(Arc::new(GgufFile::open(&model_path).unwrap()), Some(n_ctx))
+                .unwrap()
+                .with_activations(activations);
+        let vocab = model.spec().vocab_size;
+        assert_eq!(
+            vocab,
+            header["vocab"].as_u64().unwrap() as usize,
+            "{config}: vocabulary size"
+        );
+        let steps = header["steps"].as_u64().unwrap() as usize;
+        let n_top = header["n_top"].as_u64().unwrap() as usize;
+        let random_ids = ids(&header["random_ids"]);
+        let per_ref = n_top + random_ids.len();
+        let step_words = n_top + 2 * per_ref;
+        let words = le_u32(&bin);
+        let floats: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+        assert_eq!(
+            words.len(),
+            header["prompts"].as_array().unwrap().len() * steps * step_words,
+            "{config}: logits.bin size"
+        );
+        Fixture {
+            header,
+            model,
+            _tempdir: tempdir,
+            vocab,
+            steps,
+            n_top,
+            random_ids,
+            per_ref,
+            step_words,
+            words,
+            floats,
+        }
+    }
+
+    /// Our logits (`steps × vocab`) teacher-forced on the prompt and
+    /// llama.cpp's first greedy tokens, in two passes: all but the prompt's
+    /// last token, then the positions compared (a chunk on top of the cache).
+    fn teacher_forced(&self, prompt: &[u32], greedy: &[u32]) -> Vec<f32> {
+        let sequence: Vec<u32> = prompt
+            .iter()
+            .chain(&greedy[..self.steps - 1])
+            .copied()
+            .collect();
+        let (head, compared) = sequence.split_at(prompt.len() - 1);
+        assert!(!head.is_empty(), "a prompt of one token");
+        let mut kv = self.model.new_cache(sequence.len());
+        self.model.forward(&mut kv, head, Logits::Last).unwrap();
+        self.model.forward(&mut kv, compared, Logits::All).unwrap()
+    }
+
+    /// Reference `name` ("quant" or "f32") of a prompt at a step whose
+    /// words start at `at`.
+    fn reference<'a>(&'a self, prompt: &Value, name: &str, step: usize, at: usize) -> RefStep<'a> {
+        let start = at + self.n_top + if name == "f32" { self.per_ref } else { 0 };
+        RefStep {
+            argmax: prompt[name]["argmax"][step].as_u64().unwrap() as usize,
+            margin: prompt[name]["margin"][step].as_f64().unwrap() as f32,
+            values: &self.floats[start..start + self.per_ref],
+        }
+    }
+}
+
 fn check(config: &str) {
     let started = Instant::now();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/logits")
-        .join(config);
-    let header: Value = serde_json::from_slice(&read(&dir.join("header.json"))).unwrap();
-    let bin = read(&dir.join("logits.bin"));
-
-    let (_tempdir, model_path) = model_file(&header);
-    // llama.cpp's context (older fixtures: 256), which picks Phi-3's RoPE factors.
-    let n_ctx = header["n_ctx"].as_u64().unwrap_or(256) as usize;
-    let model =
-        CpuModel::load_for_context(Arc::new(GgufFile::open(&model_path).unwrap()), Some(n_ctx))
-            .unwrap();
-    let vocab = model.spec().vocab_size;
-    assert_eq!(
-        vocab,
-        header["vocab"].as_u64().unwrap() as usize,
-        "{config}: vocabulary size"
+    let fixture = Fixture::load(config, Activations::F32);
+    let Fixture {
+        header,
+        model,
+        random_ids,
+        words,
+        ..
+    } = &fixture;
+    let (vocab, steps, n_top, step_words) = (
+        fixture.vocab,
+        fixture.steps,
+        fixture.n_top,
+        fixture.step_words,
     );
-
-    let steps = header["steps"].as_u64().unwrap() as usize;
-    let n_top = header["n_top"].as_u64().unwrap() as usize;
-    let random_ids = ids(&header["random_ids"]);
-    let per_ref = n_top + random_ids.len();
-    let step_words = n_top + 2 * per_ref;
     let prompts = header["prompts"].as_array().unwrap();
-    let words = le_u32(&bin);
-    let floats: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
-    assert_eq!(
-        words.len(),
-        prompts.len() * steps * step_words,
-        "{config}: logits.bin size"
-    );
 
     let mut vs_quant = Agreement::default();
     let mut vs_f32 = Agreement::default();
@@ -237,22 +313,8 @@ fn check(config: &str) {
             .collect();
         assert_eq!((greedy.len(), f32_greedy.len()), (steps, steps));
         let label = format!("{config} prompt {p}");
-        let reference = |name: &str, step: usize, at: usize| RefStep {
-            argmax: prompt_json[name]["argmax"][step].as_u64().unwrap() as usize,
-            margin: prompt_json[name]["margin"][step].as_f64().unwrap() as f32,
-            values: &floats[at..at + per_ref],
-        };
-
-        // Teacher forcing on the prompt and llama.cpp's first 31 greedy
-        // tokens, in two passes: all but the prompt's last token, then the 32
-        // positions whose logits we compare (a chunk on top of the cache).
-        let sequence: Vec<u32> = prompt.iter().chain(&greedy[..steps - 1]).copied().collect();
-        let (head, compared) = sequence.split_at(prompt.len() - 1);
-        assert!(!head.is_empty(), "{label}: a prompt of one token");
-        let mut kv = model.new_cache(sequence.len());
-        model.forward(&mut kv, head, Logits::Last).unwrap();
-        // steps × vocab
-        let all = model.forward(&mut kv, compared, Logits::All).unwrap();
+        // Teacher forcing on the prompt and llama.cpp's first 31 greedy tokens.
+        let all = fixture.teacher_forced(&prompt, &greedy);
         // Steps at which llama.cpp's greedy run on the quantized file does
         // not bind us: near-ties, and llama.cpp's F32 run choosing another token.
         let mut quant_free = vec![false; steps];
@@ -260,9 +322,9 @@ fn check(config: &str) {
             let ours = &all[step * vocab..(step + 1) * vocab];
             let at = (p * steps + step) * step_words;
             let top_ids: Vec<usize> = words[at..at + n_top].iter().map(|&w| w as usize).collect();
-            let subset = Subset::new(&top_ids, &random_ids);
-            let quant = reference("quant", step, at + n_top);
-            let f32_ref = reference("f32", step, at + n_top + per_ref);
+            let subset = Subset::new(&top_ids, random_ids);
+            let quant = fixture.reference(prompt_json, "quant", step, at);
+            let f32_ref = fixture.reference(prompt_json, "f32", step, at);
             let ours_argmax = argmax(ours);
             let ours_subset = subset.gather(ours);
 
@@ -323,7 +385,7 @@ fn check(config: &str) {
             .iter()
             .map(|m| m.as_f64().unwrap() as f32)
             .collect();
-        let ours = generate(&model, &prompt, steps);
+        let ours = generate(model, &prompt, steps);
         for (name, theirs, free, lengths) in [
             ("quant", &greedy, &quant_free, &mut greedy_quant),
             (
@@ -369,61 +431,37 @@ fn check(config: &str) {
 const REL_L2_Q8_VS_QUANT: f64 = 1e-2;
 
 fn check_q8(config: &str) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/logits")
-        .join(config);
-    let header: Value = serde_json::from_slice(&read(&dir.join("header.json"))).unwrap();
-    let bin = read(&dir.join("logits.bin"));
-    let (_tempdir, model_path) = model_file(&header);
-    let n_ctx = header["n_ctx"].as_u64().unwrap_or(256) as usize;
-    let model =
-        CpuModel::load_for_context(Arc::new(GgufFile::open(&model_path).unwrap()), Some(n_ctx))
-            .unwrap()
-            .with_activations(Activations::Q8);
-    let vocab = model.spec().vocab_size;
-    let steps = header["steps"].as_u64().unwrap() as usize;
-    let n_top = header["n_top"].as_u64().unwrap() as usize;
-    let random_ids = ids(&header["random_ids"]);
-    let per_ref = n_top + random_ids.len();
-    let step_words = n_top + 2 * per_ref;
-    let words = le_u32(&bin);
-    let floats: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+    let fixture = Fixture::load(config, Activations::Q8);
+    let (vocab, steps, n_top) = (fixture.vocab, fixture.steps, fixture.n_top);
     let mut vs_quant = Agreement::default();
     let mut vs_f32 = Agreement::default();
     let mut failures = Vec::new();
-    for (p, prompt_json) in header["prompts"].as_array().unwrap().iter().enumerate() {
-        let prompt: Vec<u32> = ids(&prompt_json["prompt"])
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
-        let greedy: Vec<u32> = ids(&prompt_json["greedy"])
-            .into_iter()
-            .map(|t| t as u32)
-            .collect();
-        let sequence: Vec<u32> = prompt.iter().chain(&greedy[..steps - 1]).copied().collect();
-        let (head, compared) = sequence.split_at(prompt.len() - 1);
-        let mut kv = model.new_cache(sequence.len());
-        model.forward(&mut kv, head, Logits::Last).unwrap();
-        let all = model.forward(&mut kv, compared, Logits::All).unwrap();
+    for (p, prompt_json) in fixture.header["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let tokens = |key: &str| -> Vec<u32> {
+            ids(&prompt_json[key])
+                .into_iter()
+                .map(|t| t as u32)
+                .collect()
+        };
+        let all = fixture.teacher_forced(&tokens("prompt"), &tokens("greedy"));
         for step in 0..steps {
             let ours = &all[step * vocab..(step + 1) * vocab];
-            let at = (p * steps + step) * step_words;
-            let top_ids: Vec<usize> = words[at..at + n_top].iter().map(|&w| w as usize).collect();
-            let subset = Subset::new(&top_ids, &random_ids);
-            let quant = RefStep {
-                argmax: prompt_json["quant"]["argmax"][step].as_u64().unwrap() as usize,
-                margin: prompt_json["quant"]["margin"][step].as_f64().unwrap() as f32,
-                values: &floats[at + n_top..at + n_top + per_ref],
-            };
+            let at = (p * steps + step) * fixture.step_words;
+            let top_ids: Vec<usize> = fixture.words[at..at + n_top]
+                .iter()
+                .map(|&w| w as usize)
+                .collect();
+            let subset = Subset::new(&top_ids, &fixture.random_ids);
+            let quant = fixture.reference(prompt_json, "quant", step, at);
             let ours_argmax = argmax(ours);
             let err = rel_l2(&subset.gather(ours), &subset.pick(quant.values));
             vs_quant.add(err, REL_L2_Q8_VS_QUANT, &quant, ours_argmax);
-            let f32_at = at + n_top + per_ref;
-            let f32_ref = RefStep {
-                argmax: prompt_json["f32"]["argmax"][step].as_u64().unwrap() as usize,
-                margin: prompt_json["f32"]["margin"][step].as_f64().unwrap() as f32,
-                values: &floats[f32_at..f32_at + per_ref],
-            };
+            let f32_ref = fixture.reference(prompt_json, "f32", step, at);
             vs_f32.add(
                 rel_l2(&subset.gather(ours), &subset.pick(f32_ref.values)),
                 1.0,
