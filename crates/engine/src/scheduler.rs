@@ -184,6 +184,7 @@ pub fn spawn<B: Backend>(
                 running: Vec::new(),
                 kept: Vec::new(),
                 pace: Pace::default(),
+                oldest_first: false,
             }
             .run()
         })
@@ -236,19 +237,27 @@ struct Loop<B: Backend> {
     /// Finished sequences' caches, least recently used first.
     kept: Vec<B::Cache>,
     pace: Pace,
+    /// Whether this step's prompt budget goes to the longest-waiting prompt
+    /// first (alternating with shortest-first while prompts compete).
+    oldest_first: bool,
 }
 
 /// Sizes prompt chunks while sequences decode. The cost of a step is not
 /// linear in its tokens (the CPU's products work in tiles of tokens, the
 /// GPU switches from mat-vec kernels to GEMMs past a few rows), so the chunk
 /// is found by trial: it grows while steps stay within [`PACE`] times a
-/// decode-only step and shrinks when one does not. A decode step's cost
-/// drifts (the streams' contexts grow, streams come and go), so every
-/// [`Pace::PROBE_EVERY`] steps with prompt tokens one runs without them, to
-/// time it afresh.
+/// decode-only step and shrinks when they do not — when the running average
+/// of mixed steps is past the pace, or one step is clearly past it (a
+/// quarter more): single steps on a busy machine vary by more than the
+/// pace's margin, and reacting to each drove the chunk down to one token. A
+/// decode step's cost drifts (the streams' contexts grow, streams come and
+/// go), so every [`Pace::PROBE_EVERY`] steps with prompt tokens one runs
+/// without them, to time it afresh.
 struct Pace {
     /// Seconds of a step with decode tokens only (a running average).
     decode_step: Option<f64>,
+    /// Mixed steps' time over the decode step's (a running average).
+    mixed_ratio: Option<f64>,
     /// Prompt tokens the next step with decoding sequences may carry.
     chunk: usize,
     /// Steps with prompt tokens since the last decode-only one.
@@ -265,6 +274,7 @@ impl Default for Pace {
     fn default() -> Self {
         Pace {
             decode_step: None,
+            mixed_ratio: None,
             chunk: 4,
             since_probe: 0,
             ceiling: None,
@@ -307,11 +317,19 @@ impl Pace {
         let Some(decode) = self.decode_step else {
             return;
         };
-        if seconds > PACE * decode {
+        let ratio = seconds / decode;
+        let average = match self.mixed_ratio {
+            Some(a) => a + Self::WEIGHT * (ratio - a),
+            None => ratio,
+        };
+        self.mixed_ratio = Some(average);
+        if average > PACE || ratio > PACE * 1.25 {
             self.ceiling = Some(self.ceiling.map_or(prompt_tokens, |c| c.min(prompt_tokens)));
             self.since_ceiling = 0;
             self.chunk = (self.chunk * 2 / 3).max(1);
-        } else if prompt_tokens >= self.chunk {
+            // The next chunks start the average afresh at the pace.
+            self.mixed_ratio = Some(average.min(PACE));
+        } else if ratio <= PACE && prompt_tokens >= self.chunk {
             // The chunk was the limit and the step kept its pace: try more,
             // but not what went past the pace lately.
             let grown = self.chunk + (self.chunk / 4).max(1);
@@ -591,9 +609,22 @@ impl<B: Backend> Loop<B> {
                 prefilling.push(i);
             }
         }
-        // The shortest prompts first: a short request is not kept waiting
-        // behind a long one, which takes what the budget leaves.
+        // The shortest prompts first, so that a short request is not kept
+        // waiting behind a long one; but when prompts compete, every other
+        // step goes to the one waiting longest first, so that a stream of
+        // short requests cannot starve a long prompt.
         prefilling.sort_by_key(|&i| self.running[i].job.prompt.len() - self.running[i].prefilled);
+        if prefilling.len() > 1 && decoding > 0 {
+            self.oldest_first = !self.oldest_first;
+            if self.oldest_first {
+                if let Some(at) =
+                    (0..prefilling.len()).min_by_key(|&k| self.running[prefilling[k]].submitted)
+                {
+                    let oldest = prefilling.remove(at);
+                    prefilling.insert(0, oldest);
+                }
+            }
+        }
         for i in prefilling {
             if budget == 0 {
                 break;
@@ -967,6 +998,22 @@ mod tests {
             pace.prompt_budget(512),
             5,
             "0.18 s is within 1.5 × the new average"
+        );
+        // One step a little past the pace is noise; steps past it on average are not.
+        pace.record(0.26, 8, 5);
+        assert_eq!(
+            pace.prompt_budget(512),
+            5,
+            "one step a little past the pace"
+        );
+        let mut more = 0;
+        while pace.chunk == 5 && more < 6 {
+            pace.record(0.26, 8, 5);
+            more += 1;
+        }
+        assert!(
+            pace.chunk == 3 && more >= 2,
+            "past the pace on average: smaller after {more} more steps"
         );
     }
 }
