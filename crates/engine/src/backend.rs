@@ -93,21 +93,32 @@ pub trait Backend: Send + Sync + 'static {
         batch: &mut [Segment<'_, Self::Cache>],
         masks: &mut dyn FnMut() -> Vec<Option<TokenMask>>,
     ) -> Result<Vec<Vec<u32>>, EngineError> {
-        let vocab = self.spec().vocab_size;
-        let rows = self.forward_logits(batch)?;
-        let masks = masks();
-        Ok(rows
-            .iter()
-            .enumerate()
-            .map(|(i, logits)| {
-                let mask = masks.get(i).and_then(Option::as_ref);
-                logits
-                    .chunks_exact(vocab)
-                    .map(|row| masked_argmax(row, mask))
-                    .collect()
-            })
-            .collect())
+        let logits = self.forward_logits(batch)?;
+        Ok(masked_argmax_rows(
+            &logits,
+            self.spec().vocab_size,
+            &masks(),
+        ))
     }
+}
+
+/// Each segment's rows of logits (`vocab` wide) picked greedily within the
+/// segment's mask, as [`Backend::forward_greedy_masked`] returns them.
+pub fn masked_argmax_rows(
+    logits: &[Vec<f32>],
+    vocab: usize,
+    masks: &[Option<TokenMask>],
+) -> Vec<Vec<u32>> {
+    logits
+        .iter()
+        .enumerate()
+        .map(|(i, rows)| {
+            let mask = masks.get(i).and_then(Option::as_ref);
+            rows.chunks_exact(vocab)
+                .map(|row| masked_argmax(row, mask))
+                .collect()
+        })
+        .collect()
 }
 
 /// The tokens allowed next: bit `t % 32` of word `t / 32` is set when token

@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -700,8 +700,8 @@ impl<B: Backend> Loop<B> {
                 // The token masks are computed while the forward pass runs
                 // (a failed one is reported when the token is taken).
                 std::thread::scope(|scope| {
-                    let masks = scope.spawn(move || compute_masks(constraints));
                     if greedy {
+                        let masks = scope.spawn(move || on_grammars(constraints, Constraint::mask));
                         let mut masks = Some(masks);
                         let mut by_segment = || {
                             let mut out: Vec<Option<TokenMask>> = vec![None; n_segments];
@@ -715,6 +715,9 @@ impl<B: Backend> Loop<B> {
                         let ids = model.forward_greedy_masked(&mut segments, &mut by_segment);
                         ids.map(|ids| ids.into_iter().map(Output::Token).collect::<Vec<_>>())
                     } else {
+                        // The masks are kept in the grammars, for restrict().
+                        let masks =
+                            scope.spawn(move || on_grammars(constraints, Constraint::prepare));
                         let rows = model.forward_logits(&mut segments);
                         let _ = masks.join();
                         rows.map(|rows| rows.into_iter().map(Output::Logits).collect::<Vec<_>>())
@@ -910,33 +913,31 @@ impl<B: Backend> Loop<B> {
     }
 }
 
-/// Each grammar's mask, by segment, computed on up to 8 threads (one mask
-/// takes tens to hundreds of microseconds: with many constrained streams a
-/// single thread would outlast the forward pass).
-fn compute_masks(
+/// `work` on each grammar (its mask, the costly part), by segment, on up to
+/// 8 threads: one mask takes tens to hundreds of microseconds, so with many
+/// constrained streams a single thread would outlast the forward pass.
+fn on_grammars<R: Send>(
     constraints: Vec<(usize, &mut Constraint)>,
-) -> Vec<(usize, Result<TokenMask, String>)> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    work: fn(&mut Constraint) -> R,
+) -> Vec<(usize, R)> {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let threads = constraints.len().div_ceil(8).min(cores).clamp(1, 8);
-    if threads == 1 {
-        return constraints
-            .into_iter()
-            .map(|(segment, c)| (segment, c.mask()))
-            .collect();
-    }
     let mut constraints = constraints;
-    let per_thread = constraints.len().div_ceil(threads);
+    let per_thread = constraints.len().div_ceil(threads).max(1);
+    let run = |chunk: &mut [(usize, &mut Constraint)]| -> Vec<(usize, R)> {
+        chunk
+            .iter_mut()
+            .map(|(segment, c)| (*segment, work(c)))
+            .collect()
+    };
+    if threads == 1 {
+        return run(&mut constraints);
+    }
     std::thread::scope(|scope| {
         let handles: Vec<_> = constraints
             .chunks_mut(per_thread)
-            .map(|chunk| {
-                scope.spawn(move || {
-                    chunk
-                        .iter_mut()
-                        .map(|(segment, c)| (*segment, c.mask()))
-                        .collect::<Vec<_>>()
-                })
-            })
+            .map(|chunk| scope.spawn(move || run(chunk)))
             .collect();
         handles
             .into_iter()

@@ -568,18 +568,11 @@ impl Backend for CudaModel {
         if rows > LOGIT_ROWS {
             // More rows than the workspace's logits hold: masked on the host.
             let logits = self.forward_logits(batch)?;
-            let masks = masks();
-            let vocab = self.spec.vocab_size;
-            return Ok(logits
-                .iter()
-                .enumerate()
-                .map(|(i, l)| {
-                    let mask = masks.get(i).and_then(Option::as_ref);
-                    l.chunks_exact(vocab)
-                        .map(|row| engine::backend::masked_argmax(row, mask))
-                        .collect()
-                })
-                .collect());
+            return Ok(engine::backend::masked_argmax_rows(
+                &logits,
+                self.spec.vocab_size,
+                &masks(),
+            ));
         }
         match self.run(batch, Pick::Masked(masks), None)? {
             Output::Tokens(ids) => Ok(ids),

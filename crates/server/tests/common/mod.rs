@@ -356,29 +356,34 @@ pub async fn post_raw(addr: SocketAddr, path: &str, size: usize, chunked: bool) 
 
 /// The tests' Python: `$WORKER_ORCD_PYTHON`, else the repository's target/pyenv.
 pub fn python() -> PathBuf {
-    let path = match std::env::var_os("WORKER_ORCD_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv/bin/python"),
-    };
-    assert!(
-        path.exists(),
-        "test Python {} is missing: run scripts/setup-python.sh (or set WORKER_ORCD_PYTHON)",
-        path.display()
-    );
-    path
+    existing_python(
+        std::env::var_os("WORKER_ORCD_PYTHON").map(PathBuf::from),
+        "target/pyenv",
+        "run scripts/setup-python.sh (or set WORKER_ORCD_PYTHON)",
+    )
 }
 
 /// The fleet venv's Python (LiteLLM among its packages):
 /// `$WORKER_ORCD_FLEETENV/bin/python`, else the repository's target/fleetenv.
 pub fn fleet_python() -> PathBuf {
-    let env = match std::env::var_os("WORKER_ORCD_FLEETENV") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/fleetenv"),
-    };
-    let path = env.join("bin/python");
+    existing_python(
+        std::env::var_os("WORKER_ORCD_FLEETENV").map(|env| PathBuf::from(env).join("bin/python")),
+        "target/fleetenv",
+        "run scripts/setup-python.sh scripts/requirements-fleet.txt target/fleetenv (or set WORKER_ORCD_FLEETENV)",
+    )
+}
+
+/// `given`, else the python of the repository's venv `venv`; it must exist.
+fn existing_python(given: Option<PathBuf>, venv: &str, setup: &str) -> PathBuf {
+    let path = given.unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(venv)
+            .join("bin/python")
+    });
     assert!(
         path.exists(),
-        "fleet Python {} is missing: run scripts/setup-python.sh scripts/requirements-fleet.txt target/fleetenv (or set WORKER_ORCD_FLEETENV)",
+        "Python {} is missing: {setup}",
         path.display()
     );
     path
