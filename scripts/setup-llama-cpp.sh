@@ -51,8 +51,15 @@ if [[ -e "$venv" && ! -f "$venv/pyvenv.cfg" ]]; then
 fi
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 
+# llama.cpp's native build crashes (SIGSEGV on the first decode) on a CPU that
+# reports AMX inside a VM: there, build for AVX-512 with VNNI and without AMX.
+if [[ -z "${CMAKE_ARGS:-}" ]] && grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
+    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF"
+    echo "setup-llama-cpp: the CPU reports AMX; building with $CMAKE_ARGS"
+fi
+
 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
-    "$venv/bin/python" -m pip install --disable-pip-version-check \
+    "$venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir \
     --no-binary llama-cpp-python "llama-cpp-python==$llama_cpp_python_version" -r "$requirements"
 
 "$venv/bin/python" -c 'import llama_cpp, gguf.quants, numpy'
