@@ -354,6 +354,7 @@ impl CpuModel {
 }
 
 /// Dot product with eight independent accumulators (vectorizes well).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -476,7 +477,7 @@ impl<'a> Rope<'a> {
     }
 }
 
-/// Causal (optionally sliding-window) attention of `n` query rows at
+/// Attention of the `n` query rows `q` (n × q_dim, RoPE applied) at
 /// positions `start..start+n` over the cached keys and values of positions
 /// `0..start+n`. Returns n × q_dim.
 fn attention(
@@ -488,64 +489,215 @@ fn attention(
     n: usize,
     window: Option<usize>,
 ) -> Vec<f32> {
-    let (hd, q_dim, kv_dim) = (spec.head_dim, spec.q_dim(), spec.kv_dim());
-    let group = spec.n_heads / spec.n_kv_heads;
+    let q_dim = spec.q_dim();
     let mut out = vec![0f32; n * q_dim];
+    let wide = simd::wide();
     // One task per (row, head): independent and evenly sized.
-    out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
-        let (t, h) = (task / spec.n_heads, task % spec.n_heads);
-        let pos = start + t;
-        let first = match window {
+    out.par_chunks_mut(spec.head_dim)
+        .enumerate()
+        .for_each(|(task, o)| {
+            let head = Head {
+                spec,
+                q,
+                keys,
+                values,
+                row: task / spec.n_heads,
+                head: task % spec.n_heads,
+                start,
+                window,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: simd::wide() checked AVX2 and FMA.
+                unsafe { head.attend_avx2(o) };
+                return;
+            }
+            let _ = wide;
+            head.attend(o);
+        });
+    out
+}
+
+/// One attention task: a query row's head.
+struct Head<'a> {
+    spec: &'a ModelSpec,
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    row: usize,
+    head: usize,
+    start: usize,
+    window: Option<usize>,
+}
+
+impl Head<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_avx2(&self, o: &mut [f32]) {
+        self.attend(o)
+    }
+
+    /// Softmax of the scaled (and capped) scores against the keys, times the values, into `o`.
+    #[inline(always)]
+    fn attend(&self, o: &mut [f32]) {
+        let spec = self.spec;
+        let (hd, q_dim, kv_dim) = (spec.head_dim, spec.q_dim(), spec.kv_dim());
+        let pos = self.start + self.row;
+        let first = match self.window {
             Some(w) => (pos + 1).saturating_sub(w),
             None => 0,
         };
-        let kvh = h / group;
-        let qh = &q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-        let mut scores: Vec<f32> = (first..=pos)
-            .map(|p| {
-                let score = dot(
-                    qh,
-                    &keys[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd],
-                ) * spec.attention_scale;
-                match spec.attn_softcap {
-                    Some(cap) => cap * (score / cap).tanh(),
-                    None => score,
-                }
-            })
-            .collect();
+        let kvh = self.head / (spec.n_heads / spec.n_kv_heads);
+        let at = self.row * q_dim + self.head * hd;
+        let qh = &self.q[at..at + hd];
+        // plain loops, no closures: a closure handed to an iterator adapter
+        // is compiled outside this function and would lose its AVX2
+        let mut scores = vec![0f32; pos + 1 - first];
+        for (i, score) in scores.iter_mut().enumerate() {
+            let p = first + i;
+            let key = &self.keys[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
+            *score = dot(qh, key) * spec.attention_scale;
+            if let Some(cap) = spec.attn_softcap {
+                *score = cap * (*score / cap).tanh();
+            }
+        }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for s in scores.iter_mut() {
-            *s = (*s - max).exp();
+            *s = simd::exp(*s - max);
             sum += *s;
         }
         let inv = 1.0 / sum;
         for (p, &s) in (first..=pos).zip(&scores) {
             let weight = s * inv;
-            let vrow = &values[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
+            let vrow = &self.values[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
             for (acc, &v) in o.iter_mut().zip(vrow) {
                 *acc += weight * v;
             }
         }
-    });
-    out
+    }
 }
 
-/// `gate = act(gate) * up`, elementwise.
+/// `gate = act(gate) * up`, elementwise; large inputs (prompts) spread over
+/// the thread pool.
 fn gated_activation(gate: &mut [f32], up: &[f32], activation: Activation) {
-    match activation {
-        Activation::Silu => {
-            for (g, &u) in gate.iter_mut().zip(up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
+    const CHUNK: usize = 1 << 13;
+    let wide = simd::wide();
+    let run = |gate: &mut [f32], up: &[f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: simd::wide() checked AVX2 and FMA.
+            unsafe { simd::gated_avx2(gate, up, activation) };
+            return;
+        }
+        let _ = wide;
+        simd::gated(gate, up, activation);
+    };
+    if gate.len() <= CHUNK {
+        run(gate, up);
+    } else {
+        gate.par_chunks_mut(CHUNK)
+            .zip(up.par_chunks(CHUNK))
+            .for_each(|(g, u)| run(g, u));
+    }
+}
+
+/// Elementwise functions written without library calls, so that loops over
+/// them vectorize, and compiled a second time for AVX2 (picked at run time;
+/// the same operations, so the same results, as Rust does not contract
+/// `a * b + c` into a fused multiply-add).
+mod simd {
+    use crate::spec::Activation;
+
+    /// Whether this CPU runs the AVX2 + FMA copies.
+    pub fn wide() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
+    /// `e^x` to within 2e-7 (relative) for x in [-87, 88], clamped outside
+    /// it: `2^k · e^r` with `k = round(x / ln 2)`, `|r| ≤ ln 2 / 2`, and e^r
+    /// by its Taylor polynomial of degree 6.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        const LOG2_E: f32 = std::f32::consts::LOG2_E;
+        // ln 2 in two parts, the first exact in few bits (Cody and Waite)
+        const LN2_HI: f32 = 0.693_145_75;
+        const LN2_LO: f32 = 1.428_606_8e-6;
+        // adding and subtracting 1.5·2^23 rounds to an integer (ties to even)
+        const ROUND: f32 = 12_582_912.0;
+        let x = x.clamp(-87.0, 88.0);
+        let k = (x * LOG2_E + ROUND) - ROUND;
+        let r = (x - k * LN2_HI) - k * LN2_LO;
+        let p = 1.0
+            + r * (1.0
+                + r * (0.5
+                    + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+        let two_k = f32::from_bits(((k as i32 + 127) as u32) << 23);
+        p * two_k
+    }
+
+    /// `tanh(x)` as `1 - 2 / (e^{2x} + 1)` (absolute error about 1e-7).
+    #[inline(always)]
+    pub fn tanh(x: f32) -> f32 {
+        1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+    }
+
+    #[inline(always)]
+    pub fn gated(gate: &mut [f32], up: &[f32], activation: Activation) {
+        match activation {
+            Activation::Silu => {
+                for (g, &u) in gate.iter_mut().zip(up) {
+                    *g = *g / (1.0 + exp(-*g)) * u;
+                }
+            }
+            Activation::GeluTanh => {
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                const COEF: f32 = 0.044_715;
+                for (g, &u) in gate.iter_mut().zip(up) {
+                    let x = *g;
+                    *g = 0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * x * (1.0 + COEF * x * x))) * u;
+                }
             }
         }
-        Activation::GeluTanh => {
-            const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-            const COEF: f32 = 0.044_715;
-            for (g, &u) in gate.iter_mut().zip(up) {
-                let x = *g;
-                *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF * x * x)).tanh()) * u;
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn gated_avx2(gate: &mut [f32], up: &[f32], activation: Activation) {
+        gated(gate, up, activation)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn exp_and_tanh_match_the_library() {
+            let mut worst_exp = 0f64;
+            let mut worst_tanh = 0f64;
+            for i in -200_000..=200_000 {
+                let x = i as f32 * 4.4e-4; // -88 .. 88
+                let want = f64::from(x).exp();
+                if x >= -87.0 {
+                    worst_exp = worst_exp.max((f64::from(exp(x)) - want).abs() / want);
+                }
+                let t = x / 8.0;
+                worst_tanh = worst_tanh.max((f64::from(tanh(t)) - f64::from(t).tanh()).abs());
             }
+            assert!(worst_exp < 4e-7, "exp: worst relative error {worst_exp:e}");
+            assert!(
+                worst_tanh < 3e-7,
+                "tanh: worst absolute error {worst_tanh:e}"
+            );
+            assert_eq!(exp(-1000.0), exp(-87.0));
+            assert!(exp(1000.0).is_finite());
+            assert_eq!(tanh(100.0), 1.0);
+            assert_eq!(tanh(-100.0), -1.0);
         }
     }
 }

@@ -27,6 +27,9 @@ pub struct BenchArgs {
     /// takes milliseconds, is measured at least 30 times).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Prefill measurements [default: the larger of `--repeats` and 30].
+    #[arg(long)]
+    pub prefill_repeats: Option<usize>,
     /// Concurrent streams for the many-streams measure (0 skips it): each a
     /// `--stream-prompt`-token prompt, then `--gen-tokens` generated, all
     /// streams decoding together in one batch per step [default: 64 on a GPU, 0 on the CPU].
@@ -148,6 +151,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
                 "stream_prompt_tokens": args.stream_prompt,
                 "streams_decode_tokens_per_second": streams_decode,
                 "streams_generated_tokens_per_second": streams_total,
+                "peak_rss_bytes": peak_rss_bytes(),
             }))?
         );
     } else {
@@ -178,6 +182,15 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The process's peak resident memory (Linux's VmHWM: mapped file pages
+/// included), if the platform says.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// `bench --serving`: the model behind the scheduler, on either backend.
@@ -243,7 +256,7 @@ fn streams(args: &BenchArgs) -> usize {
 
 /// Prefill takes milliseconds: at least 30 measurements of it.
 fn prefill_repeats(args: &BenchArgs) -> usize {
-    args.repeats.max(30)
+    args.prefill_repeats.unwrap_or(args.repeats.max(30))
 }
 
 /// What [`measure`] found, tokens per second, medians.

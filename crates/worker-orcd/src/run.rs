@@ -40,9 +40,9 @@ pub struct ModelArgs {
     /// Worker threads for the CPU backend [default: all cores].
     #[arg(short, long, env = "WORKER_ORCD_THREADS")]
     pub threads: Option<usize>,
-    /// CPU matrix products: f32 activations (exact, the reference) or q8
-    /// (activations quantized to 8 bits per block as llama.cpp does; faster).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "q8"], env = "WORKER_ORCD_CPU_ACTIVATIONS")]
+    /// CPU matrix products: q8 (activations quantized to 8 bits per block
+    /// as llama.cpp does; fast) or f32 (exact: the reference).
+    #[arg(long, default_value = "q8", value_parser = ["q8", "f32"], env = "WORKER_ORCD_CPU_ACTIVATIONS")]
     pub cpu_activations: String,
     /// Most tokens one forward pass runs (decode tokens plus prompt chunks).
     /// While sequences decode, prompt chunks are smaller: sized from the
@@ -69,8 +69,8 @@ impl ModelArgs {
 
     pub fn activations(&self) -> quant::Activations {
         match self.cpu_activations.as_str() {
-            "q8" => quant::Activations::Q8,
-            _ => quant::Activations::F32,
+            "f32" => quant::Activations::F32,
+            _ => quant::Activations::Q8,
         }
     }
 }

@@ -150,7 +150,7 @@ fn every_type_matches_the_reference_in_both_modes() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     for ty in SUPPORTED_TYPES {
         for cols in col_counts(ty) {
-            for (rows, n) in [(1, 1), (7, 1), (33, 2), (5, 3), (9, 4), (13, 9)] {
+            for (rows, n) in [(1, 1), (7, 1), (33, 2), (5, 3), (9, 4), (13, 9), (6, 15)] {
                 let w = random_weights(ty, rows, cols, &mut rng);
                 let w_values = dequantize_to_vec(ty, &w).unwrap();
                 let x = random_activations(n * cols, &mut rng);
