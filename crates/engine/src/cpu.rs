@@ -353,20 +353,48 @@ impl CpuModel {
     }
 }
 
-/// Dot product with eight independent accumulators (vectorizes well).
+/// Dot product with 32 independent accumulators (four vectors of eight), so
+/// that the additions of consecutive values do not wait on each other.
+/// `WIDE`: with AVX2 intrinsics (the caller runs with AVX2 enabled), the
+/// same operations in the same order, so the same result.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+fn dot<const WIDE: bool>(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 32;
+    assert_eq!(a.len(), b.len());
+    let whole = a.len() / LANES * LANES;
+    let mut acc = [0f32; LANES];
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller runs with AVX2 (WIDE), and every load reads
+        // 8 values of `a` or `b` below `whole`.
+        unsafe {
+            let mut v = [_mm256_setzero_ps(); 4];
+            for c in (0..whole).step_by(LANES) {
+                for (j, v) in v.iter_mut().enumerate() {
+                    let x = _mm256_loadu_ps(a.as_ptr().add(c + 8 * j));
+                    let y = _mm256_loadu_ps(b.as_ptr().add(c + 8 * j));
+                    *v = _mm256_add_ps(*v, _mm256_mul_ps(x, y));
+                }
+            }
+            for (j, v) in v.iter().enumerate() {
+                _mm256_storeu_ps(acc.as_mut_ptr().add(8 * j), *v);
+            }
         }
     }
-    let mut sum: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        sum += x * y;
+    if !WIDE || cfg!(not(target_arch = "x86_64")) {
+        for c in (0..whole).step_by(LANES) {
+            for i in 0..LANES {
+                acc[i] += a[c + i] * b[c + i];
+            }
+        }
+    }
+    let mut sum = 0f32;
+    for i in 0..8 {
+        sum += (acc[i] + acc[i + 8]) + (acc[i + 16] + acc[i + 24]);
+    }
+    for i in whole..a.len() {
+        sum += a[i] * b[i];
     }
     sum
 }
@@ -513,7 +541,7 @@ fn attention(
                 return;
             }
             let _ = wide;
-            head.attend(o);
+            head.attend::<false>(o);
         });
     out
 }
@@ -534,12 +562,12 @@ impl Head<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn attend_avx2(&self, o: &mut [f32]) {
-        self.attend(o)
+        self.attend::<true>(o)
     }
 
     /// Softmax of the scaled (and capped) scores against the keys, times the values, into `o`.
     #[inline(always)]
-    fn attend(&self, o: &mut [f32]) {
+    fn attend<const WIDE: bool>(&self, o: &mut [f32]) {
         let spec = self.spec;
         let (hd, q_dim, kv_dim) = (spec.head_dim, spec.q_dim(), spec.kv_dim());
         let pos = self.start + self.row;
@@ -556,24 +584,70 @@ impl Head<'_> {
         for (i, score) in scores.iter_mut().enumerate() {
             let p = first + i;
             let key = &self.keys[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-            *score = dot(qh, key) * spec.attention_scale;
+            *score = dot::<WIDE>(qh, key) * spec.attention_scale;
             if let Some(cap) = spec.attn_softcap {
                 *score = cap * (*score / cap).tanh();
             }
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
+        // the exponentials in a loop of their own, which vectorizes
         for s in scores.iter_mut() {
             *s = simd::exp(*s - max);
-            sum += *s;
         }
-        let inv = 1.0 / sum;
-        for (p, &s) in (first..=pos).zip(&scores) {
-            let weight = s * inv;
-            let vrow = &self.values[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-            for (acc, &v) in o.iter_mut().zip(vrow) {
-                *acc += weight * v;
+        let inv = 1.0 / scores.iter().sum::<f32>();
+        for s in scores.iter_mut() {
+            *s *= inv;
+        }
+        let values = &self.values[first * kv_dim + kvh * hd..];
+        weighted_sum::<WIDE>(o, &scores, values, kv_dim);
+    }
+}
+
+/// `o[i] = Σ_p weights[p] · values[p·stride + i]`, each sum in order of
+/// `p`, the outputs kept in registers 32 at a time. `WIDE`: with AVX2
+/// intrinsics (the caller runs with AVX2 enabled), the same operations in
+/// the same order.
+#[inline(always)]
+fn weighted_sum<const WIDE: bool>(o: &mut [f32], weights: &[f32], values: &[f32], stride: usize) {
+    const LANES: usize = 32;
+    let hd = o.len();
+    if let Some(last) = weights.len().checked_sub(1) {
+        assert!(values.len() >= last * stride + hd);
+    }
+    let whole = hd / LANES * LANES;
+    #[cfg(target_arch = "x86_64")]
+    if WIDE {
+        use std::arch::x86_64::*;
+        for c in (0..whole).step_by(LANES) {
+            // SAFETY: the caller runs with AVX2 (WIDE); the loads read
+            // values[p·stride + c .. + 32] with p·stride + hd ≤ values.len()
+            // (asserted) and c + 32 ≤ hd, the stores o[c .. c + 32].
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (p, &w) in weights.iter().enumerate() {
+                    let w = _mm256_set1_ps(w);
+                    let row = values.as_ptr().add(p * stride + c);
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        let v = _mm256_loadu_ps(row.add(8 * j));
+                        *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, v));
+                    }
+                }
+                for (j, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(o.as_mut_ptr().add(c + 8 * j), *acc);
+                }
             }
+        }
+    }
+    let done = if WIDE && cfg!(target_arch = "x86_64") {
+        whole
+    } else {
+        0
+    };
+    o[done..].fill(0.0);
+    for (p, &w) in weights.iter().enumerate() {
+        let row = &values[p * stride + done..p * stride + hd];
+        for (acc, &v) in o[done..].iter_mut().zip(row) {
+            *acc += w * v;
         }
     }
 }

@@ -62,8 +62,11 @@ fn smollm2_135m_q4_1() {
 /// 3.9e-2 (Gemma 3, 5 flips) — outlier-heavy blocks make a flip large and
 /// 30 layers amplify it. So on them the check is that our 8-bit run is as
 /// faithful to the exact computation (llama.cpp's F32 run) as llama.cpp's
-/// own 8-bit run: SmolLM2 3.03e-2 vs 2.83e-2, argmax 156 vs 155 of 156;
-/// Gemma 3 3.15e-2 vs 2.93e-2, 154 vs 152 of 156.
+/// own 8-bit run (mean rel-L2 from it, ours vs llama.cpp's 8-bit run):
+/// SmolLM2 2.82e-2 vs 2.83e-2, its argmax left at 3 vs 2 of 156 decided
+/// steps (margins up to 0.13 vs 0.10); Gemma 3 2.84e-2 vs 2.93e-2, 3 vs 4
+/// (up to 0.16 vs 0.65). A one-ulp change anywhere reshuffles which steps
+/// part ways, hence the allowance of two steps.
 #[test]
 fn q8_smollm2_135m_q4_1() {
     check_q8("smollm2-135m-q4_1", false);
@@ -433,20 +436,33 @@ const REL_L2_Q8_VS_QUANT: f64 = 1e-2;
 /// How much further from llama.cpp's F32 run our 8-bit run may be than
 /// llama.cpp's own 8-bit run (mean relative L2 over all steps).
 const Q8_NOISE_RATIO: f64 = 1.15;
+/// How many more decided steps our 8-bit run may leave llama.cpp's F32
+/// argmax at than llama.cpp's own 8-bit run does: two 8-bit runs whose
+/// roundings differ part ways at about 5 of 160 steps (see `q8_smollm2_135m_q4_1`).
+const Q8_MORE_DEPARTURES: usize = 2;
+/// Top-1 margins (logits) that 8-bit rounding noise alone can overturn: at
+/// rel-L2 ~3e-2 a logit moves by ~0.1 on these models, a difference of two
+/// by ~0.14.
+const Q8_NOISE_MARGIN: f32 = 0.25;
 
 /// Our 8-bit activations against llama.cpp. `strict`: as on the synthetic
 /// models, where the two 8-bit runs stay together — relative L2 ≤ 1e-2 from
 /// llama.cpp's 8-bit run at every step and its argmax wherever its margin ≥
 /// 0.05. Always: at most [`Q8_NOISE_RATIO`] × as far from llama.cpp's F32
 /// run (the exact computation on the same weights) as llama.cpp's 8-bit run
-/// is, and that run's argmax wherever it is decided, as often as llama.cpp's
-/// 8-bit run has it (one step fewer allowed).
+/// is; and leaving that run's argmax (where it is decided) at no more steps
+/// than llama.cpp's 8-bit run does plus [`Q8_MORE_DEPARTURES`], and at no
+/// step whose margin is wider than both [`Q8_NOISE_MARGIN`] and the widest
+/// llama.cpp's 8-bit run leaves.
 fn check_q8(config: &str, strict: bool) {
     let fixture = Fixture::load(config, Activations::Q8);
     let (vocab, steps, n_top) = (fixture.vocab, fixture.steps, fixture.n_top);
     let mut vs_quant = Agreement::default();
     let mut vs_f32 = Agreement::default();
     let mut llama_vs_f32 = Agreement::default();
+    // margins of llama.cpp's F32 run where ours (.0) and llama.cpp's 8-bit
+    // run (.1) pick another token
+    let mut departures: (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
     let mut failures = Vec::new();
     for (p, prompt_json) in fixture.header["prompts"]
         .as_array()
@@ -486,6 +502,14 @@ fn check_q8(config: &str, strict: bool) {
                 &f32_ref,
                 quant.argmax,
             );
+            if f32_ref.margin >= MIN_MARGIN {
+                if ours_argmax != f32_ref.argmax {
+                    departures.0.push(f32_ref.margin);
+                }
+                if quant.argmax != f32_ref.argmax {
+                    departures.1.push(f32_ref.margin);
+                }
+            }
             if !strict {
                 continue;
             }
@@ -518,10 +542,13 @@ fn check_q8(config: &str, strict: bool) {
             "mean relative L2 from llama.cpp's F32 run {ours:.3e}, llama.cpp's own 8-bit run's {llama:.3e} (allowed ×{Q8_NOISE_RATIO})"
         ));
     }
-    if vs_f32.argmax_equal + 1 < llama_vs_f32.argmax_equal {
+    let widest = |margins: &[f32]| margins.iter().copied().fold(0f32, f32::max);
+    if departures.0.len() > departures.1.len() + Q8_MORE_DEPARTURES
+        || widest(&departures.0) > widest(&departures.1).max(Q8_NOISE_MARGIN)
+    {
         failures.push(format!(
-            "argmax of llama.cpp's F32 run kept at {} of {} decided steps, llama.cpp's own 8-bit run keeps {}",
-            vs_f32.argmax_equal, vs_f32.decided, llama_vs_f32.argmax_equal
+            "we leave llama.cpp's F32 argmax at decided steps of margins {:?}, llama.cpp's own 8-bit run at {:?}",
+            departures.0, departures.1
         ));
     }
     assert!(
