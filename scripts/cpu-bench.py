@@ -215,7 +215,8 @@ def main():
         peak = f"{r['peak_bytes'] / 2**20:.0f} / {r['budget_bytes'] / 2**20:.0f} MiB" if r["peak_bytes"] else "?"
         print(f"| {r['model']} | {r['threads']} | {r['llama_pp']:.1f} / {r['llama_tg']:.1f} | {r['ours_pp']:.1f} / {r['ours_tg']:.1f} | "
               f"{r['ours_pp'] / r['llama_pp']:.2f}× / {r['ours_tg'] / r['llama_tg']:.2f}× | {peak} |")
-    print(f"worker-orcd: {rows[0]['device'] if rows else ''}")
+    modes = sorted({r["device"].split(", ")[-1] for r in rows})
+    print(f"worker-orcd: {', '.join(modes)}")
 
 
 if __name__ == "__main__":

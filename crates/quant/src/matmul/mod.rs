@@ -61,6 +61,9 @@ pub const TOKEN_TILE: usize = 4;
 /// machine (under load), about what a single thread needs for 2^19
 /// multiply-adds in Q8 mode.
 const PARALLEL_MIN_WORK: usize = 1 << 19;
+/// Activations (values) from which their quantization is spread over the
+/// thread pool.
+const PARALLEL_MIN_VALUES: usize = 1 << 15;
 /// Weight bytes a task works through before moving to the next token tile,
 /// so that the rows stay in the L1/L2 cache across tiles.
 const ROW_BLOCK_BYTES: usize = 1 << 15;
@@ -226,13 +229,7 @@ impl<'a> MatmulInput<'a> {
         self.q8.get_or_init(|| {
             let pairs = pairs_per_row(self.cols);
             let mut out = vec![Q8Pair::ZERO; self.n * pairs];
-            for (x, out) in self
-                .x
-                .chunks_exact(self.cols)
-                .zip(out.chunks_exact_mut(pairs))
-            {
-                quantize_q8(x, out);
-            }
+            self.each_row(&mut out, pairs, quantize_q8);
             out
         })
     }
@@ -244,10 +241,33 @@ impl<'a> MatmulInput<'a> {
                 bsums: [0; QK_K / 16],
                 d: 0.0,
             };
-            let mut blocks = vec![empty; self.x.len() / QK_K];
-            quantize_q8k(self.x, &mut blocks);
+            let per_row = self.cols / QK_K;
+            let mut blocks = vec![empty; self.n * per_row];
+            self.each_row(&mut blocks, per_row, quantize_q8k);
             blocks
         })
+    }
+
+    /// `f(x_t, out_t)` for every token `t` (`per_row` outputs each), on the
+    /// thread pool when there are many (a prompt's activations).
+    fn each_row<T: Send>(&self, out: &mut [T], per_row: usize, f: fn(&[f32], &mut [T])) {
+        if self.n == 0 || per_row == 0 {
+            return;
+        }
+        if self.x.len() < PARALLEL_MIN_VALUES {
+            for (x, out) in self
+                .x
+                .chunks_exact(self.cols)
+                .zip(out.chunks_exact_mut(per_row))
+            {
+                f(x, out);
+            }
+        } else {
+            self.x
+                .par_chunks_exact(self.cols)
+                .zip(out.par_chunks_exact_mut(per_row))
+                .for_each(|(x, out)| f(x, out));
+        }
     }
 }
 
