@@ -7,10 +7,11 @@
 //! sequence's [`GpuCache`] holds its block table on the host (uploaded with
 //! each step's metadata) and takes pages as it grows, from the device's free
 //! list and from the scheduler's [`KvPool`] budget. A fork for the prefix
-//! cache shares whole pages (each page counts its holders); a page goes back
-//! to both when its last holder lets go. A cache never writes into a page
-//! another holds: it appends past its own positions, and truncating to the
-//! middle of a shared page keeps only the whole pages before it.
+//! cache shares whole pages (each page counts its holders) and copies the
+//! last, partly used one into a page of its own; a page goes back to both
+//! when its last holder lets go. A cache never writes into a page another
+//! holds: it appends past its own positions, and truncating to the middle of
+//! a shared page keeps only the whole pages before it.
 
 use std::sync::{Arc, Mutex};
 
@@ -108,6 +109,32 @@ impl KvPages {
     pub fn values(&self, layer: usize) -> u64 {
         self.keys(layer) + self.layer_bytes()
     }
+
+    /// Queues on `device`'s stream the copy of page `from` into page `to`,
+    /// keys and values of every layer. The thread must have the device's
+    /// context current.
+    pub(crate) fn copy_page(&self, device: &CudaDevice, from: u32, to: u32) -> Result<()> {
+        use crate::error::DriverContext;
+        let page = (PAGE_TOKENS * self.kv_dim * 2) as u64;
+        let n_layers = self.buffer.bytes() / (2 * self.layer_bytes() as usize);
+        let stream = device.stream();
+        for layer in 0..n_layers {
+            for base in [self.keys(layer), self.values(layer)] {
+                // SAFETY: both pages lie within the allocation (page indices
+                // below n_pages), and they are different pages.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(
+                        base + u64::from(to) * page,
+                        base + u64::from(from) * page,
+                        page as usize,
+                        stream.cu_stream(),
+                    )
+                }
+                .context(|| "copying a KV page".into())?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One sequence's cache on the GPU.
@@ -134,9 +161,31 @@ impl GpuCache {
         }
     }
 
-    /// A cache holding the whole pages of `from`'s first `n` positions,
-    /// shared with it (nothing is copied).
-    pub fn fork(from: &GpuCache, n: usize, pool: Option<&KvPool>, capacity: usize) -> Self {
+    /// A cache holding `from`'s first `n` positions: its whole pages shared
+    /// with `from`, the last, partly used one copied into a page of its own
+    /// on `device` (queued; the thread must have its context current) — or,
+    /// when no page is free for that, only the whole pages.
+    pub fn fork(
+        device: &CudaDevice,
+        from: &GpuCache,
+        n: usize,
+        pool: Option<&KvPool>,
+        capacity: usize,
+    ) -> Result<Self> {
+        let n = n.min(from.len).min(capacity);
+        let mut fork = Self::share(from, n, pool, capacity);
+        if n > fork.len && fork.reserve(n).is_ok() {
+            let whole = fork.len / PAGE_TOKENS;
+            from.pages
+                .copy_page(device, from.table[whole], fork.table[whole])?;
+            fork.len = n;
+            fork.tokens = from.tokens[..n.min(from.tokens.len())].to_vec();
+        }
+        Ok(fork)
+    }
+
+    /// The whole pages of `from`'s first `n` positions, shared with it.
+    fn share(from: &GpuCache, n: usize, pool: Option<&KvPool>, capacity: usize) -> Self {
         let whole = n.min(from.len).min(capacity) / PAGE_TOKENS;
         let table = from.table[..whole].to_vec();
         {

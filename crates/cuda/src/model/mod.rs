@@ -474,6 +474,21 @@ impl CudaModel {
     pub fn new_cache(&self, context: usize) -> GpuCache {
         GpuCache::new(self.kv.clone(), None, context)
     }
+
+    /// A cache holding `from`'s first `n` positions ([`GpuCache::fork`]).
+    pub fn fork(
+        &self,
+        from: &GpuCache,
+        n: usize,
+        pool: Option<&KvPool>,
+        context: usize,
+    ) -> Result<GpuCache> {
+        self.device
+            .context()
+            .bind_to_thread()
+            .context(|| format!("binding GPU {}", self.device.index()))?;
+        GpuCache::fork(&self.device, from, n, pool, context)
+    }
 }
 
 impl Drop for CudaModel {
@@ -533,7 +548,7 @@ impl Backend for CudaModel {
         pool: &KvPool,
         context: usize,
     ) -> Result<GpuCache, EngineError> {
-        Ok(GpuCache::fork(from, n, Some(pool), context))
+        self.fork(from, n, Some(pool), context).map_err(to_engine)
     }
 
     fn forward_logits(
