@@ -27,23 +27,17 @@ Exits non-zero when llama.cpp rejects a file or reads something different.
 import ctypes
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("WORKER_ORCD_LLAMA_VENV", Path.home() / ".cache/worker-orcd/llama-venv"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_venv  # noqa: E402
 
-try:
-    import llama_cpp
-except ImportError:
-    venv_python = VENV / "bin/python"
-    # Compare prefixes: the venv's python is a symlink to the same binary.
-    if venv_python.exists() and Path(sys.prefix).resolve() != VENV.resolve():
-        os.execv(venv_python, [str(venv_python), __file__, *sys.argv[1:]])
-    sys.exit(f"llama_cpp is not importable and {venv_python} is missing: run scripts/setup-llama-cpp.sh")
+llama_venv.enter(__file__)
+import llama_cpp  # noqa: E402
 
 LIB_DIR = Path(llama_cpp.__file__).parent / "lib"
 

@@ -46,19 +46,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = Path(os.environ.get("WORKER_ORCD_LLAMA_VENV", Path.home() / ".cache/worker-orcd/llama-venv"))
 MODELS = Path(os.environ.get("WORKER_ORCD_MODELS", Path.home() / ".cache/worker-orcd/models"))
 FIXTURES = REPO / "crates/engine/tests/fixtures/logits"
 
-try:
-    import llama_cpp
-    import numpy as np
-except ImportError:
-    venv_python = VENV / "bin/python"
-    # Compare prefixes: the venv's python is a symlink to the same binary.
-    if venv_python.exists() and Path(sys.prefix).resolve() != VENV.resolve():
-        os.execv(venv_python, [str(venv_python), __file__, *sys.argv[1:]])
-    sys.exit(f"llama_cpp is not importable and {venv_python} is missing: run scripts/setup-llama-cpp.sh")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_venv  # noqa: E402
+
+llama_venv.enter(__file__)
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
 
 STEPS = 32
 N_TOP = 64
