@@ -92,7 +92,8 @@ pub struct SchedulerStats {
 /// The way in: cheap to clone, usable from any thread.
 #[derive(Clone)]
 pub struct SchedulerHandle {
-    tx: SyncSender<Job>,
+    /// Jobs with the time they were submitted.
+    tx: SyncSender<(Job, Instant)>,
     stats: Arc<SchedulerStats>,
     pool: KvPool,
     config: SchedulerConfig,
@@ -112,7 +113,7 @@ impl SchedulerHandle {
                 (q < most + free).then_some(q + 1)
             })
             .map_err(|_| SubmitError::QueueFull(most))?;
-        self.tx.try_send(job).map_err(|e| {
+        self.tx.try_send((job, Instant::now())).map_err(|e| {
             self.stats.queued.fetch_sub(1, Ordering::AcqRel);
             match e {
                 TrySendError::Full(_) => SubmitError::QueueFull(self.config.max_queued),
@@ -231,7 +232,7 @@ struct Loop<B: Backend> {
     config: SchedulerConfig,
     pool: KvPool,
     stats: Arc<SchedulerStats>,
-    rx: Receiver<Job>,
+    rx: Receiver<(Job, Instant)>,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence<B::Cache>>,
     /// Finished sequences' caches, least recently used first.
@@ -370,25 +371,22 @@ impl<B: Backend> Loop<B> {
         let idle = self.running.is_empty() && self.waiting.is_empty();
         if idle {
             match self.rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(job) => self.enqueue(job),
+                Ok((job, submitted)) => self.enqueue(job, submitted),
                 Err(RecvTimeoutError::Timeout) => return true,
                 Err(RecvTimeoutError::Disconnected) => return false,
             }
         }
         loop {
             match self.rx.try_recv() {
-                Ok(job) => self.enqueue(job),
+                Ok((job, submitted)) => self.enqueue(job, submitted),
                 Err(mpsc::TryRecvError::Empty) => return true,
                 Err(mpsc::TryRecvError::Disconnected) => return false,
             }
         }
     }
 
-    fn enqueue(&mut self, job: Job) {
-        self.waiting.push_back(Waiting {
-            job,
-            submitted: Instant::now(),
-        });
+    fn enqueue(&mut self, job: Job, submitted: Instant) {
+        self.waiting.push_back(Waiting { job, submitted });
     }
 
     fn drop_cancelled(&mut self) {
@@ -593,10 +591,25 @@ impl<B: Backend> Loop<B> {
         // Decode tokens first (one per decoding sequence), then prompt chunks in the remaining budget.
         let decoding = self.running.iter().filter(|s| s.next.is_some()).count();
         let room = self.config.step_tokens.saturating_sub(decoding).max(1);
-        let mut budget = if decoding == 0 {
-            room
-        } else {
+        // Only a prompt that arrived while streams were decoding is paced,
+        // to keep their pace; prompts that came with them (submitted before
+        // the first of them had its first token: a burst) are read at the
+        // full budget, as those streams' own prompts were.
+        let decoding_since = self
+            .running
+            .iter()
+            .filter(|s| s.next.is_some())
+            .filter_map(|s| s.first_token)
+            .min();
+        let paced = decoding_since.is_some_and(|since| {
+            self.running.iter().any(|s| {
+                s.next.is_none() && s.prefilled < s.job.prompt.len() && s.submitted > since
+            })
+        });
+        let mut budget = if paced {
             self.pace.prompt_budget(room)
+        } else {
+            room
         };
         let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (sequence, start, end) of tokens to feed
         let mut next_tokens: Vec<[u32; 1]> = vec![[0]; self.running.len()];
@@ -729,7 +742,8 @@ impl<B: Backend> Loop<B> {
         self.stats
             .prefill_tokens
             .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-        if result.is_ok() {
+        // Unpaced steps with prompt chunks say nothing about the pace.
+        if result.is_ok() && (paced || prompt_tokens == 0) {
             self.pace
                 .record(started.elapsed().as_secs_f64(), decoding, prompt_tokens);
         }

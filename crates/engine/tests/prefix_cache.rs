@@ -270,7 +270,9 @@ fn a_long_prompt_is_chunked_around_a_running_stream_and_cancels_between_chunks()
             sink: Box::new(move |e| tx_stream.send(e).is_ok()),
         })
         .unwrap();
-    assert!(matches!(rx_stream.recv().unwrap(), Event::Started { .. }));
+    // The stream decodes (a prompt arriving before its first token would
+    // count as arriving with it, and be read unpaced).
+    assert!(rx_stream.iter().any(|e| matches!(e, Event::Token { .. })));
 
     let long = m.tokens(&"the quick brown fox jumps over the lazy dog ".repeat(45));
     assert!(long.len() > 400, "{}", long.len());
@@ -313,4 +315,49 @@ fn a_long_prompt_is_chunked_around_a_running_stream_and_cancels_between_chunks()
         .filter(|e| matches!(e, Event::Token { .. }))
         .count();
     assert!(tokens > 0);
+}
+
+/// Prompts submitted together (a burst) are read at the full step budget,
+/// not paced as a prompt arriving while streams decode is: the first
+/// streams' decoding does not slow the admission of those that came with them.
+#[test]
+fn a_burst_of_prompts_is_read_at_the_full_budget() {
+    let m = Smollm::load();
+    let handle = m.scheduler(8, 512, 128, false);
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|i| {
+            m.tokens(&format!(
+                "Story {i}: {}",
+                "once upon a time, in a village by the sea, ".repeat(8)
+            ))
+        })
+        .collect();
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let receivers: Vec<_> = prompts
+        .into_iter()
+        .map(|prompt| {
+            let (tx, rx) = mpsc::channel();
+            handle
+                .submit(Job {
+                    prompt,
+                    params: greedy(8),
+                    cancel: Arc::new(AtomicBool::new(false)),
+                    sink: Box::new(move |e| tx.send(e).is_ok()),
+                })
+                .unwrap();
+            rx
+        })
+        .collect();
+    for rx in receivers {
+        assert!(rx.iter().any(|e| matches!(e, Event::End(_))));
+    }
+    // 8 decode steps each, the prompts in ⌈tokens / 128⌉ steps give or take
+    // one per step's decode tokens; paced, the chunks would start at a few
+    // tokens and take dozens of steps.
+    let steps = handle.stats().steps.load(Ordering::Relaxed);
+    let most = prompt_tokens.div_ceil(128) + 1 + 8 + 1;
+    assert!(
+        steps <= most,
+        "{steps} steps for 8 prompts of {prompt_tokens} tokens in all and 8 tokens each (at most {most} expected)"
+    );
 }
