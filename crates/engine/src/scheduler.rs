@@ -203,6 +203,8 @@ enum Output {
 struct Waiting {
     job: Job,
     submitted: Instant,
+    /// Submitted while streams were decoding (see [`Sequence::paced`]).
+    paced: bool,
 }
 
 struct Sequence<C> {
@@ -222,6 +224,11 @@ struct Sequence<C> {
     generated: usize,
     text: String,
     submitted: Instant,
+    /// Its prompt arrived while other streams were decoding (a stream had
+    /// its first token before it was submitted): its chunks keep to their
+    /// pace. Prompts that came with the first streams (a burst) are read at
+    /// the full step budget, as the first of them were.
+    paced: bool,
     first_token: Option<Instant>,
     max_tokens: usize,
 }
@@ -386,7 +393,16 @@ impl<B: Backend> Loop<B> {
     }
 
     fn enqueue(&mut self, job: Job, submitted: Instant) {
-        self.waiting.push_back(Waiting { job, submitted });
+        let paced = self
+            .running
+            .iter()
+            .filter_map(|s| s.first_token)
+            .any(|t| t < submitted);
+        self.waiting.push_back(Waiting {
+            job,
+            submitted,
+            paced,
+        });
     }
 
     fn drop_cancelled(&mut self) {
@@ -486,6 +502,7 @@ impl<B: Backend> Loop<B> {
                 generated: 0,
                 text: String::new(),
                 submitted: w.submitted,
+                paced: w.paced,
                 first_token: None,
                 max_tokens,
                 job: w.job,
@@ -591,21 +608,12 @@ impl<B: Backend> Loop<B> {
         // Decode tokens first (one per decoding sequence), then prompt chunks in the remaining budget.
         let decoding = self.running.iter().filter(|s| s.next.is_some()).count();
         let room = self.config.step_tokens.saturating_sub(decoding).max(1);
-        // Only a prompt that arrived while streams were decoding is paced,
-        // to keep their pace; prompts that came with them (submitted before
-        // the first of them had its first token: a burst) are read at the
-        // full budget, as those streams' own prompts were.
-        let decoding_since = self
-            .running
-            .iter()
-            .filter(|s| s.next.is_some())
-            .filter_map(|s| s.first_token)
-            .min();
-        let paced = decoding_since.is_some_and(|since| {
-            self.running.iter().any(|s| {
-                s.next.is_none() && s.prefilled < s.job.prompt.len() && s.submitted > since
-            })
-        });
+        // Only prompts that arrived while streams were decoding are paced.
+        let paced = decoding > 0
+            && self
+                .running
+                .iter()
+                .any(|s| s.next.is_none() && s.prefilled < s.job.prompt.len() && s.paced);
         let mut budget = if paced {
             self.pace.prompt_budget(room)
         } else {
