@@ -75,7 +75,13 @@ impl TestServer {
         let task = tokio::spawn(server::run(listener, model, config, shutdown));
         TestServer {
             addr,
-            client: reqwest::Client::new(),
+            // Idle connections are dropped before the shortest header
+            // timeout a test gives the server (1 s), which closes them: a
+            // reused one it had closed would fail with a reset.
+            client: reqwest::Client::builder()
+                .pool_idle_timeout(Duration::from_millis(500))
+                .build()
+                .expect("a client"),
             shutdown: Some(tx),
             task: Some(task),
         }
