@@ -176,12 +176,16 @@ class Gateway:
             ],
             "router_settings": {
                 "routing_strategy": "least-busy",
-                "num_retries": 3,
+                # A killed and a draining replica can each take two
+                # attempts (allowed_fails 1) before their cooldown, and
+                # least-busy routing favours the draining one: 5 retries
+                # always reach a live replica.
+                "num_retries": 5,
                 "retry_after": 0,
                 "allowed_fails": 1,
                 "cooldown_time": 60,
             },
-            "litellm_settings": {"request_timeout": 120, "num_retries": 3},
+            "litellm_settings": {"request_timeout": 120, "num_retries": 5},
             "general_settings": {"master_key": GATEWAY_KEY},
         }
         self.config_path = tempfile.NamedTemporaryFile(prefix="litellm-", suffix=".json", delete=False).name
