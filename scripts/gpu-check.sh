@@ -21,7 +21,7 @@
 #   scripts/gpu-check.sh DIR
 #
 # GPU_CHECK_PARTS picks the steps (default: all of tests selftest archs
-# archbench generate bench serving).
+# archbench sizes generate bench serving).
 #
 # Steps: every test executable with --include-ignored, one test at a time
 # (the GPU tests are #[ignore]d for machines without a GPU); synthetic models
@@ -36,6 +36,11 @@
 # Mistral's sliding window) and on the Llama 3.2 1B and Qwen3 0.6B shapes;
 # "archbench": `bench` on those two shapes, beside llama-bench when its
 # source came.
+# "sizes": decode, prefill and 64 streams on the Qwen2.5 shapes of
+# $GPU_CHECK_SIZES (default 0.5b 1.5b 7b; 32b exists too) in llama.cpp's
+# Q4_K_M mix, beside llama-bench when its source came, with the fraction of
+# the card's memory bandwidth a decode token uses (weight bytes read a token
+# x tokens a second / peak).
 # "serving": `bench --serving` on Qwen2.5-0.5B Q4_K_M (the scheduler: time
 # to first token with a 2,000-token prefix cached against cold, streams'
 # inter-token p99 while a 4,000-token prompt is read, a cancelled long
@@ -52,7 +57,7 @@ models="${GPU_CHECK_MODELS:-$(mktemp -d)}"
 mkdir -p "$logs" "$models/unit" "$models/more"
 bin="$dir/worker-orcd"
 failed=0
-parts=" ${GPU_CHECK_PARTS:-tests selftest archs archbench generate bench serving} "
+parts=" ${GPU_CHECK_PARTS:-tests selftest archs archbench sizes generate bench serving} "
 part() { [[ "$parts" == *" $1 "* ]]; }
 
 gpu=""
@@ -247,23 +252,39 @@ fi
 # source came, llama-bench (tg128, pp512) and llama-batched-bench (64
 # sequences of 128+128) on the same file, flash attention on, every layer
 # on the GPU.
+# llama-bench and llama-batched-bench, built once from the carried source.
+llama_bench=""
+llama_built=0
+build_llama() {
+    ((llama_built)) && return 0
+    llama_built=1
+    [[ -f "$dir/llama.cpp.tar.xz" ]] || return 0
+    local build="$logs/llama.cpp"
+    mkdir -p "$build" && tar -xJf "$dir/llama.cpp.tar.xz" -C "$build"
+    if (cd "$build/llama.cpp" && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+            -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF \
+            -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release \
+            && cmake --build build -j "$(nproc)" --target llama-bench llama-batched-bench) \
+            >"$logs/llama-build.log" 2>&1; then
+        llama_bench="$build/llama.cpp/build/bin/llama-bench"
+    else
+        echo "== llama.cpp did not build; end of its log:"
+        tail -20 "$logs/llama-build.log"
+    fi
+}
+
+# llama-bench (tg128, pp512) and llama-batched-bench (64 x 128+128) on one
+# file: writes $logs/llama-bench-NAME.json and $logs/llama-batched-NAME.log.
+llama_measure() { # name model
+    "$llama_bench" -m "$2" -ngl 99 -fa 1 -p 512 -n 128 -o json \
+        >"$logs/llama-bench-$1.json" 2>"$logs/llama-bench-$1.err"
+    "${llama_bench%/*}/llama-batched-bench" -m "$2" -ngl 99 -fa on -c 20480 \
+        -npp 128 -ntg 128 -npl 64 >"$logs/llama-batched-$1.log" 2>&1
+}
+
 arch_benches=()
 if part archbench && [[ -x "$bin" ]]; then
-    llama_bench=""
-    if [[ -f "$dir/llama.cpp.tar.xz" ]]; then
-        build="$logs/llama.cpp"
-        mkdir -p "$build" && tar -xJf "$dir/llama.cpp.tar.xz" -C "$build"
-        if (cd "$build/llama.cpp" && cmake -B build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-                -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF \
-                -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release \
-                && cmake --build build -j "$(nproc)" --target llama-bench llama-batched-bench) \
-                >"$logs/llama-build.log" 2>&1; then
-            llama_bench="$build/llama.cpp/build/bin/llama-bench"
-        else
-            echo "== llama.cpp did not build; end of its log:"
-            tail -20 "$logs/llama-build.log"
-        fi
-    fi
+    build_llama
     for preset in llama3.2-1b qwen3-0.6b; do
         model="$models/more/$preset-q4_k_m.gguf"
         [[ -f "$model" ]] || continue
@@ -282,10 +303,7 @@ EOF
         fi
         theirs="not built"
         if [[ -n "$llama_bench" ]]; then
-            "$llama_bench" -m "$model" -ngl 99 -fa 1 -p 512 -n 128 -o json \
-                >"$logs/llama-bench-$preset.json" 2>"$logs/llama-bench-$preset.err"
-            "${llama_bench%/*}/llama-batched-bench" -m "$model" -ngl 99 -fa on -c 20480 \
-                -npp 128 -ntg 128 -npl 64 >"$logs/llama-batched-$preset.log" 2>&1
+            llama_measure "$preset" "$model"
             theirs="$(python3 - "$logs/llama-bench-$preset.json" "$logs/llama-batched-$preset.log" <<'EOF'
 import json, re, sys
 try:
@@ -304,6 +322,52 @@ EOF
 )"
         fi
         arch_benches+=("$preset Q4_K_M: worker-orcd $ours | llama.cpp $theirs")
+    done
+fi
+
+# Model sizes: the bandwidth fraction of decode, beside llama.cpp.
+size_rows=()
+if part sizes && [[ -x "$bin" ]]; then
+    build_llama
+    for size in ${GPU_CHECK_SIZES:-0.5b 1.5b 7b}; do
+        preset="qwen2.5-$size"
+        model="$models/more/$preset-q4_k_m.gguf"
+        [[ $size == 0.5b ]] && model="$models/unit/$preset-q4_k_m.gguf"
+        synth "$preset" Q4_K_M "$model"
+        [[ -f "$model" ]] || continue
+        log="$logs/bench-$preset.log"
+        if ! timeout 500 "$bin" bench --device cuda -m "$model" --loads 2 --json >"$log" 2>"$log.err"; then
+            size_rows+=("$preset: FAILED $(tail -1 "$log.err")")
+            failed=1
+            continue
+        fi
+        [[ -n "$llama_bench" ]] && llama_measure "$preset" "$model"
+        size_rows+=("$(python3 - "$preset" "$log" "$logs/llama-bench-$preset.json" "$logs/llama-batched-$preset.log" <<'EOF'
+import json, re, sys
+name, ours, bench, batched = sys.argv[1:]
+b = json.load(open(ours))
+tg, pp, st = b["decode_tokens_per_second"], b["prefill_tokens_per_second"], b["streams_generated_tokens_per_second"]
+size = b["decode_weight_bytes"]
+peak = b["load"].get("peak_bandwidth_bytes_per_second") or float("nan")
+ref = {}
+try:
+    runs = json.load(open(bench))
+    ref["tg"] = next(r["avg_ts"] for r in runs if r["n_gen"] > 0)
+    ref["pp"] = next(r["avg_ts"] for r in runs if r["n_prompt"] > 0)
+except Exception:
+    pass
+try:
+    rows = [l for l in open(batched) if re.match(r"^\|\s+128 \|", l)]
+    ref["st"] = float([c.strip() for c in rows[-1].strip().strip("|").split("|")][-1])
+except Exception:
+    pass
+def cell(v, key):
+    r = ref.get(key)
+    return f"{v:.0f}" + (f" / {r:.0f} ({v / r:.2f}x)" if r else " / -")
+print(f"{name:<13} {size / 1e6:6.0f} MB  tg128 {cell(tg, 'tg'):<21} {size * tg / 1e9:5.0f} GB/s {100 * size * tg / peak:5.1f}% of peak  "
+      f"pp512 {cell(pp, 'pp'):<24} 64 streams {cell(st, 'st'):<22} first load {b['load']['load_seconds_all'][0]:.3f} s")
+EOF
+)")
     done
 fi
 
@@ -326,6 +390,10 @@ fi
 if ((${#arch_benches[@]})); then
     echo "bench --device cuda beside llama.cpp (same card, same file):"
     printf '  %s\n' "${arch_benches[@]}"
+fi
+if ((${#size_rows[@]})); then
+    echo "Qwen2.5 shapes, Q4_K_M: weights read a decode token; worker-orcd / llama.cpp tok/s (ratio); bandwidth of decode:"
+    printf '  %s\n' "${size_rows[@]}"
 fi
 if ((${#serving[@]})); then
     echo "bench --serving --device cuda, $(basename "$serving_model"):"

@@ -147,6 +147,20 @@ impl CudaDevice {
         &self.copy_stream
     }
 
+    /// Peak memory bandwidth, bytes a second, from the memory clock and the
+    /// bus width (double data rate): 3.35e12 on an H100 SXM, 4.8e12 on an H200.
+    pub fn peak_bandwidth(&self) -> Result<f64> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let read = |attribute| {
+            self.context
+                .attribute(attribute)
+                .context(|| format!("reading the memory clock of GPU {}", self.index))
+        };
+        let clock_khz = read(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)? as f64;
+        let bus_bits = read(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)? as f64;
+        Ok(2.0 * clock_khz * 1e3 * bus_bits / 8.0)
+    }
+
     /// Free and total device memory (`cuMemGetInfo`).
     pub fn memory(&self) -> Result<MemoryInfo> {
         let (free, total) = self

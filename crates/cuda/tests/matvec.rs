@@ -5,7 +5,7 @@
 
 use cuda::cudarc::driver::result as driver;
 use cuda::cudarc::driver::sys::{
-    CUdevice_attribute, CUgraphInstantiate_flags, CUstreamCaptureMode,
+    CUgraphInstantiate_flags, CUstreamCaptureMode,
 };
 use cuda::{CudaDevice, DeviceBuffer, DeviceMatrix, DeviceOptions, Kernels, MatvecOut};
 use gguf::GgmlType;
@@ -203,18 +203,6 @@ fn matvec_every_format_matches_cpu() {
     }
 }
 
-/// Peak memory bandwidth from the device's memory clock and bus width, bytes/s.
-fn peak_bandwidth(device: &CudaDevice) -> f64 {
-    let ctx = device.context();
-    let clock_khz = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)
-        .unwrap() as f64;
-    let bus_bits = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)
-        .unwrap() as f64;
-    2.0 * clock_khz * 1e3 * bus_bits / 8.0
-}
-
 /// Time per product of one decode row through `w`, µs: `reps` launches
 /// captured in a CUDA graph (as decode steps run), median of 7 replays.
 fn time_matvec(
@@ -268,7 +256,7 @@ fn time_matvec(
 fn matvec_speed() {
     let device = open_device();
     let kernels = Kernels::load(&device).unwrap();
-    let peak = peak_bandwidth(&device);
+    let peak = device.peak_bandwidth().unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     println!(
         "gpu-check: matvec speed, one decode row, CUDA-graph replay of 200 launches; peak bandwidth {:.2} TB/s",

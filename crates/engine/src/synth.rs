@@ -136,7 +136,7 @@ const LLAMA3_VOCAB: Option<u64> = Some(128_256);
 const QWEN_VOCAB: Option<u64> = Some(151_936);
 
 impl Preset {
-    pub const ALL: [Preset; 21] = [
+    pub const ALL: [Preset; 23] = [
         Preset {
             name: "qwen2.5-0.5b",
             n_layers: 24,
@@ -158,6 +158,32 @@ impl Preset {
             head_dim: 128,
             vocab_size: QWEN_VOCAB,
             context_length: 32_768,
+            ..QWEN2
+        },
+        Preset {
+            name: "qwen2.5-7b",
+            n_layers: 28,
+            n_embd: 3584,
+            n_ff: 18_944,
+            n_heads: 28,
+            n_kv_heads: 4,
+            head_dim: 128,
+            vocab_size: Some(152_064),
+            context_length: 32_768,
+            tied_embeddings: false,
+            ..QWEN2
+        },
+        Preset {
+            name: "qwen2.5-32b",
+            n_layers: 64,
+            n_embd: 5120,
+            n_ff: 27_648,
+            n_heads: 40,
+            n_kv_heads: 8,
+            head_dim: 128,
+            vocab_size: Some(152_064),
+            context_length: 32_768,
+            tied_embeddings: false,
             ..QWEN2
         },
         Preset {

@@ -71,6 +71,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
     let load_start = Instant::now();
     let file =
         Arc::new(GgufFile::open(&path).with_context(|| format!("reading {}", path.display()))?);
+    let weight_bytes = decode_weight_bytes(&file);
     let (device, load_detail, measured) = if args.model.device == "cuda" {
         // Room for the caches a round holds at most: two, or every stream's.
         let stream_context = args.stream_prompt + args.gen_tokens + 1;
@@ -110,6 +111,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
             "workspace_bytes": report.workspace_bytes,
             "gpu_used_bytes": report.used_bytes,
             "summary": report.to_string(),
+            "peak_bandwidth_bytes_per_second": model.device().peak_bandwidth().ok(),
         });
         (device, detail, measure(&model, args, context)?)
     } else {
@@ -145,6 +147,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
                 "prefill_tokens_per_second": pp,
                 "gen_tokens": args.gen_tokens,
                 "decode_tokens_per_second": tg,
+                "decode_weight_bytes": weight_bytes,
                 "repeats": args.repeats,
                 "prefill_repeats": prefill_repeats(args),
                 "streams": streams(args),
@@ -170,6 +173,15 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
             "tg{:<8} {tg:.1} tok/s (median of {})",
             args.gen_tokens, args.repeats
         );
+        let bytes = weight_bytes as f64;
+        let peak = load_detail["peak_bandwidth_bytes_per_second"].as_f64();
+        println!(
+            "           {:.1} MB of weights read a token: {:.0} GB/s{}",
+            bytes / 1e6,
+            bytes * tg / 1e9,
+            peak.map(|p| format!(", {:.1}% of the card's {:.2} TB/s", 100.0 * bytes * tg / p, p / 1e12))
+                .unwrap_or_default()
+        );
         if streams(args) > 0 {
             println!(
                 "streams    {} × (pp{} + tg{}): {streams_total:.1} generated tok/s end to end, \
@@ -182,6 +194,18 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Bytes of weights one decode token reads: every tensor of the file but
+/// the token embeddings (one row of them), which the LM head reads whole
+/// when the output matrix is tied to them.
+fn decode_weight_bytes(file: &GgufFile) -> u64 {
+    let tied = file.tensor("output.weight").is_none();
+    file.tensors()
+        .iter()
+        .filter(|t| tied || t.name != "token_embd.weight")
+        .map(|t| t.n_bytes)
+        .sum()
 }
 
 /// The process's peak resident memory (Linux's VmHWM: mapped file pages

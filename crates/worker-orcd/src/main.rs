@@ -90,7 +90,7 @@ enum Command {
     },
     /// Write a model of a preset's exact shape with seeded random weights.
     Synth {
-        /// qwen2.5-0.5b, qwen2.5-1.5b, smollm2-135m, gemma3-270m, tiny-qwen2, tiny-llama.
+        /// A shape: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, qwen2.5-32b, llama3.2-1b, smollm2-135m, gemma3-270m, … (an unknown name lists them all).
         #[arg(long)]
         preset: String,
         /// Quantization mix, as for `quantize --type`.
