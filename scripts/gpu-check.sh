@@ -365,7 +365,8 @@ def cell(v, key):
     r = ref.get(key)
     return f"{v:.0f}" + (f" / {r:.0f} ({v / r:.2f}x)" if r else " / -")
 print(f"{name:<13} {size / 1e6:6.0f} MB  tg128 {cell(tg, 'tg'):<21} {size * tg / 1e9:5.0f} GB/s {100 * size * tg / peak:5.1f}% of peak  "
-      f"pp512 {cell(pp, 'pp'):<24} 64 streams {cell(st, 'st'):<22} first load {b['load']['load_seconds_all'][0]:.3f} s")
+      f"pp512 {cell(pp, 'pp'):<24} 64 streams {cell(st, 'st'):<22} first load {b['load']['load_seconds_all'][0]:.3f} s"
+      + "".join(f" ({m.group(1)})" for m in [re.search(r"\((device [^)]*)\)", b["load"].get("first_summary", ""))] if m))
 EOF
 )")
     done

@@ -4,9 +4,7 @@
 //! `gpu-check:` are the summary that gpu-check.sh prints.
 
 use cuda::cudarc::driver::result as driver;
-use cuda::cudarc::driver::sys::{
-    CUgraphInstantiate_flags, CUstreamCaptureMode,
-};
+use cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cuda::{CudaDevice, DeviceBuffer, DeviceMatrix, DeviceOptions, Kernels, MatvecOut};
 use gguf::GgmlType;
 use rand::{Rng, SeedableRng};

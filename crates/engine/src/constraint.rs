@@ -124,6 +124,7 @@ impl Grammars {
             matcher,
             vocab_size: self.vocab_size,
             allowed: None,
+            taken: None,
         })
     }
 }
@@ -134,6 +135,8 @@ pub struct Constraint {
     vocab_size: usize,
     /// The mask for the next token, once computed.
     allowed: Option<SimpleVob>,
+    /// A token taken ahead of [`Constraint::accept`], and how that went.
+    taken: Option<(u32, Result<(), String>)>,
 }
 
 impl Clone for Constraint {
@@ -142,6 +145,7 @@ impl Clone for Constraint {
             matcher: self.matcher.deep_clone(),
             vocab_size: self.vocab_size,
             allowed: self.allowed.clone(),
+            taken: self.taken.clone(),
         }
     }
 }
@@ -158,7 +162,8 @@ impl Constraint {
     /// Compute the tokens allowed next (the costly part; the scheduler runs
     /// it while the forward pass does).
     pub fn prepare(&mut self) -> Result<(), String> {
-        if self.allowed.is_none() {
+        // A token taken ahead was allowed by the mask computed before it.
+        if self.allowed.is_none() && self.taken.is_none() {
             let mask = self
                 .matcher
                 .compute_mask_or_eos()
@@ -202,10 +207,30 @@ impl Constraint {
         Ok(())
     }
 
-    /// Move past `token`, the one sampled.
+    /// Move past `token`, the one sampled (or say how it went, when
+    /// [`Constraint::accept_ahead`] took it already).
     pub fn accept(&mut self, token: u32) -> Result<(), String> {
-        self.allowed = None;
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+        match self.taken.take() {
+            Some((taken, result)) if taken == token => result,
+            Some((taken, _)) => Err(format!(
+                "token {token} accepted after {taken} was taken ahead"
+            )),
+            None => {
+                self.allowed = None;
+                self.matcher.consume_token(token).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// [`Constraint::accept`] done now (on another thread), for the next
+    /// `accept(token)` to report; only once the mask for `token`'s step is
+    /// computed (a failed mask says why when the token is taken).
+    pub fn accept_ahead(&mut self, token: u32) {
+        if self.allowed.is_some() && self.taken.is_none() {
+            self.allowed = None;
+            let result = self.matcher.consume_token(token).map_err(|e| e.to_string());
+            self.taken = Some((token, result));
+        }
     }
 
     /// The grammar is complete and nothing may follow.

@@ -772,6 +772,7 @@ impl<B: Backend> Loop<B> {
             }
         };
 
+        self.accept_ahead(&plan, &outputs);
         let mut done: Vec<(usize, Result<StopReason, String>)> = Vec::new();
         for (&(i, start, end), output) in plan.iter().zip(outputs) {
             let seq = &mut self.running[i];
@@ -803,6 +804,36 @@ impl<B: Backend> Loop<B> {
                     (seq.job.sink)(Event::Error { message });
                 }
             }
+        }
+    }
+
+    /// The grammars of the step's greedy tokens move past them on the
+    /// thread pool (a grammar's step costs several times its mask, and
+    /// 64 of them one after another lengthened a GPU decode step by a
+    /// third); [`Self::sample_and_emit`] then takes each result as it goes.
+    fn accept_ahead(&mut self, plan: &[(usize, usize, usize)], outputs: &[Output]) {
+        let mut seqs: Vec<Option<&mut Sequence<B::Cache>>> =
+            self.running.iter_mut().map(Some).collect();
+        let mut work: Vec<(&mut Constraint, u32)> = Vec::new();
+        for (&(i, _, end), output) in plan.iter().zip(outputs) {
+            let Some(seq) = seqs[i].take() else { continue };
+            let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
+            let (Output::Token(ids), Some(constraint), true) =
+                (output, seq.constraint.as_mut(), wants_token)
+            else {
+                continue;
+            };
+            let token = ids.first().copied().unwrap_or(0);
+            // As sample_and_emit decides: no grammar step for a sequence
+            // that ends here.
+            if seq.generated < seq.max_tokens && !self.tokenizer.is_eog(token) {
+                work.push((constraint, token));
+            }
+        }
+        if work.len() > 1 {
+            use rayon::prelude::*;
+            work.into_par_iter()
+                .for_each(|(constraint, token)| constraint.accept_ahead(token));
         }
     }
 

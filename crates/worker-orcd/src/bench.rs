@@ -82,6 +82,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
                 .options(pages, args.prompt_tokens.max(streams(args)).max(1), None);
         let mut model = cuda::CudaModel::load(file.clone(), &options)?;
         let mut loads = vec![load_start.elapsed().as_secs_f64()];
+        let first_summary = model.report().to_string();
         options.progress = false;
         for _ in 1..args.loads.max(1) {
             drop(model);
@@ -111,6 +112,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
             "workspace_bytes": report.workspace_bytes,
             "gpu_used_bytes": report.used_bytes,
             "summary": report.to_string(),
+            "first_summary": first_summary,
             "peak_bandwidth_bytes_per_second": model.device().peak_bandwidth().ok(),
         });
         (device, detail, measure(&model, args, context)?)
@@ -161,6 +163,9 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         println!("model      {}", path.display());
         println!("device     {device}");
         println!("load       {load_secs:.3} s");
+        if let Some(summary) = load_detail["first_summary"].as_str() {
+            println!("           first: {summary}");
+        }
         if let Some(summary) = load_detail["summary"].as_str() {
             println!("           {summary}");
         }
@@ -179,8 +184,12 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
             "           {:.1} MB of weights read a token: {:.0} GB/s{}",
             bytes / 1e6,
             bytes * tg / 1e9,
-            peak.map(|p| format!(", {:.1}% of the card's {:.2} TB/s", 100.0 * bytes * tg / p, p / 1e12))
-                .unwrap_or_default()
+            peak.map(|p| format!(
+                ", {:.1}% of the card's {:.2} TB/s",
+                100.0 * bytes * tg / p,
+                p / 1e12
+            ))
+            .unwrap_or_default()
         );
         if streams(args) > 0 {
             println!(

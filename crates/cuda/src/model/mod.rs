@@ -148,6 +148,12 @@ pub struct LoadReport {
     pub used_bytes: u64,
     /// Dequantizing to f16 (f16 mode).
     pub convert_seconds: f64,
+    /// Opening the device (the CUDA context, on a first load in a process).
+    pub device_seconds: f64,
+    /// Loading the kernel modules and looking up their functions.
+    pub kernels_seconds: f64,
+    /// Creating the cuBLAS handle and its workspace.
+    pub blas_seconds: f64,
     pub seconds: f64,
 }
 
@@ -155,12 +161,16 @@ impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "loaded on {} ({} weights) in {:.3} s (upload {:.3} s, {:.2} GB/s{}); GPU memory: weights {:.1} MiB \
+            "loaded on {} ({} weights) in {:.3} s (device {:.3} s, kernels {:.3} s, cuBLAS {:.3} s, \
+             upload {:.3} s, {:.2} GB/s{}); GPU memory: weights {:.1} MiB \
              (file tensors {:.1} MiB) + vectors {:.2} MiB + KV {:.1} MiB + workspace {:.1} MiB = {:.1} MiB, \
              measured {:.1} MiB",
             self.device,
             self.mode.name(),
             self.seconds,
+            self.device_seconds,
+            self.kernels_seconds,
+            self.blas_seconds,
             self.upload.seconds,
             self.upload.gigabytes_per_second(),
             if self.mode == WeightsMode::F16 {
@@ -267,9 +277,13 @@ impl CudaModel {
         let spec = ModelSpec::from_gguf_for_context(&file, options.context)?;
         let host = HostWeights::load(&file, &spec)?;
         check_shapes(&spec, &host)?;
+        let device_start = Instant::now();
         let device = CudaDevice::open(&options.device)?;
+        let device_seconds = device_start.elapsed().as_secs_f64();
         let free_before = device.memory()?.free;
+        let kernels_start = Instant::now();
         let kernels = Kernels::load(&device)?;
+        let kernels_seconds = kernels_start.elapsed().as_secs_f64();
 
         let kv_dim = spec.kv_dim();
         let kv_bytes = KvPages::bytes_for(spec.n_layers, kv_dim, options.kv_pages);
@@ -404,7 +418,9 @@ impl CudaModel {
             "the forward pass's workspace",
         )?;
         let work = parts.place(buffer, max_tokens, scratch_values);
+        let blas_start = Instant::now();
         let blas = Blas::new(&device, BLAS_WORKSPACE_BYTES)?;
+        let blas_seconds = blas_start.elapsed().as_secs_f64();
         device.synchronize()?;
         let used = free_before.saturating_sub(device.memory()?.free);
         let weights_bytes = match &f16_weights {
@@ -422,6 +438,9 @@ impl CudaModel {
             workspace_bytes: (work.bytes + BLAS_WORKSPACE_BYTES) as u64,
             used_bytes: used,
             convert_seconds,
+            device_seconds,
+            kernels_seconds,
+            blas_seconds,
             seconds: start.elapsed().as_secs_f64(),
         };
         if options.progress {
