@@ -23,6 +23,12 @@ pub struct BenchArgs {
     /// Tokens generated per decode measurement (llama-bench's tg).
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
+    /// Tokens already in the cache when prefill and decode are measured
+    /// (llama-bench's depth): a prompt after a cached prefix, decode deep
+    /// in a context. Filled untimed, in passes of at most `--prompt-tokens`
+    /// (at least 512).
+    #[arg(long, default_value_t = 0)]
+    pub depth: usize,
     /// Measurements of each kind; the median is reported (prefill, which
     /// takes milliseconds, is measured at least 30 times).
     #[arg(long, default_value_t = 5)]
@@ -67,7 +73,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
     if args.serving.serving {
         return run_serving(args, &path);
     }
-    let context = args.prompt_tokens + args.gen_tokens + 1;
+    let context = args.depth + args.prompt_tokens + args.gen_tokens + 1;
     let load_start = Instant::now();
     let file =
         Arc::new(GgufFile::open(&path).with_context(|| format!("reading {}", path.display()))?);
@@ -77,9 +83,9 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         let stream_context = args.stream_prompt + args.gen_tokens + 1;
         let pages = (2 * context.div_ceil(PAGE_TOKENS))
             .max(streams(args) * stream_context.div_ceil(PAGE_TOKENS));
-        let mut options =
-            args.gpu
-                .options(pages, args.prompt_tokens.max(streams(args)).max(1), None);
+        let mut options = args
+            .gpu
+            .options(pages, depth_pass(args).max(streams(args)).max(1), None);
         let mut model = cuda::CudaModel::load(file.clone(), &options)?;
         let mut loads = vec![load_start.elapsed().as_secs_f64()];
         let first_summary = model.report().to_string();
@@ -145,6 +151,7 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
                 "device": device,
                 "load": load_detail,
                 "load_seconds": load_secs,
+                "depth": args.depth,
                 "prompt_tokens": args.prompt_tokens,
                 "prefill_tokens_per_second": pp,
                 "gen_tokens": args.gen_tokens,
@@ -169,13 +176,19 @@ pub fn run_bench(args: &BenchArgs) -> Result<()> {
         if let Some(summary) = load_detail["summary"].as_str() {
             println!("           {summary}");
         }
+        let at_depth = if args.depth > 0 {
+            format!(" after {} cached tokens", args.depth)
+        } else {
+            String::new()
+        };
         println!(
-            "pp{:<8} {pp:.1} tok/s (median of {})",
+            "pp{:<8} {pp:.1} tok/s{at_depth} (median of {}; {:.2} ms a pass)",
             args.prompt_tokens,
-            prefill_repeats(args)
+            prefill_repeats(args),
+            1e3 * args.prompt_tokens as f64 / pp
         );
         println!(
-            "tg{:<8} {tg:.1} tok/s (median of {})",
+            "tg{:<8} {tg:.1} tok/s{at_depth} (median of {})",
             args.gen_tokens, args.repeats
         );
         let bytes = weight_bytes as f64;
@@ -287,6 +300,11 @@ fn streams(args: &BenchArgs) -> usize {
         .unwrap_or(if args.model.device == "cuda" { 64 } else { 0 })
 }
 
+/// Tokens a pass fills the cache with up to `--depth`.
+fn depth_pass(args: &BenchArgs) -> usize {
+    args.prompt_tokens.max(512)
+}
+
 /// Prefill takes milliseconds: at least 30 measurements of it.
 fn prefill_repeats(args: &BenchArgs) -> usize {
     args.prefill_repeats.unwrap_or(args.repeats.max(30))
@@ -324,10 +342,24 @@ fn measure<B: Backend>(model: &B, args: &BenchArgs, context: usize) -> Result<Me
         let ids = model.forward_greedy(&mut batch)?;
         Ok(ids[0][0])
     };
+    // The cache at `--depth`, filled untimed.
+    let deep_cache = || -> Result<B::Cache> {
+        let mut kv = model.new_cache_in(&pool, context);
+        let filler: Vec<u32> = (0..args.depth).map(|i| token(i + 1_000_000)).collect();
+        for chunk in filler.chunks(depth_pass(args)) {
+            let mut batch = [Segment {
+                kv: &mut kv,
+                tokens: chunk,
+                logits: Logits::None,
+            }];
+            model.forward_greedy(&mut batch)?;
+        }
+        Ok(kv)
+    };
     let mut prefill = Vec::new();
     let single = !args.streams_only;
     for round in (0..=prefill_repeats(args)).filter(|_| single) {
-        let mut kv = model.new_cache_in(&pool, context);
+        let mut kv = deep_cache()?;
         let t = Instant::now();
         step(&mut kv, &prompt)?;
         if round > 0 {
@@ -340,7 +372,7 @@ fn measure<B: Backend>(model: &B, args: &BenchArgs, context: usize) -> Result<Me
     for round in 0..=args.repeats {
         if single {
             let tg = {
-                let mut kv = model.new_cache_in(&pool, context);
+                let mut kv = deep_cache()?;
                 let mut next = step(&mut kv, &prompt[..1])?;
                 let t = Instant::now();
                 for _ in 0..args.gen_tokens {

@@ -470,6 +470,13 @@ impl<B: Backend> Serving<B> {
                 }
                 Ok(tokens_out as f64 / seconds)
             };
+            if self.gpu {
+                // A first round of each captures the CUDA graph of every
+                // step shape it meets (constrained streams end at different
+                // steps, so they meet many), as a serving worker has them.
+                rate(false)?;
+                rate(true)?;
+            }
             let plain = rate(false)?;
             let with_grammar = rate(true)?;
             println!(
