@@ -32,8 +32,8 @@ const MATVEC_STRETCH: usize = 8;
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 const ELEMENTWISE_THREADS: u32 = 256;
-/// Threads per attention block (ATTENTION_WARPS warps in attention.cu).
-const ATTENTION_THREADS: u32 = 4 * 32;
+/// Most warps an attention block takes (ATTENTION_MAX_WARPS in attention.cu).
+pub const ATTENTION_MAX_WARPS: u32 = 16;
 /// Largest head the attention and RoPE kernels handle (MAX_HEAD_DIM).
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -765,7 +765,8 @@ impl Kernels {
             .arg(&a.scale)
             .arg(&a.softcap)
             .arg(&a.out);
-        let config = grid(u32_of("tokens", a.n_tokens)?, n_heads, ATTENTION_THREADS);
+        let warps = a.warps.clamp(1, ATTENTION_MAX_WARPS);
+        let config = grid(u32_of("tokens", a.n_tokens)?, n_heads, warps * 32);
         // SAFETY: as the caller vouches.
         unsafe { launch.launch(config) }.context(|| "launching attention".into())?;
         Ok(())
@@ -905,4 +906,7 @@ pub struct Attention {
     /// 0, or Gemma 2's attention logit soft-cap.
     pub softcap: f32,
     pub out: u64,
+    /// Warps per (token, head) block, 1..=ATTENTION_MAX_WARPS: each takes
+    /// every `warps`-th chunk of 32 keys.
+    pub warps: u32,
 }

@@ -72,6 +72,10 @@ impl CudaModel {
             seg.kv.reserve(positions)?;
         }
 
+        let attention_warps = attention_warps(
+            n * self.spec.n_heads,
+            batch.iter().map(|s| s.kv.len() + s.tokens.len()).max().unwrap_or(0),
+        );
         // Step metadata, one upload: tokens | positions | table offsets | wanted rows | block tables.
         let mut meta: Vec<u32> = Vec::with_capacity(4 * n);
         meta.extend(batch.iter().flat_map(|s| s.tokens.iter().copied()));
@@ -139,6 +143,7 @@ impl CudaModel {
                     rows: wanted.len(),
                     // A masked pick runs after the graph, once the masks are in.
                     greedy: matches!(pick, Pick::Greedy),
+                    attention_warps,
                 });
         let result = (|| -> Result<Output> {
             // The raw copies below use the thread's current context (the
@@ -159,6 +164,7 @@ impl CudaModel {
                 self.layers_forward(
                     &work,
                     n,
+                    attention_warps,
                     at.tokens,
                     at.positions,
                     at.table_offsets,
@@ -404,10 +410,12 @@ impl CudaModel {
 
     /// Embedding and every layer, leaving the residual stream in `work.x`.
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn layers_forward(
         &self,
         work: &Workspace,
         n: usize,
+        attention_warps: u32,
         tokens: u64,
         positions: u64,
         table_offsets: u64,
@@ -526,6 +534,7 @@ impl CudaModel {
                     scale: spec.attention_scale,
                     softcap: spec.attn_softcap.unwrap_or(0.0),
                     out: work.attn,
+                    warps: attention_warps,
                 })?;
             }
             if first {
@@ -727,4 +736,34 @@ pub(super) type MaskSource<'a> = dyn FnMut() -> Vec<Option<TokenMask>> + 'a;
 pub(super) enum Output {
     Logits(Vec<Vec<f32>>),
     Tokens(Vec<Vec<u32>>),
+}
+
+/// Warps per attention block for a step of `pairs` (token, query head)
+/// pairs over at most `context` keys: 4 while the pairs fill the GPU with
+/// blocks, else enough that no warp walks more than 4 chunks of 32 keys
+/// (up to 16), so a step of few pairs over a long context is not one long
+/// chain of loads per block.
+fn attention_warps(pairs: usize, context: usize) -> u32 {
+    const FILLING_PAIRS: usize = 256;
+    if pairs >= FILLING_PAIRS {
+        return 4;
+    }
+    let chunks = context.div_ceil(32);
+    (chunks.div_ceil(4).next_power_of_two() as u32).clamp(4, crate::kernels::ATTENTION_MAX_WARPS)
+}
+
+#[cfg(test)]
+mod attention_warps_tests {
+    use super::attention_warps;
+
+    #[test]
+    fn few_pairs_over_long_contexts_get_more_warps() {
+        // A decode step of 64 streams: blocks enough.
+        assert_eq!(attention_warps(64 * 14, 4000), 4);
+        // One sequence: by its context.
+        assert_eq!(attention_warps(14, 100), 4);
+        assert_eq!(attention_warps(14, 600), 8);
+        assert_eq!(attention_warps(16 * 14, 2016), 16);
+        assert_eq!(attention_warps(14, 30_000), 16);
+    }
 }

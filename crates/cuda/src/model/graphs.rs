@@ -41,6 +41,7 @@ impl CudaModel {
                 .layers_forward(
                     work,
                     key.tokens,
+                    key.attention_warps,
                     at.tokens,
                     at.positions,
                     at.table_offsets,

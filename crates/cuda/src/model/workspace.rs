@@ -48,6 +48,8 @@ pub(super) struct GraphKey {
     pub(super) tokens: usize,
     pub(super) rows: usize,
     pub(super) greedy: bool,
+    /// Warps per attention block (the launch's shape is part of the graph).
+    pub(super) attention_warps: u32,
 }
 
 /// Where a step's metadata lies on the device.
