@@ -812,6 +812,9 @@ impl<B: Backend> Loop<B> {
     /// 64 of them one after another lengthened a GPU decode step by a
     /// third); [`Self::sample_and_emit`] then takes each result as it goes.
     fn accept_ahead(&mut self, plan: &[(usize, usize, usize)], outputs: &[Output]) {
+        if self.running.iter().all(|s| s.constraint.is_none()) {
+            return;
+        }
         let mut seqs: Vec<Option<&mut Sequence<B::Cache>>> =
             self.running.iter_mut().map(Some).collect();
         let mut work: Vec<(&mut Constraint, u32)> = Vec::new();

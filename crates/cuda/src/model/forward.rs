@@ -74,7 +74,11 @@ impl CudaModel {
 
         let attention_warps = attention_warps(
             n * self.spec.n_heads,
-            batch.iter().map(|s| s.kv.len() + s.tokens.len()).max().unwrap_or(0),
+            batch
+                .iter()
+                .map(|s| s.kv.len() + s.tokens.len())
+                .max()
+                .unwrap_or(0),
         );
         // Step metadata, one upload: tokens | positions | table offsets | wanted rows | block tables.
         let mut meta: Vec<u32> = Vec::with_capacity(4 * n);
