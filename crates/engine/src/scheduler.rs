@@ -808,9 +808,10 @@ impl<B: Backend> Loop<B> {
     }
 
     /// The grammars of the step's greedy tokens move past them on the
-    /// thread pool (a grammar's step costs several times its mask, and
-    /// 64 of them one after another lengthened a GPU decode step by a
-    /// third); [`Self::sample_and_emit`] then takes each result as it goes.
+    /// thread pool (a grammar's step costs about three times its mask, and
+    /// with many constrained streams they would otherwise run one after
+    /// another between two forward passes); [`Self::sample_and_emit`] then
+    /// takes each result as it goes.
     fn accept_ahead(&mut self, plan: &[(usize, usize, usize)], outputs: &[Output]) {
         if self.running.iter().all(|s| s.constraint.is_none()) {
             return;
