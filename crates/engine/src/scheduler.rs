@@ -233,6 +233,14 @@ struct Sequence<C> {
     max_tokens: usize,
 }
 
+impl<C> Sequence<C> {
+    /// A step that runs it up to prompt position `end` gives it a token:
+    /// it is decoding, or that step reads its prompt's last chunk.
+    fn wants_token(&self, end: usize) -> bool {
+        self.next.is_some() || end == self.job.prompt.len()
+    }
+}
+
 struct Loop<B: Backend> {
     model: Arc<B>,
     tokenizer: Arc<Tokenizer>,
@@ -670,7 +678,7 @@ impl<B: Backend> Loop<B> {
         // has one.
         let greedy = plan.iter().all(|&(i, _, end)| {
             let seq = &self.running[i];
-            let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
+            let wants_token = seq.wants_token(end);
             let p = &seq.job.params;
             !wants_token || (p.sampling.is_plain_greedy() && p.logprobs.is_none())
         });
@@ -682,7 +690,7 @@ impl<B: Backend> Loop<B> {
                 self.running.iter_mut().map(Some).collect();
             for (segment, &(i, start, end)) in plan.iter().enumerate() {
                 let seq = seqs[i].take().expect("each sequence appears once");
-                let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
+                let wants_token = seq.wants_token(end);
                 if let (true, Some(c)) = (wants_token, seq.constraint.as_mut()) {
                     constraints.push((segment, c));
                 }
@@ -821,7 +829,7 @@ impl<B: Backend> Loop<B> {
         let mut work: Vec<(&mut Constraint, u32)> = Vec::new();
         for (&(i, _, end), output) in plan.iter().zip(outputs) {
             let Some(seq) = seqs[i].take() else { continue };
-            let wants_token = seq.next.is_some() || end == seq.job.prompt.len();
+            let wants_token = seq.wants_token(end);
             let (Output::Token(ids), Some(constraint), true) =
                 (output, seq.constraint.as_mut(), wants_token)
             else {

@@ -98,6 +98,14 @@ const QWEN2: Preset = Preset {
     tied_embeddings: true,
     ..LLAMA
 };
+/// Qwen2.5 7B and up: untied embeddings over a padded 152,064-token vocabulary.
+const QWEN2_LARGE: Preset = Preset {
+    head_dim: 128,
+    vocab_size: Some(152_064),
+    context_length: 32_768,
+    tied_embeddings: false,
+    ..QWEN2
+};
 const QWEN3: Preset = Preset {
     arch: Arch::Qwen3,
     qk_norm: true,
@@ -167,11 +175,7 @@ impl Preset {
             n_ff: 18_944,
             n_heads: 28,
             n_kv_heads: 4,
-            head_dim: 128,
-            vocab_size: Some(152_064),
-            context_length: 32_768,
-            tied_embeddings: false,
-            ..QWEN2
+            ..QWEN2_LARGE
         },
         Preset {
             name: "qwen2.5-32b",
@@ -180,11 +184,7 @@ impl Preset {
             n_ff: 27_648,
             n_heads: 40,
             n_kv_heads: 8,
-            head_dim: 128,
-            vocab_size: Some(152_064),
-            context_length: 32_768,
-            tied_embeddings: false,
-            ..QWEN2
+            ..QWEN2_LARGE
         },
         Preset {
             name: "smollm2-135m",
