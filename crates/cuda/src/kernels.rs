@@ -32,6 +32,16 @@ const MATVEC_STRETCH: usize = 8;
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 const ELEMENTWISE_THREADS: u32 = 256;
+/// Most activation rows `matmul_q` takes (MMQ_TOKENS in matvec.cu).
+pub const MATMUL_Q_MAX_ROWS: usize = 64;
+/// Warps of a `matmul_q` block, weight rows a warp, values staged at a time
+/// (MMQ_WARPS, MMQ_ROWS, MMQ_CHUNK in matvec.cu), and each warp's f16 tile.
+const MATMUL_Q_WARPS: usize = 4;
+const MATMUL_Q_WARP_ROWS: usize = 16;
+const MATMUL_Q_CHUNK: usize = 256;
+const MATMUL_Q_TILE_BYTES: usize = 16 * 72 * 2;
+/// The shared memory a `matmul_q` block may take (Q8_K's is the most).
+const MATMUL_Q_MAX_SHARED: usize = 64 * 1024;
 /// Most warps an attention block takes (ATTENTION_MAX_WARPS in attention.cu).
 pub const ATTENTION_MAX_WARPS: u32 = 16;
 /// Largest head the attention and RoPE kernels handle (MAX_HEAD_DIM).
@@ -75,6 +85,27 @@ struct MatvecLaunch {
     staged: bool,
 }
 
+/// When a mat-vec launch runs as a persistent grid (see [`Kernels`]).
+#[derive(Clone, Copy, Debug)]
+struct MatvecPersist {
+    blocks_per_sm: u32,
+    min_bytes: usize,
+}
+
+impl MatvecPersist {
+    /// `WORKER_ORCD_MATVEC_PERSIST=blocks_per_sm[,min_bytes]` (0: off).
+    fn from_env() -> Option<Self> {
+        let value = std::env::var("WORKER_ORCD_MATVEC_PERSIST").ok()?;
+        let mut fields = value.split(',').map(|f| f.trim().parse::<usize>());
+        let blocks_per_sm = fields.next()?.ok()?;
+        let min_bytes = fields.next().and_then(|f| f.ok()).unwrap_or(0);
+        (blocks_per_sm > 0).then_some(Self {
+            blocks_per_sm: blocks_per_sm as u32,
+            min_bytes,
+        })
+    }
+}
+
 /// The kernels of one formats' matvec and embedding.
 struct FormatKernels {
     matvec_1: CudaFunction,
@@ -83,12 +114,27 @@ struct FormatKernels {
     gated: [[CudaFunction; 2]; 2],
     embed: CudaFunction,
     rows_f16: CudaFunction,
+    /// The persistent grid's one-token kernels, [plain, gated SiLU, gated
+    /// GELU] (block formats only).
+    persist: Option<[CudaFunction; 3]>,
+    /// The tensor-core product of a few rows (block formats only).
+    matmul_q: Option<CudaFunction>,
 }
 
 pub struct Kernels {
     stream: Arc<CudaStream>,
     /// Whether launches allow programmatic dependent launch (see [`Launch`]).
     pdl: bool,
+    /// The device's streaming multiprocessors.
+    sm_count: u32,
+    /// Mat-vec launches over at least `min_bytes` of weights run a
+    /// persistent grid of `blocks_per_sm` blocks an SM (see matvec.cu);
+    /// `None`: one block per row group always.
+    matvec_persist: Option<MatvecPersist>,
+    /// Whether products of 1 to MATMUL_Q_MAX_ROWS rows may run on the
+    /// tensor-core kernel (`matmul_q` in matvec.cu; Ampere and later).
+    matmul_q_enabled: bool,
+    matmul_q_reduce: CudaFunction,
     /// Indexed like `dequantize::TYPES`.
     formats: Vec<FormatKernels>,
     rms_norm: CudaFunction,
@@ -252,6 +298,29 @@ impl Kernels {
                     ],
                     embed: function(&matvec, "matvec", &format!("embed_{stem}"))?,
                     rows_f16: function(&matvec, "matvec", &format!("rows_to_f16_{stem}"))?,
+                    matmul_q: if is_block_format(ty) {
+                        let f = function(&matvec, "matvec", &format!("matmul_q_{stem}"))?;
+                        f.set_attribute(
+                            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            MATMUL_Q_MAX_SHARED as i32,
+                        )
+                        .context(|| format!("allowing matmul_q_{stem} its shared memory"))?;
+                        Some(f)
+                    } else {
+                        None
+                    },
+                    persist: if is_block_format(ty) {
+                        let f = |prefix: &str| {
+                            function(
+                                &matvec,
+                                "matvec",
+                                &format!("matvec_{prefix}persist_{stem}_1"),
+                            )
+                        };
+                        Some([f("")?, f("gated_silu_")?, f("gated_gelu_")?])
+                    } else {
+                        None
+                    },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -267,6 +336,18 @@ impl Kernels {
             // WORKER_ORCD_PDL=0 turns it off, to measure what it brings.
             pdl: device.compute_capability().0 >= 9
                 && std::env::var("WORKER_ORCD_PDL").map_or(true, |v| v != "0"),
+            sm_count: device
+                .context()
+                .attribute(
+                    cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                )
+                .context(|| "reading the GPU's multiprocessor count".into())?
+                as u32,
+            matvec_persist: MatvecPersist::from_env(),
+            // Off until measured on a GPU: WORKER_ORCD_MATMUL_Q=1 turns it on.
+            matmul_q_enabled: device.compute_capability().0 >= 8
+                && std::env::var("WORKER_ORCD_MATMUL_Q").is_ok_and(|v| v == "1"),
+            matmul_q_reduce: function(&matvec, "matvec", "matmul_q_reduce")?,
             formats,
             rms_norm: function(&norm, "norm", "rms_norm")?,
             add_rms_norm: function(&norm, "norm", "add_rms_norm")?,
@@ -296,6 +377,16 @@ impl Kernels {
             .position(|&t| t == ty)
             .map(|i| &self.formats[i])
             .ok_or(CudaError::UnsupportedType(ty))
+    }
+
+    /// Makes mat-vec launches over at least `min_bytes` of weights run a
+    /// persistent grid of `blocks_per_sm` blocks an SM (0: never), in place
+    /// of what `WORKER_ORCD_MATVEC_PERSIST` said at load.
+    pub fn set_matvec_persist(&mut self, blocks_per_sm: u32, min_bytes: usize) {
+        self.matvec_persist = (blocks_per_sm > 0).then_some(MatvecPersist {
+            blocks_per_sm,
+            min_bytes,
+        });
     }
 
     /// Whether the matvec kernels take `w`: rows of whole 8-value stretches.
@@ -377,10 +468,12 @@ impl Kernels {
         } else {
             &format.matvec_8
         };
+        let persist = format.persist.as_ref().filter(|_| n == 1).map(|k| &k[0]);
         // SAFETY: passed on to the caller.
         unsafe {
             self.launch_matvec(
                 kernel,
+                persist,
                 MatvecLaunch {
                     w,
                     y,
@@ -431,11 +524,17 @@ impl Kernels {
         }
         let format = self.format(gate.ty)?;
         let kernel = &format.gated[usize::from(gelu)][usize::from(n > 1)];
+        let persist = format
+            .persist
+            .as_ref()
+            .filter(|_| n == 1)
+            .map(|k| &k[1 + usize::from(gelu)]);
         let rows = u32_of("rows", gate.rows)?;
         // SAFETY: passed on to the caller.
         unsafe {
             self.launch_matvec(
                 kernel,
+                persist,
                 MatvecLaunch {
                     w: [gate.ptr, up.ptr, 0],
                     y: [y, 0, 0],
@@ -462,10 +561,12 @@ impl Kernels {
     }
 
     /// # Safety
-    /// As for [`Self::matvec_stacked`]; `kernel` is one of the matvec kernels.
+    /// As for [`Self::matvec_stacked`]; `kernel` is one of the matvec
+    /// kernels, `persist` its persistent-grid form where there is one.
     unsafe fn launch_matvec(
         &self,
         kernel: &CudaFunction,
+        persist: Option<&CudaFunction>,
         l: MatvecLaunch,
         what: &dyn Fn() -> String,
     ) -> Result<()> {
@@ -497,6 +598,20 @@ impl Kernels {
             (0, 0)
         };
         config.shared_mem_bytes = stage_bytes;
+        // A persistent grid double-buffers its stage (see matvec.cu).
+        let mut kernel = kernel;
+        if let (Some(p), Some(persist)) = (self.matvec_persist, persist) {
+            let blocks = self.sm_count * p.blocks_per_sm;
+            if stage_slot != 0
+                && l.total_rows * l.row_bytes * l.sums >= p.min_bytes
+                && 2 * stage_bytes as usize <= MATVEC_MAX_STAGE_BYTES
+                && blocks < config.grid_dim.0
+            {
+                kernel = persist;
+                config.grid_dim.0 = blocks;
+                config.shared_mem_bytes = 2 * stage_bytes;
+            }
+        }
         let (row_bytes, cols, n_tokens) = (
             l.row_bytes as u64,
             u32_of("cols", l.cols)?,
@@ -530,6 +645,110 @@ impl Kernels {
         // SAFETY: the caller vouches for the buffers; the arguments match the kernel's.
         unsafe { launch.launch(config) }.context(what)?;
         Ok(())
+    }
+
+    /// Makes products of a few rows use the tensor-core kernel (`matmul_q`)
+    /// or not, in place of what `WORKER_ORCD_MATMUL_Q` said at load.
+    pub fn set_matmul_q(&mut self, enabled: bool) {
+        self.matmul_q_enabled = enabled;
+    }
+
+    /// `y[t][r] (+)= Σ_c w[r][c] · x[t][c]` for `n` ≤ [`MATMUL_Q_MAX_ROWS`]
+    /// rows of x (f16, `n × w.cols`) on the tensor cores, W read in its
+    /// block format once (`matmul_q` in matvec.cu). Long rows are split over
+    /// several blocks whose partial sums go to `partial` (`partial_bytes`
+    /// long; fewer splits where it is short). Returns false, having launched
+    /// nothing, where the kernel does not take `w` or `n` (plain float
+    /// types, widths not a multiple of 64, pre-Ampere GPUs, disabled).
+    ///
+    /// # Safety
+    /// x must hold `n × w.cols` f16, y `n` rows of `ldy` f32, partial
+    /// `partial_bytes`, while the stream's work runs.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul_q(
+        &self,
+        w: &DeviceMatrix,
+        x: u64,
+        n: usize,
+        y: u64,
+        ldy: usize,
+        accumulate: bool,
+        partial: u64,
+        partial_bytes: usize,
+    ) -> Result<bool> {
+        let Some(kernel) = self.format(w.ty)?.matmul_q.as_ref() else {
+            return Ok(false);
+        };
+        if !self.matmul_q_enabled || n == 0 || n > MATMUL_Q_MAX_ROWS || !w.cols.is_multiple_of(64) {
+            return Ok(false);
+        }
+        let chunk_bytes = MATMUL_Q_CHUNK / w.ty.block_size() * w.ty.type_size();
+        let slot_units = chunk_bytes.div_ceil(16) + 1;
+        let shared =
+            MATMUL_Q_WARPS * (2 * MATMUL_Q_WARP_ROWS * slot_units * 16 + MATMUL_Q_TILE_BYTES);
+        if shared > MATMUL_Q_MAX_SHARED {
+            return Ok(false);
+        }
+        // Enough blocks for 8 an SM: long rows are split where the rows
+        // alone give fewer.
+        let row_tiles = w.rows.div_ceil(MATMUL_Q_WARPS * MATMUL_Q_WARP_ROWS);
+        let chunks = w.cols.div_ceil(MATMUL_Q_CHUNK);
+        let wanted = (8 * self.sm_count as usize).div_ceil(row_tiles);
+        let room = partial_bytes / (4 * n * w.rows);
+        let splits = wanted.min(chunks).min(room).max(1);
+        let per_split = chunks.div_ceil(splits);
+        let splits = chunks.div_ceil(per_split);
+        let mut config = grid(
+            u32_of("row tiles", row_tiles)?,
+            u32_of("splits", splits)?,
+            (MATMUL_Q_WARPS * 32) as u32,
+        );
+        config.shared_mem_bytes = shared as u32;
+        let (row_bytes, rows, cols, n_tokens, ldy32) = (
+            w.row_bytes as u64,
+            u32_of("rows", w.rows)?,
+            u32_of("cols", w.cols)?,
+            u32_of("tokens", n)?,
+            u32_of("ldy", ldy)?,
+        );
+        let (accumulate, per_split32, slot_units32) = (
+            u32::from(accumulate),
+            u32_of("chunks", per_split)?,
+            u32_of("slot", slot_units)?,
+        );
+        let mut launch = self.launch(kernel);
+        launch
+            .arg(&w.ptr)
+            .arg(&row_bytes)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&x)
+            .arg(&n_tokens)
+            .arg(&y)
+            .arg(&ldy32)
+            .arg(&accumulate)
+            .arg(&per_split32)
+            .arg(&partial)
+            .arg(&slot_units32);
+        // SAFETY: as the caller vouches; the arguments match the kernel's.
+        unsafe { launch.launch(config) }
+            .context(|| format!("launching matmul_q for {} {}×{}", w.ty, w.rows, w.cols))?;
+        if splits > 1 {
+            let splits32 = u32_of("splits", splits)?;
+            let mut launch = self.launch(&self.matmul_q_reduce);
+            launch
+                .arg(&partial)
+                .arg(&splits32)
+                .arg(&n_tokens)
+                .arg(&rows)
+                .arg(&y)
+                .arg(&ldy32)
+                .arg(&accumulate);
+            // SAFETY: partial holds the splits' sums the launch above wrote.
+            unsafe { launch.launch(grid(elementwise_blocks(n * w.rows), 1, ELEMENTWISE_THREADS)) }
+                .context(|| "launching matmul_q_reduce".into())?;
+        }
+        Ok(true)
     }
 
     /// Rows `first..first + rows` of the block-format matrix `w` as f16 into

@@ -35,7 +35,7 @@ pub use dequantize::{
 };
 pub use device::{device_count, driver_present, CudaDevice, DeviceOptions, MemoryInfo};
 pub use error::{CudaError, Result};
-pub use kernels::{DeviceMatrix, Kernels, MatvecOut, MATVEC_MAX_TOKENS};
+pub use kernels::{DeviceMatrix, Kernels, MatvecOut, MATMUL_Q_MAX_ROWS, MATVEC_MAX_TOKENS};
 pub use kv::{GpuCache, KvPages};
 pub use memory::DeviceBuffer;
 pub use model::{check_shapes, CudaModel, CudaOptions, LoadReport, WeightsMode};

@@ -350,8 +350,10 @@ impl CudaModel {
         Ok(true)
     }
 
-    /// `y (+)= x · Wᵀ` through cuBLAS, x as f16 in `work.act_f16`: W itself
-    /// if f16, else dequantized to f16 scratch a chunk of rows at a time.
+    /// `y (+)= x · Wᵀ` for x as f16 in `work.act_f16`: up to
+    /// `MATMUL_Q_MAX_ROWS` rows against a block format on the tensor-core
+    /// kernel; else through cuBLAS, W itself if f16, else dequantized to f16
+    /// scratch a chunk of rows at a time.
     pub(super) fn matmul_blas(
         &self,
         work: &Workspace,
@@ -362,6 +364,22 @@ impl CudaModel {
         accumulate: bool,
     ) -> Result<()> {
         // SAFETY (every block below): as for `matmul`.
+        // A few rows against a block format: the tensor-core kernel reads
+        // the blocks as they are (the scratch holds its split sums).
+        if unsafe {
+            self.kernels.matmul_q(
+                w,
+                work.act_f16,
+                n,
+                y,
+                ldy,
+                accumulate,
+                work.scratch,
+                2 * work.scratch_values,
+            )?
+        } {
+            return Ok(());
+        }
         if w.ty == GgmlType::F16 {
             return unsafe {
                 self.blas
