@@ -28,12 +28,21 @@
 // lands at slot byte (row & 15) + i, so every block keeps its alignment
 // modulo 16. Reading the whole aligned 16 bytes around a valid byte never
 // leaves its page.
+//
+// With ASYNC (Ampere and later) the copy goes through cp.async (see below):
+// the slot's bytes are there once the group is waited for (and, for other
+// threads, after a barrier).
+__device__ __forceinline__ void copy_async16(uint4 *dst, const uint4 *src);
+template <bool ASYNC = false>
 __device__ __forceinline__ const u8 *stage_row(const u8 *src, u64 bytes, uint4 *slot, u32 tid, u32 n_threads) {
     const u64 at = (u64)src;
     const uint4 *from = reinterpret_cast<const uint4 *>(at & ~(u64)15);
     const u32 chunks = (u32)((((at + bytes + 15) & ~(u64)15) - (at & ~(u64)15)) / 16);
 #pragma unroll 4
-    for (u32 c = tid; c < chunks; c += n_threads) slot[c] = __ldcs(from + c);
+    for (u32 c = tid; c < chunks; c += n_threads) {
+        if (ASYNC) copy_async16(slot + c, from + c);
+        else slot[c] = __ldcs(from + c);
+    }
     return reinterpret_cast<const u8 *>(slot) + (at & 15);
 }
 
@@ -228,16 +237,6 @@ __device__ __forceinline__ void copy_async_wait_all_but_one() {
 #endif
 }
 
-// stage_row's copy through cp.async: the slot's bytes are there once the
-// group is waited for (and, for other threads, after a barrier).
-__device__ __forceinline__ const u8 *stage_row_async(const u8 *src, u64 bytes, uint4 *slot, u32 tid, u32 n_threads) {
-    const u64 at = (u64)src;
-    const uint4 *from = reinterpret_cast<const uint4 *>(at & ~(u64)15);
-    const u32 chunks = (u32)((((at + bytes + 15) & ~(u64)15) - (at & ~(u64)15)) / 16);
-#pragma unroll 4
-    for (u32 c = tid; c < chunks; c += n_threads) copy_async16(slot + c, from + c);
-    return reinterpret_cast<const u8 *>(slot) + (at & 15);
-}
 
 // Up to three matrices stacked (scalars, not arrays: an array
 // indexed at run time would live in local memory).
@@ -321,7 +320,7 @@ __device__ __forceinline__ void matvec(const Segments &s, u64 row_bytes, u32 col
         for (int g = 0; g < SUMS; ++g) {
             uint4 *slot = stage + buf * buffer_units + slot0 + g * stage_slot;
             const u32 tid = split ? threadIdx.x : lane, n = split ? blockDim.x : WARP_SIZE;
-            if (loops) stage_row_async(source(at, g), row_bytes, slot, tid, n);
+            if (loops) stage_row<true>(source(at, g), row_bytes, slot, tid, n);
             else stage_row(source(at, g), row_bytes, slot, tid, n);
         }
     };

@@ -295,6 +295,44 @@ fn matvec_speed() {
     }
 }
 
+/// A `rows × cols` matrix of type `ty` in `copies` device copies (2,048
+/// random rows quantized on the CPU, repeated to the matrix's rows: a 7B
+/// matrix quantized whole would take the CPU minutes).
+fn large_matrix_copies(
+    device: &CudaDevice,
+    rng: &mut ChaCha8Rng,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    copies: impl Fn(usize) -> usize,
+) -> (Vec<DeviceBuffer>, Vec<DeviceMatrix>, usize) {
+    let sample = rows.min(2_048);
+    let values: Vec<f32> = (0..sample * cols)
+        .map(|_| rng.gen_range(-1.0..1.0))
+        .collect();
+    let block = quant::quantize(ty, &values).unwrap();
+    let bytes: Vec<u8> = block
+        .iter()
+        .copied()
+        .cycle()
+        .take(block.len() / sample * rows)
+        .collect();
+    let buffers: Vec<DeviceBuffer> = (0..copies(bytes.len()))
+        .map(|_| upload(device, &bytes, "weights"))
+        .collect();
+    let mats = buffers
+        .iter()
+        .map(|b| DeviceMatrix {
+            ty,
+            rows,
+            cols,
+            row_bytes: bytes.len() / rows,
+            ptr: b.ptr(),
+        })
+        .collect();
+    (buffers, mats, bytes.len())
+}
+
 /// One `bytes`-sized matrix's copies, enough that cycling through them
 /// reads from DRAM rather than the 50 MB L2 (H100/H200).
 fn copies_beyond_l2(bytes: usize) -> usize {
@@ -324,35 +362,10 @@ fn matvec_speed_large() {
     ];
     for (name, ty, rows, cols, gated) in cases {
         let mats_per = if gated { 2 } else { 1 };
-        // 2,048 random rows quantized on the CPU, repeated to the matrix's
-        // rows (a 7B matrix quantized whole would take the CPU minutes),
-        // uploaded to every copy.
-        let sample = rows.min(2_048);
-        let values: Vec<f32> = (0..sample * cols)
-            .map(|_| rng.gen_range(-1.0..1.0))
-            .collect();
-        let block = quant::quantize(ty, &values).unwrap();
-        let bytes: Vec<u8> = block
-            .iter()
-            .copied()
-            .cycle()
-            .take(block.len() / sample * rows)
-            .collect();
-        drop(values);
-        let copies = copies_beyond_l2(bytes.len() * mats_per) * mats_per;
-        let buffers: Vec<DeviceBuffer> = (0..copies)
-            .map(|_| upload(&device, &bytes, "weights"))
-            .collect();
-        let mats: Vec<DeviceMatrix> = buffers
-            .iter()
-            .map(|b| DeviceMatrix {
-                ty,
-                rows,
-                cols,
-                row_bytes: bytes.len() / rows,
-                ptr: b.ptr(),
-            })
-            .collect();
+        let (_buffers, mats, bytes) = large_matrix_copies(&device, &mut rng, ty, rows, cols, |b| {
+            copies_beyond_l2(b * mats_per) * mats_per
+        });
+        let copies = mats.len();
         for (n, persist) in [(1usize, 0u32), (1, 4), (1, 8), (4, 0)] {
             kernels.set_matvec_persist(persist, 0);
             let kernels = &kernels;
@@ -380,7 +393,7 @@ fn matvec_speed_large() {
                 }
                 .unwrap();
             });
-            let read = (bytes.len() * mats_per) as f64;
+            let read = (bytes * mats_per) as f64;
             println!(
                 "gpu-check:   {name:<11} {:<5} {rows:>6}×{cols:<6} n={n} persist {persist} {:7.1} MiB {us:8.2} µs = {:6.0} GB/s, {:4.1}% of peak",
                 ty.to_string(),
@@ -526,31 +539,9 @@ fn matmul_q_speed_large() {
         ("attn_q", GgmlType::Q4_K, 3_584, 3_584),
         ("attn_k", GgmlType::Q4_K, 512, 3_584),
     ] {
-        let sample = rows.min(2_048);
-        let values: Vec<f32> = (0..sample * cols)
-            .map(|_| rng.gen_range(-1.0..1.0))
-            .collect();
-        let block = quant::quantize(ty, &values).unwrap();
-        let bytes: Vec<u8> = block
-            .iter()
-            .copied()
-            .cycle()
-            .take(block.len() / sample * rows)
-            .collect();
-        let copies = copies_beyond_l2(bytes.len());
-        let buffers: Vec<DeviceBuffer> = (0..copies)
-            .map(|_| upload(&device, &bytes, "weights"))
-            .collect();
-        let mats: Vec<DeviceMatrix> = buffers
-            .iter()
-            .map(|b| DeviceMatrix {
-                ty,
-                rows,
-                cols,
-                row_bytes: bytes.len() / rows,
-                ptr: b.ptr(),
-            })
-            .collect();
+        let (_buffers, mats, bytes) =
+            large_matrix_copies(&device, &mut rng, ty, rows, cols, copies_beyond_l2);
+        let copies = mats.len();
         let f16_out = DeviceBuffer::new(&device, 2 * rows * cols, "f16").unwrap();
         for n in [16usize, 64] {
             let xh: Vec<half::f16> = (0..n * cols).map(|_| half::f16::from_f32(0.25)).collect();
@@ -573,7 +564,7 @@ fn matmul_q_speed_large() {
                 }
                 .unwrap();
             });
-            let read = bytes.len() as f64;
+            let read = bytes as f64;
             println!(
                 "gpu-check:   {name:<7} {:<5} {rows:>6}×{cols:<6} n={n:<3} {us:8.2} µs = {:6.0} GB/s of weights, {:4.1}% of peak",
                 ty.to_string(),
