@@ -270,6 +270,26 @@ fn u32_of(what: &str, v: usize) -> Result<u32> {
     })
 }
 
+/// How `matmul_q` splits rows of `cols` values over blocks: `(splits,
+/// chunks a split)`. Enough blocks for 8 an SM where the row tiles alone
+/// give fewer, no more splits than 256-value chunks or than `partial_bytes`
+/// holds sums for (`n` rows of `rows` f32 a split), every split non-empty.
+fn matmul_q_splits(
+    rows: usize,
+    cols: usize,
+    n: usize,
+    sm_count: usize,
+    partial_bytes: usize,
+) -> (usize, usize) {
+    let row_tiles = rows.div_ceil(MATMUL_Q_WARPS * MATMUL_Q_WARP_ROWS);
+    let chunks = cols.div_ceil(MATMUL_Q_CHUNK);
+    let wanted = (8 * sm_count).div_ceil(row_tiles);
+    let room = partial_bytes / (4 * n * rows).max(1);
+    let splits = wanted.min(chunks).min(room).max(1);
+    let per_split = chunks.div_ceil(splits);
+    (chunks.div_ceil(per_split), per_split)
+}
+
 /// Blocks for a grid-stride elementwise kernel over `n` values.
 fn elementwise_blocks(n: usize) -> u32 {
     (n.div_ceil(ELEMENTWISE_THREADS as usize)).clamp(1, 65_536) as u32
@@ -689,15 +709,9 @@ impl Kernels {
         if shared > MATMUL_Q_MAX_SHARED {
             return Ok(false);
         }
-        // Enough blocks for 8 an SM: long rows are split where the rows
-        // alone give fewer.
         let row_tiles = w.rows.div_ceil(MATMUL_Q_WARPS * MATMUL_Q_WARP_ROWS);
-        let chunks = w.cols.div_ceil(MATMUL_Q_CHUNK);
-        let wanted = (8 * self.sm_count as usize).div_ceil(row_tiles);
-        let room = partial_bytes / (4 * n * w.rows);
-        let splits = wanted.min(chunks).min(room).max(1);
-        let per_split = chunks.div_ceil(splits);
-        let splits = chunks.div_ceil(per_split);
+        let (splits, per_split) =
+            matmul_q_splits(w.rows, w.cols, n, self.sm_count as usize, partial_bytes);
         let mut config = grid(
             u32_of("row tiles", row_tiles)?,
             u32_of("splits", splits)?,
@@ -1128,4 +1142,38 @@ pub struct Attention {
     /// Warps per (token, head) block, 1..=ATTENTION_MAX_WARPS: each takes
     /// every `warps`-th chunk of 32 keys.
     pub warps: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_q_splits_cover_every_chunk_once_within_the_partial_buffer() {
+        for (rows, cols, n) in [
+            (3_584usize, 18_944usize, 64usize),
+            (512, 3_584, 16),
+            (18_944, 3_584, 64),
+            (896, 4_864, 3),
+            (152_064, 3_584, 64),
+            (64, 256, 1),
+        ] {
+            for partial_bytes in [0usize, 1 << 20, 64 << 20] {
+                let (splits, per_split) = matmul_q_splits(rows, cols, n, 132, partial_bytes);
+                let chunks = cols.div_ceil(MATMUL_Q_CHUNK);
+                assert!(splits >= 1 && per_split >= 1);
+                // Every split has a chunk, and together they cover them all.
+                assert!((splits - 1) * per_split < chunks && splits * per_split >= chunks);
+                if splits > 1 {
+                    assert!(
+                        splits * n * rows * 4 <= partial_bytes,
+                        "{rows}×{cols}, {n} rows"
+                    );
+                }
+            }
+        }
+        // Few row tiles over long rows are split; many row tiles are not.
+        assert!(matmul_q_splits(3_584, 18_944, 64, 132, 64 << 20).0 > 1);
+        assert_eq!(matmul_q_splits(152_064, 3_584, 64, 132, 64 << 20).0, 1);
+    }
 }
