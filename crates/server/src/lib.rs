@@ -377,7 +377,13 @@ pub async fn run(
             }
         }
     };
-    let server = serve_connections(&listener, router(state.clone()), &state.config, drained);
+    let server = serve_connections(
+        &listener,
+        router(state.clone()),
+        &state.config,
+        true,
+        drained,
+    );
     let deadline = {
         let state = state.clone();
         async move {
@@ -411,10 +417,16 @@ pub async fn run(
 /// header timeout (an idle keep-alive connection too) and at most
 /// `max_connections` are open at once: a client that opens many and sends
 /// nothing (slowloris) is closed instead of holding the worker's files.
+/// Serves `app` on `listener` until `until`, then lets the open
+/// connections finish. Without `keep_alive` every response closes its
+/// connection: the loading phase's server hands the port over to the
+/// loaded one, and a client's idle keep-alive connection closed at that
+/// moment would fail the request it was about to send on it.
 async fn serve_connections(
     listener: &TcpListener,
     app: Router,
     config: &ServerConfig,
+    keep_alive: bool,
     until: impl Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -425,7 +437,8 @@ async fn serve_connections(
     let permits = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout);
+        .header_read_timeout(config.header_timeout)
+        .keep_alive(keep_alive);
     let mut last_refusal_logged: Option<Instant> = None;
     tokio::pin!(until);
     loop {
@@ -500,7 +513,7 @@ pub async fn run_after_loading(
                 () = shutdown.clone() => {}
             }
         };
-        serve_connections(&listener, loading, &config, until).await;
+        serve_connections(&listener, loading, &config, false, until).await;
     }
     match loaded {
         None => {

@@ -44,8 +44,16 @@ async fn the_port_answers_probes_while_the_model_loads() {
     assert_eq!((status, body["status"].as_str()), (200, Some("loading")));
     let (status, body) = status_and_json(&client, url("/ready")).await;
     assert_eq!((status, body["status"].as_str()), (503, Some("loading")));
-    let (status, _) = status_and_json(&client, url("/live")).await;
-    assert_eq!(status, 200);
+    let live = client.get(url("/live")).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+    // No keep-alive while loading: the loaded server takes the port over,
+    // and a pooled connection closed then would fail a client's next request.
+    assert_eq!(
+        live.headers()
+            .get("connection")
+            .and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
     let response = client
         .post(url("/execute"))
         .json(&json!({"job_id": "early", "prompt": "hi"}))
