@@ -270,8 +270,8 @@ fn u32_of(what: &str, v: usize) -> Result<u32> {
     })
 }
 
-/// How `matmul_q` splits rows of `cols` values over blocks: `(splits,
-/// chunks a split)`. Enough blocks for 8 an SM where the row tiles alone
+/// How `matmul_q` lays out its grid: `(row tiles, splits, chunks a
+/// split)`. Enough blocks for 8 an SM where the row tiles alone
 /// give fewer, no more splits than 256-value chunks or than `partial_bytes`
 /// holds sums for (`n` rows of `rows` f32 a split), every split non-empty.
 fn matmul_q_splits(
@@ -280,14 +280,14 @@ fn matmul_q_splits(
     n: usize,
     sm_count: usize,
     partial_bytes: usize,
-) -> (usize, usize) {
+) -> (usize, usize, usize) {
     let row_tiles = rows.div_ceil(MATMUL_Q_WARPS * MATMUL_Q_WARP_ROWS);
     let chunks = cols.div_ceil(MATMUL_Q_CHUNK);
     let wanted = (8 * sm_count).div_ceil(row_tiles);
     let room = partial_bytes / (4 * n * rows).max(1);
     let splits = wanted.min(chunks).min(room).max(1);
     let per_split = chunks.div_ceil(splits);
-    (chunks.div_ceil(per_split), per_split)
+    (row_tiles, chunks.div_ceil(per_split), per_split)
 }
 
 /// Blocks for a grid-stride elementwise kernel over `n` values.
@@ -696,12 +696,14 @@ impl Kernels {
         partial: u64,
         partial_bytes: usize,
     ) -> Result<bool> {
-        let Some(kernel) = self.format(w.ty)?.matmul_q.as_ref() else {
-            return Ok(false);
-        };
+        // Checked before the format lookup: off, this runs for every
+        // product of a step that goes through cuBLAS.
         if !self.matmul_q_enabled || n == 0 || n > MATMUL_Q_MAX_ROWS || !w.cols.is_multiple_of(64) {
             return Ok(false);
         }
+        let Some(kernel) = self.format(w.ty)?.matmul_q.as_ref() else {
+            return Ok(false);
+        };
         let chunk_bytes = MATMUL_Q_CHUNK / w.ty.block_size() * w.ty.type_size();
         let slot_units = chunk_bytes.div_ceil(16) + 1;
         let shared =
@@ -709,8 +711,7 @@ impl Kernels {
         if shared > MATMUL_Q_MAX_SHARED {
             return Ok(false);
         }
-        let row_tiles = w.rows.div_ceil(MATMUL_Q_WARPS * MATMUL_Q_WARP_ROWS);
-        let (splits, per_split) =
+        let (row_tiles, splits, per_split) =
             matmul_q_splits(w.rows, w.cols, n, self.sm_count as usize, partial_bytes);
         let mut config = grid(
             u32_of("row tiles", row_tiles)?,
@@ -1159,7 +1160,7 @@ mod tests {
             (64, 256, 1),
         ] {
             for partial_bytes in [0usize, 1 << 20, 64 << 20] {
-                let (splits, per_split) = matmul_q_splits(rows, cols, n, 132, partial_bytes);
+                let (_, splits, per_split) = matmul_q_splits(rows, cols, n, 132, partial_bytes);
                 let chunks = cols.div_ceil(MATMUL_Q_CHUNK);
                 assert!(splits >= 1 && per_split >= 1);
                 // Every split has a chunk, and together they cover them all.
@@ -1173,7 +1174,7 @@ mod tests {
             }
         }
         // Few row tiles over long rows are split; many row tiles are not.
-        assert!(matmul_q_splits(3_584, 18_944, 64, 132, 64 << 20).0 > 1);
-        assert_eq!(matmul_q_splits(152_064, 3_584, 64, 132, 64 << 20).0, 1);
+        assert!(matmul_q_splits(3_584, 18_944, 64, 132, 64 << 20).1 > 1);
+        assert_eq!(matmul_q_splits(152_064, 3_584, 64, 132, 64 << 20).1, 1);
     }
 }
